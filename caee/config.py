@@ -1,0 +1,328 @@
+"""Strict experiment configuration: dataclasses filled from YAML plus ``key=value`` overrides.
+
+One experiment file holds the sections of every stage, so all stage scripts take the same file.
+A file may extend another with ``base: other.yaml`` (path relative to the file). Unknown keys and
+wrong types are errors naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from caee.errors import CaeeError
+from caee.io import write_text
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    """The built-in synthetic dataset (generated into ``data.root`` when that folder is absent)."""
+    image_size: int = 96
+    num_classes: int = 5
+    num_train: int = 3000
+    num_val: int = 600
+    objects_per_image: list[int] = dataclasses.field(default_factory=lambda: [1, 3])
+    object_radius: list[int] = dataclasses.field(default_factory=lambda: [14, 22])
+    part_size: int = 6            # side of the small, strongly discriminative emblem (pixels)
+    part_hidden_prob: float = 0.25  # fraction of objects drawn without their emblem
+    body_saturation: float = 0.15   # weak class tint of the body
+    stripe_period: float = 5.0
+    stripe_amplitude: float = 0.35
+    stripe_jitter_deg: float = 10.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the images and labels are and how they are loaded."""
+    dataset: Literal["voc", "coco", "custom", "synthetic"] = "synthetic"
+    root: str = "data/synthetic"
+    train_split: str = "train"      # classifier / CGNet / AffinityNet / DeepLab training list
+    cam_split: str = "train"        # images whose CAMs / pseudo labels are made and measured
+    val_split: str = "val"          # final segmentation evaluation
+    # custom datasets: image folder, mask folder (optional) and a labels CSV (see caee/data/custom.py)
+    image_dir: str = "JPEGImages"
+    mask_dir: str = "SegmentationClassAug"
+    eval_mask_dir: str = "SegmentationClass"  # ground truth used for evaluation (VOC: the 1,464/1,449 masks)
+    labels_csv: str = ""
+    num_workers: int = 2
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+
+@dataclasses.dataclass
+class NetConfig:
+    """A network: backbone name, width and ImageNet initialisation."""
+    backbone: Literal["resnet38", "resnet101", "vgg16", "tinycnn"] = "resnet38"
+    width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
+    pretrained: str = ""            # ImageNet weights: MXNet .params or .pth; "" = random init
+    dropout: float = 0.5            # Dropout2d before fc8 (PSA's classifier); CGNet official: 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings shared by the four trainers (classifier, CGNet, AffinityNet, DeepLab)."""
+    batch_size: int = 16
+    epochs: int = 15
+    max_steps: int = 0              # > 0 stops early (tests, smoke runs); the schedule still spans `epochs`
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    schedule: Literal["poly", "onecycle"] = "poly"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    head_lr_mult: float = 10.0      # new layers
+    bias_lr_mult: float = 2.0       # biases: 2x lr, no weight decay (PSA)
+    crop_size: int = 448
+    resize_long: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
+    hflip: bool = True
+    color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
+    seed: int = 0
+    amp: bool = True                # bf16 autocast (CUDA only)
+    channels_last: bool = True      # CUDA only
+    checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
+    log_every: int = 20
+    init: str = ""                  # start from these weights instead of ImageNet (our model.pth or PSA .pth)
+
+
+@dataclasses.dataclass
+class ClassifierTrainConfig(TrainConfig):
+    net: NetConfig = dataclasses.field(default_factory=NetConfig)
+
+
+@dataclasses.dataclass
+class MaskingConfig:
+    """Class-specific erasing (METHOD.md section 3)."""
+    depth: int = 0                  # 0 = erase the image; d >= 1 = mask the OC's feature map at depth d
+    normalization: Literal["batch", "per_image"] = "batch"  # official: max over the whole batch
+    cse_init: float = 0.3           # w(epoch) = cse_init + cse_slope * epoch
+    cse_slope: float = 0.05
+
+
+def _cgnet_net() -> NetConfig:
+    return NetConfig(backbone="resnet38", dropout=0.0)
+
+
+@dataclasses.dataclass
+class CGNetTrainConfig(TrainConfig):
+    net: NetConfig = dataclasses.field(default_factory=_cgnet_net)
+    oc_weights: str = ""            # "" = <work_dir>/train_classifier/model.pth; or a PSA res38_cls.pth
+    select_by_oracle: bool = False  # official: keep the epoch with the best CAM mIoU on train GT (an oracle)
+
+
+@dataclasses.dataclass
+class CamConfig:
+    source: Literal["cgnet", "classifier"] = "cgnet"
+    weights: str = ""               # "" = <work_dir>/train_<source>/model.pth
+    out_dir: str = ""               # "" = <work_dir>/cam_<source>
+    split: str = ""                 # "" = data.cam_split
+    scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    flip: bool = True
+    batch_size: int = 1
+    dtype: Literal["float16", "float32"] = "float16"
+    crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs
+    overwrite: bool = False
+    amp: bool = True
+    pictures: int = 0               # write this many image | GT | CAM pictures
+
+
+@dataclasses.dataclass
+class CrfConfig:
+    iterations: int = 10
+    gaussian_sxy: float = 3
+    gaussian_compat: float = 3
+    bilateral_sxy: float = 80
+    bilateral_srgb: float = 13
+    bilateral_compat: float = 10
+    workers: int = 0                # 0 = all cores
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    thresholds: list[float] = dataclasses.field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    threshold: float = 0.25         # fixed in advance; reported next to the (oracle) best of the sweep
+    allow_missing: bool = False
+    workers: int = 0                # 0 = all cores
+
+
+@dataclasses.dataclass
+class AffinityTrainConfig(TrainConfig):
+    net: NetConfig = dataclasses.field(default_factory=NetConfig)
+    cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
+    la_alpha: float = 4
+    ha_alpha: float = 24
+    radius: int = 5
+    psa_border: bool = True         # PSA's pair set (pairs start >= radius-1 px from left/right/bottom)
+
+
+@dataclasses.dataclass
+class PseudoLabelConfig:
+    cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
+    weights: str = ""               # "" = <work_dir>/train_affinity/model.pth
+    out_dir: str = ""               # "" = <work_dir>/pseudo_labels
+    split: str = ""                 # "" = data.cam_split
+    beta: float = 8
+    steps: int = 256
+    alpha: float = 16
+    radius: int = 5
+    crf: bool = False
+    overwrite: bool = False
+
+
+@dataclasses.dataclass
+class DeeplabTrainConfig(TrainConfig):
+    net: NetConfig = dataclasses.field(default_factory=NetConfig)
+    head: Literal["largefov", "aspp"] = "largefov"
+    label_dir: str = ""             # "" = <work_dir>/pseudo_labels; or a ground-truth folder for an upper bound
+    test_scales: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    test_flip: bool = False
+    test_crf: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    work_dir: str = "work_dirs/demo"
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train_classifier: ClassifierTrainConfig = dataclasses.field(default_factory=ClassifierTrainConfig)
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
+    train_cgnet: CGNetTrainConfig = dataclasses.field(default_factory=CGNetTrainConfig)
+    cam: CamConfig = dataclasses.field(default_factory=CamConfig)
+    crf: CrfConfig = dataclasses.field(default_factory=CrfConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    train_affinity: AffinityTrainConfig = dataclasses.field(default_factory=AffinityTrainConfig)
+    pseudo_labels: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
+    train_deeplab: DeeplabTrainConfig = dataclasses.field(default_factory=DeeplabTrainConfig)
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CaeeError(f"config key '{key}' must be a mapping of {tp.__name__} settings, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise CaeeError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise CaeeError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise CaeeError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise CaeeError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise CaeeError(f"config 'base' chain loops back to {path}")
+    if not path.is_file():
+        raise CaeeError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise CaeeError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise CaeeError(f"{path}: a config file must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise CaeeError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars / lists."""
+    data: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CaeeError(f"override '{item}' must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (following ``base:``), apply dotted overrides and build a checked :class:`Config`."""
+    data = _read_yaml(Path(path)) if path else {}
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    return _build(Config, data)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, directory: str | Path) -> Path:
+    """Write the resolved config as ``<directory>/config.yaml``."""
+    path = Path(directory) / "config.yaml"
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    """``<work_dir>/<stage>``: where a stage writes its outputs."""
+    return Path(cfg.work_dir) / stage

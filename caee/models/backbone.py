@@ -1,0 +1,76 @@
+"""The interface every backbone offers: a fixed sequence of stages indexed by depth.
+
+Depth 0 is the input image; the output of stage ``d`` is the feature map at depth ``d``; the last
+depth is the feature map the heads read (output stride 8). Class-specific erasing at depth ``d``
+(METHOD.md section 3) multiplies that map by ``1 - M`` and lets the remaining stages run on the
+result, which :meth:`Backbone.forward` supports through ``edit``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+FeatureEdit = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class Backbone(nn.Module):
+    depths: tuple[int, ...] = ()          # 0 .. last
+    channels: dict[int, int]              # depth -> channels
+    strides: dict[int, int]               # depth -> stride against the input
+    out_channels: int
+    frozen_prefixes: tuple[str, ...] = ()  # parameter-name prefixes never trained (besides BatchNorm)
+    freeze_bn: bool = True                 # BatchNorm in eval mode, affine parameters frozen (PSA)
+
+    def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
+        """Map the depth-``(depth-1)`` feature to the depth-``depth`` feature."""
+        raise NotImplementedError
+
+    @property
+    def last_depth(self) -> int:
+        return self.depths[-1]
+
+    def forward(self, x: torch.Tensor, edit: FeatureEdit | None = None,
+                start: int = 0) -> torch.Tensor:
+        """(B, 3, H, W) image -> (B, out_channels, H/8, W/8) features.
+
+        ``edit(depth, feat)`` may replace the feature at any depth (0 = the image) before the next
+        stage reads it. ``start > 0`` means ``x`` already is the depth-``start`` feature.
+        """
+        if edit is not None and start == 0:
+            x = edit(0, x)
+        for d in range(start + 1, self.last_depth + 1):
+            x = self.stage(d, x)
+            if edit is not None:
+                x = edit(d, x)
+        return x
+
+    def forward_features(self, x: torch.Tensor, keep: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Run every stage and return the features at the depths in ``keep``."""
+        keep = set(keep)
+        out = {0: x} if 0 in keep else {}
+        for d in range(1, self.last_depth + 1):
+            x = self.stage(d, x)
+            if d in keep:
+                out[d] = x
+        return out
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def freeze(self) -> None:
+        """Apply the backbone's training-time freezing (frozen prefixes and BatchNorm affines)."""
+        for name, p in self.named_parameters():
+            if name.startswith(self.frozen_prefixes):
+                p.requires_grad_(False)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)

@@ -1,0 +1,1 @@
+"""One module per pipeline stage, each with ``main(cfg)``; the top-level scripts call these."""

@@ -1,0 +1,34 @@
+"""Set-up every stage does first: device, process group, output folder, logging, saved config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caee import distributed
+from caee.config import Config, save_config, stage_dir
+from caee.logs import setup_logging
+
+
+@dataclass
+class StageEnv:
+    device: torch.device
+    out_dir: Path
+
+
+def start_stage(cfg: Config, name: str) -> StageEnv:
+    """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` with log and config."""
+    device = distributed.resolve_device(cfg.device)
+    distributed.init_distributed(device)
+    out_dir = stage_dir(cfg, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir)
+    if distributed.is_main():
+        save_config(cfg, out_dir)
+    return StageEnv(device, out_dir)
+
+
+def default_path(value: str, cfg: Config, *parts: str) -> Path:
+    """``value`` when set, else ``<work_dir>/<parts...>`` (how stages find the previous stage's output)."""
+    return Path(value) if value else Path(cfg.work_dir).joinpath(*parts)

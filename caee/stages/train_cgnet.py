@@ -1,0 +1,104 @@
+"""Stage 2: train the CGNet with class-specific adversarial erasing against the frozen OC."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caee.config import Config, config_to_dict
+from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
+from caee.data.transforms import build_train_transform
+from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
+from caee.errors import CaeeError
+from caee.models.classifier import CamClassifier, build_classifier, load_classifier
+from caee.stages.common import default_path, start_stage
+from caee.stages.train_classifier import multilabel_accuracy
+from caee.weights.checkpoints import load_model_weights
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_module(module: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradients: gradients still flow *through* it to its inputs."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class CGNetTask(TrainTask):
+    def __init__(self, cgnet: CamClassifier, oc: CamClassifier, cfg: Config, class_names: list[str]):
+        self.model = cgnet
+        self.oc = oc
+        self.masking = cfg.masking
+        self.net_cfg = cfg.train_cgnet.net
+        self.class_names = class_names
+
+    def head_modules(self):
+        return [self.model.fc8]
+
+    def train_step(self, model, batch, ctx: StepContext):
+        images = ctx.to_device(batch["image"], image=True)
+        labels = ctx.to_device(batch["label"])
+        logits, maps = model(images)
+        loss_cls = F.multilabel_soft_margin_loss(logits.float(), labels)
+        targets = sample_targets(labels, ctx.generator())
+        mask = erasing_mask(maps, targets, tuple(images.shape[-2:]), self.masking.normalization)
+        oc_logits = erased_logits(self.oc, images, mask, self.masking.depth)
+        loss_cse = cse_loss(oc_logits, labels, targets)
+        w = cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)
+        metrics = {"loss_cls": float(loss_cls), "loss_cse": float(loss_cse), "w": w,
+                   "acc": multilabel_accuracy(logits.detach(), labels),
+                   "oc_erased_acc": _erased_accuracy(oc_logits.detach(), labels, targets)}
+        return loss_cls + w * loss_cse, metrics
+
+    def export(self) -> dict:
+        return {"arch": "classifier", "net": dataclasses.asdict(self.net_cfg),
+                "num_classes": len(self.class_names), "class_names": self.class_names,
+                "masking": dataclasses.asdict(self.masking)}
+
+
+def _erased_accuracy(oc_logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> float:
+    """How often the OC, shown the erased image, predicts exactly the remaining classes."""
+    remaining = labels.clone()
+    has = targets >= 0
+    remaining[has, targets[has]] = 0
+    return multilabel_accuracy(oc_logits, remaining)
+
+
+def check_depth(depth: int, oc: CamClassifier) -> None:
+    depths = oc.backbone.depths
+    if depth not in depths:
+        raise CaeeError(f"masking.depth={depth} is not a depth of the {type(oc.backbone).__name__} OC; "
+                        f"valid depths: {', '.join(map(str, depths))}")
+
+
+def main(cfg: Config) -> FitResult:
+    env = start_stage(cfg, "train_cgnet")
+    tc = cfg.train_cgnet
+    ensure_dataset(cfg.data)
+    index = load_split(cfg.data, cfg.data.train_split)
+    names = dataset_class_names(cfg.data)
+    oc_path = default_path(tc.oc_weights, cfg, "train_classifier", "model.pth")
+    if not oc_path.exists():
+        raise CaeeError(f"OC weights not found: {oc_path}; run train_classifier.py first or set train_cgnet.oc_weights")
+    oc = freeze_module(load_classifier(oc_path, cfg.train_classifier.net, len(names))).to(env.device)
+    if tc.channels_last and env.device.type == "cuda":
+        oc = oc.to(memory_format=torch.channels_last)
+    check_depth(cfg.masking.depth, oc)
+    cgnet = build_classifier(tc.net, len(names))
+    if tc.init:
+        load_model_weights(cgnet, tc.init, arch=f"classifier/{tc.net.backbone}")
+    cgnet.backbone.freeze()
+    if tc.select_by_oracle:
+        raise CaeeError("train_cgnet.select_by_oracle is not available yet")
+    logger.info("CGNet %s (width %g) vs OC %s from %s: masking depth %d (%s), w = %.2f + %.2f * epoch",
+                tc.net.backbone, tc.net.width, type(oc.backbone).__name__, oc_path, cfg.masking.depth,
+                cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
+    dataset = ClassificationDataset(index, build_train_transform(tc))
+    return fit(CGNetTask(cgnet, oc, cfg, names), dataset, tc, env.out_dir, env.device,
+               config_to_dict(cfg), cfg.data.num_workers)

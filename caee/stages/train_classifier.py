@@ -1,0 +1,63 @@
+"""Stage 1: train the ordinary classifier (OC) with multi-label soft-margin loss (METHOD.md section 1)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from caee.config import Config, config_to_dict
+from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
+from caee.data.transforms import build_train_transform
+from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.models.classifier import CamClassifier, build_classifier
+from caee.stages.common import start_stage
+from caee.weights.checkpoints import load_model_weights
+
+logger = logging.getLogger(__name__)
+
+
+def multilabel_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of images whose predicted label set (logit > 0) equals the true set exactly."""
+    return float(((logits > 0) == (labels > 0.5)).all(dim=1).float().mean())
+
+
+class ClassifierTask(TrainTask):
+    def __init__(self, model: CamClassifier, net_cfg, class_names: list[str]):
+        self.model = model
+        self.net_cfg = net_cfg
+        self.class_names = class_names
+
+    def head_modules(self):
+        return [self.model.fc8]
+
+    def train_step(self, model, batch, ctx: StepContext):
+        images = ctx.to_device(batch["image"], image=True)
+        labels = ctx.to_device(batch["label"])
+        logits, _ = model(images)
+        # multi-label soft margin = mean BCE-with-logits over classes
+        loss = F.multilabel_soft_margin_loss(logits.float(), labels)
+        return loss, {"acc": multilabel_accuracy(logits.detach(), labels)}
+
+    def export(self) -> dict:
+        return {"arch": "classifier", "net": dataclasses.asdict(self.net_cfg),
+                "num_classes": len(self.class_names), "class_names": self.class_names}
+
+
+def main(cfg: Config) -> FitResult:
+    env = start_stage(cfg, "train_classifier")
+    tc = cfg.train_classifier
+    ensure_dataset(cfg.data)
+    index = load_split(cfg.data, cfg.data.train_split)
+    names = dataset_class_names(cfg.data)
+    model = build_classifier(tc.net, len(names))
+    if tc.init:
+        load_model_weights(model, tc.init, arch=f"classifier/{tc.net.backbone}")
+    model.backbone.freeze()
+    logger.info("OC %s (width %g): %d images of %s, %d classes, batch %d, %d epochs",
+                tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
+    dataset = ClassificationDataset(index, build_train_transform(tc))
+    return fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
+               config_to_dict(cfg), cfg.data.num_workers)

@@ -1,0 +1,1 @@
+"""Pretrained weights: reading foreign checkpoint formats and mapping them to our module names."""

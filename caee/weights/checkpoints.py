@@ -1,0 +1,296 @@
+"""Loading weights into our modules with errors that say what went wrong and what the file is.
+
+Three kinds of files reach us:
+
+* ImageNet initialisations of a backbone (``net.pretrained``): ResNet38 as MXNet ``.params`` or a
+  ``.pth`` with PSA's key names; torchvision's ``resnet101-*.pth`` / ``vgg16-*.pth``.
+* Our own checkpoints: ``model.pth`` / ``last.pth`` (the state dict under ``"model"``), whose keys
+  are those of a composition: backbone under ``backbone.`` (``backbone.conv1a.weight``) and head
+  layers at top level (``fc8.weight``; AffinityNet: ``f8_3.*``, ``f8_4.*``, ``f8_5.*``, ``f9.*``).
+* PSA-format checkpoints (``res38_cls.pth``, OC-CSE's ``od_cam.pth``, ``res38_aff.pth``): the same
+  layers with the backbone at top level; :func:`psa_to_caee` / :func:`caee_to_psa` convert.
+
+Every load accounts for every key: a mismatch raises :class:`~caee.errors.CaeeError` listing the
+missing / unexpected keys and shape mismatches, naming our architecture and a guess of the file's.
+Only ``num_batches_tracked`` buffers (absent from old PyTorch checkpoints) may be missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from caee.errors import CaeeError
+
+logger = logging.getLogger(__name__)
+
+PSA_HEAD_KEYS = ("fc8", "f8_3", "f8_4", "f8_5", "f9")
+_TOLERATED_MISSING = ".num_batches_tracked"
+_CLASSIFIER_LAYERS = ("fc8", "fc", "classifier")
+_SHOWN = 10  # keys listed per category in error messages
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _not_found(path: Path, config_key: str) -> CaeeError:
+    hint = f"set config key '{config_key}' to an existing file" if config_key else "check the path"
+    return CaeeError(f"checkpoint not found: {path} ({hint})")
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the one under "model" (our last.pth / model.pth) or "state_dict"."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CaeeError(f"{path}: expected a state dict (or a dict with a 'model' / 'state_dict' entry), "
+                        f"got {type(obj).__name__}{' (empty)' if isinstance(obj, dict) else ''}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CaeeError(f"{path}: not a state dict of tensors: entries {bad[:_SHOWN]} are not tensors")
+    return obj
+
+
+def load_state_dict_file(path: str | os.PathLike, config_key: str = "") -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` file safely (``weights_only``, on the CPU) and return its state dict.
+
+    Accepts a plain state dict or a dict holding it under ``"model"`` / ``"state_dict"``; a
+    leading ``module.`` (DistributedDataParallel) is stripped from every key. ``config_key`` names
+    the setting that pointed at the file, for the error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _not_found(path, config_key)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and runtime errors all mean "unreadable"
+        where = f" (from config key '{config_key}')" if config_key else ""
+        raise CaeeError(f"{path}{where}: unreadable PyTorch checkpoint ({type(e).__name__}: {e}); "
+                        "pass a .pth state dict saved with torch.save") from None
+    state = _unwrap(obj, path)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# ---------------------------------------------------------------- recognising architectures
+
+
+def _torchvision_resnet(keys: set[str]) -> str:
+    blocks = {k.split(".")[0] + "." + k.split(".")[1] for k in keys if k.startswith("layer") and k.count(".") >= 2}
+    bottleneck = "layer1.0.conv3.weight" in keys
+    depth = 2 + len(blocks) * (3 if bottleneck else 2)
+    return f"torchvision ResNet-{depth}"
+
+
+def _torchvision_vgg(keys: set[str]) -> str:
+    idx = {k.split(".")[1] for k in keys if k.startswith("features.") and k.endswith(".weight")}
+    bn = {k.split(".")[1] for k in keys if k.startswith("features.") and k.endswith(".running_mean")}
+    n_conv = len(idx - bn)
+    return f"torchvision VGG{n_conv + 3}{'-BN' if bn else ''}"
+
+
+def _guess_backbone(keys: set[str]) -> str | None:
+    if "conv1a.weight" in keys:
+        return "PSA ResNet38"
+    if "layer1.0.conv1.weight" in keys:
+        return _torchvision_resnet(keys)
+    if "features.0.weight" in keys:
+        return _torchvision_vgg(keys)
+    if "stage1.conv.weight" in keys:
+        return "caee TinyCNN"
+    if "conv1a_weight" in keys or any(k.startswith(("res2a_", "arg:", "aux:")) for k in keys):
+        return "ResNet38 with MXNet parameter names"
+    return None
+
+
+def guess_architecture(keys: Iterable[str]) -> str:
+    """A human-readable guess of what network a state dict with these keys belongs to."""
+    keys = set(keys)
+    if not keys:
+        return "an empty state dict"
+    inner = {k.removeprefix("backbone.") for k in keys if k.startswith("backbone.")}
+    if inner:
+        heads = sorted({k.split(".")[0] for k in keys if not k.startswith("backbone.")})
+        kind = "classifier" if "fc8" in heads else "AffinityNet" if "f9" in heads else "model"
+        backbone = _guess_backbone(inner) or "an unknown"
+        head_txt = f", head layers {', '.join(heads)}" if heads else ""
+        return f"a caee {kind} ({backbone} backbone{head_txt})"
+    if "conv1a.weight" in keys:
+        if "fc8.weight" in keys:
+            return "a PSA ResNet38 classifier (backbone at top level + fc8, like res38_cls.pth)"
+        if "f9.weight" in keys:
+            return "a PSA ResNet38 AffinityNet (backbone at top level + f8_3..f9, like res38_aff.pth)"
+        return "PSA ResNet38 backbone weights"
+    guess = _guess_backbone(keys)
+    if guess:
+        return guess
+    return f"an unknown architecture (first keys: {sorted(keys)[:5]})"
+
+
+# ---------------------------------------------------------------- loading with checks
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a non-strict load left out (a strict load raises instead)."""
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _listing(title: str, keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return f"{len(keys)} {title}: {', '.join(keys[:_SHOWN])}{more}"
+
+
+def _shape_hint(mismatches: list[tuple[str, tuple, tuple]]) -> str:
+    def is_class_count(key: str, a: tuple, b: tuple) -> bool:
+        layer = key.removeprefix("backbone.").split(".")[0]
+        return layer in _CLASSIFIER_LAYERS and len(a) == len(b) and a[1:] == b[1:]
+    if all(is_class_count(*m) for m in mismatches):
+        key, a, b = mismatches[0]
+        return (f"the number of classes differs (checkpoint {a[0]}, model {b[0]}): "
+                "was it trained on another dataset?")
+    return "the layer widths differ: was it trained with another net.width or backbone?"
+
+
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True, arch: str,
+              source: str, ignore: tuple[str, ...] = (), file_looks_like: str | None = None) -> LoadReport:
+    """Copy ``state`` into ``module``, checking keys and shapes first.
+
+    ``arch`` names our module (e.g. "classifier/resnet38"), ``source`` the file. ``ignore``: key
+    prefixes left out on both sides (e.g. ``("fc.",)`` drops torchvision's ImageNet classifier).
+    Missing ``num_batches_tracked`` buffers are always tolerated. ``strict=False`` allows missing
+    and unexpected keys (returned in the report) but never a shape mismatch. ``file_looks_like``
+    overrides the guessed architecture in messages (for a state dict whose keys were converted).
+    """
+    def kept(key: str) -> bool:
+        return not (ignore and key.startswith(ignore))
+    own = {k: v for k, v in module.state_dict().items() if kept(k)}
+    state = {k: v for k, v in state.items() if kept(k)}
+    missing = [k for k in own if k not in state and not k.endswith(_TOLERATED_MISSING)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = [f"cannot load {source} into {arch}: the checkpoint looks like "
+                 f"{file_looks_like or guess_architecture(state)}"]
+        if missing:
+            parts.append(_listing(f"keys of {arch} missing from the checkpoint", missing))
+        if unexpected:
+            parts.append(_listing(f"checkpoint keys {arch} does not have", unexpected))
+        if mismatched:
+            lines = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:_SHOWN]]
+            parts.append(f"{len(mismatched)} shape mismatches ({_shape_hint(mismatched)}): " + "; ".join(lines))
+        raise CaeeError(".\n  ".join(parts))
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if missing or unexpected:
+        logger.warning("%s -> %s: %d keys not in the checkpoint, %d checkpoint keys unused",
+                       source, arch, len(missing), len(unexpected))
+    return LoadReport(missing, unexpected)
+
+
+# ---------------------------------------------------------------- key layouts
+
+
+def psa_to_caee(state: Mapping[str, torch.Tensor],
+                head_keys: tuple[str, ...] = PSA_HEAD_KEYS) -> dict[str, torch.Tensor]:
+    """PSA layout (backbone at top level) -> ours: keys whose first component is a head layer stay,
+    every other key gets ``backbone.`` prepended (keys already under ``backbone.`` stay too)."""
+    out = {}
+    for k, v in state.items():
+        top = k.split(".")[0]
+        out[k if top in head_keys or top == "backbone" else "backbone." + k] = v
+    return out
+
+
+def caee_to_psa(state: Mapping[str, torch.Tensor],
+                head_keys: tuple[str, ...] = PSA_HEAD_KEYS) -> dict[str, torch.Tensor]:
+    """Ours -> PSA layout: ``backbone.`` is stripped, head layers stay. A backbone key whose first
+    component is a head name would not survive the round trip and is an error."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("backbone."):
+            inner = k.removeprefix("backbone.")
+            if inner.split(".")[0] in head_keys:
+                raise CaeeError(f"backbone key {k!r} would collide with head layer {inner.split('.')[0]!r} "
+                                "in the PSA layout")
+            out[inner] = v
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _describe_file(path: Path) -> str:
+    """Best-effort architecture guess for a file another loader rejected."""
+    try:
+        return guess_architecture(load_state_dict_file(path))
+    except CaeeError:
+        return "not a PyTorch state dict (an MXNet .params file or unreadable)"
+
+
+def load_imagenet_weights(backbone: nn.Module, path: str | os.PathLike,
+                          config_key: str = "net.pretrained") -> None:
+    """Initialise ``backbone`` from its ImageNet file; every backbone key must be in the file.
+
+    ResNet38: MXNet ``.params`` or a ``.pth`` with PSA's keys (via
+    :func:`caee.weights.mxnet_params.load_resnet38_imagenet`). ResNet101 / VGG16: torchvision's
+    ``.pth`` (``fc.*`` / ``classifier.*`` dropped). Any other backbone: a state dict of its own keys.
+    """
+    from caee.models.resnet38 import ResNet38
+    from caee.models.resnet101 import ResNet101
+    from caee.models.vgg16 import VGG16
+
+    path = Path(path)
+    if not path.is_file():
+        raise _not_found(path, config_key)
+    name = type(backbone).__name__
+    arch = f"{name} backbone ({getattr(backbone, 'out_channels', '?')} output channels)"
+    if isinstance(backbone, ResNet38):
+        from caee.weights.mxnet_params import load_resnet38_imagenet
+        try:
+            state = load_resnet38_imagenet(path)
+        except CaeeError as e:
+            raise CaeeError(f"{e}\n  (loading into {arch}; the file looks like {_describe_file(path)})") from None
+        load_into(backbone, state, arch=arch, source=str(path))
+    elif isinstance(backbone, ResNet101):
+        state = load_state_dict_file(path, config_key)
+        load_into(backbone, state, arch=arch, source=str(path), ignore=("fc.",))
+    elif isinstance(backbone, VGG16):
+        state = load_state_dict_file(path, config_key)
+        load_into(backbone, state, arch=arch, source=str(path), ignore=("classifier.",))
+    else:
+        load_into(backbone, load_state_dict_file(path, config_key), arch=arch, source=str(path))
+    logger.info("loaded ImageNet weights for %s from %s", name, path)
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str,
+                       config_key: str = "") -> None:
+    """Load our ``model.pth`` / ``last.pth`` or a PSA-format checkpoint into ``model`` (strict).
+
+    A file without ``backbone.`` keys loaded into a model that has them is taken to be in PSA's
+    layout and converted with :func:`psa_to_caee`, the model's top-level children other than
+    ``backbone`` being the head layers.
+    """
+    state = load_state_dict_file(path, config_key)
+    source, looks_like = str(path), guess_architecture(state)
+    model_is_composite = any(k.startswith("backbone.") for k in model.state_dict())
+    if model_is_composite and not any(k.startswith("backbone.") for k in state):
+        heads = tuple(n for n, _ in model.named_children() if n != "backbone")
+        state = psa_to_caee(state, head_keys=heads)
+        source += " (PSA key layout, converted)"
+    load_into(model, state, strict=True, arch=arch, source=source, file_looks_like=looks_like)
+    logger.info("loaded %s weights from %s", arch, path)
+
+
+__all__ = ["load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
+           "caee_to_psa", "load_imagenet_weights", "load_model_weights", "PSA_HEAD_KEYS"]
