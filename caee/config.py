@@ -33,9 +33,15 @@ class SyntheticConfig:
     part_size: int = 6            # side of the small, strongly discriminative emblem (pixels)
     part_hidden_prob: float = 0.25  # fraction of objects drawn without their emblem
     body_saturation: float = 0.15   # weak class tint of the body
-    stripe_period: float = 5.0
-    stripe_amplitude: float = 0.35
+    stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
+    stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle pi * c / C
     stripe_jitter_deg: float = 10.0
+    object_aspect: list[float] = dataclasses.field(default_factory=lambda: [0.7, 1.0])  # minor / major axis
+    wobble: float = 0.12            # radial wobble of the blob outline (relative amplitude, harmonics 2-5)
+    noise_std: float = 0.03         # per-pixel Gaussian noise (image values in [0, 1])
+    min_visible_px: int = 20        # objects with fewer visible pixels are set to 255 and not labelled
+    ignore_band: int = 0            # > 0: a 255 band of this many px on each side of object boundaries
+    image_format: Literal["jpg", "png"] = "jpg"  # jpg: quality 95, 4:4:4 (keeps the emblem colour)
     seed: int = 0
 
 
@@ -118,18 +124,19 @@ class CGNetTrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class CamConfig:
+    """Multi-scale CAM inference (make_cam.py, METHOD.md section 4)."""
     source: Literal["cgnet", "classifier"] = "cgnet"
     weights: str = ""               # "" = <work_dir>/train_<source>/model.pth
     out_dir: str = ""               # "" = <work_dir>/cam_<source>
     split: str = ""                 # "" = data.cam_split
     scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
-    batch_size: int = 1
+    batch_size: int = 1             # images per DataLoader batch; equal-sized ones share each forward
     dtype: Literal["float16", "float32"] = "float16"
-    crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs
-    overwrite: bool = False
-    amp: bool = True
-    pictures: int = 0               # write this many image | GT | CAM pictures
+    crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs in <out_dir>_crf_<alpha>
+    overwrite: bool = False         # recompute existing outputs (else they are skipped)
+    amp: bool = True                # bf16 autocast (CUDA only)
+    pictures: int = 0               # image | GT | CAM pictures of the first N images, in <out_dir>_pictures
 
 
 @dataclasses.dataclass
@@ -145,14 +152,27 @@ class CrfConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
+    dir: str = ""                   # folder to evaluate; "" = the CAMs of cam.source (cam.out_dir)
+    kind: Literal["auto", "cam", "label"] = "auto"  # auto: .npz files -> cam, .png files -> label
+    split: str = ""                 # "" = data.cam_split
+    out: str = ""                   # result JSON; "" = <work_dir>/eval/<folder name>_<split>.json
     thresholds: list[float] = dataclasses.field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     threshold: float = 0.25         # fixed in advance; reported next to the (oracle) best of the sweep
-    allow_missing: bool = False
+    allow_missing: bool = False     # skip (and count) missing / unreadable / wrongly sized predictions
     workers: int = 0                # 0 = all cores
 
 
 @dataclasses.dataclass
 class AffinityTrainConfig(TrainConfig):
+    """AffinityNet training (METHOD.md section 6); defaults are PSA's train_aff settings."""
+    # PSA: batch 8, 8 epochs, lr 0.1 (heads 10x), wd 5e-4, long side in [448, 768], crop 448.
+    # PSA's SGD gets weight_decay as its positional momentum argument, so its momentum is 5e-4,
+    # i.e. none: 0 here (with 0.9 the effective lr is ~10x higher; lower lr accordingly).
+    batch_size: int = 8
+    epochs: int = 8
+    lr: float = 0.1
+    momentum: float = 0.0
+    resize_long: list[int] = dataclasses.field(default_factory=lambda: [448, 768])
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
     la_alpha: float = 4
@@ -171,7 +191,8 @@ class PseudoLabelConfig:
     steps: int = 256
     alpha: float = 16
     radius: int = 5
-    crf: bool = False
+    psa_border: bool = False        # False: every pair within the radius; True: PSA's inference pair set
+    crf: bool = False               # dense CRF (crf section) on the upsampled random-walk scores
     overwrite: bool = False
 
 
@@ -183,6 +204,20 @@ class DeeplabTrainConfig(TrainConfig):
     test_scales: list[float] = dataclasses.field(default_factory=lambda: [1.0])
     test_flip: bool = False
     test_crf: bool = False
+    # DeepLab-v1 / ResNet38 recipe (METHOD.md section 7): batch 10, lr 1e-3, ~20k iterations on
+    # train_aug (20 epochs x 1,058 steps); no colour jitter (scale + crop + flip only)
+    batch_size: int = 10
+    epochs: int = 20
+    lr: float = 1e-3
+    color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    split: str = ""                 # training images; "" = data.cam_split (where pseudo labels are made);
+                                    # label_dir must hold <id>.png for every image of it
+    head_channels: int = 0          # LargeFOV fc6/fc7 width; 0 = 1024 (x net.width for resnet38; tinycnn: 4 x its channels)
+    head_dilations: list[int] = dataclasses.field(default_factory=list)  # [] = largefov [12], aspp [6, 12, 18, 24]
+    head_dropout: float = 0.5       # LargeFOV Dropout2d after fc6 and fc7
+    eval_split: str = ""            # "" = data.val_split
+    eval_only: bool = False         # skip training; segment eval_split with `weights`
+    weights: str = ""               # eval_only: "" = <work_dir>/train_deeplab/model.pth
 
 
 @dataclasses.dataclass

@@ -287,7 +287,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
             n_images += cfg.batch_size
             if step % cfg.log_every == 0 or step == stop_at:
                 dt = time.perf_counter() - t_log
-                rec = {"step": step, "epoch": epoch, "loss": float(loss), "lr": cfg.lr * factor,
+                rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": cfg.lr * factor,
                        "images_per_s": n_log / max(dt, 1e-9), **metrics}
                 metrics_log.write(**rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.1f}")
@@ -299,7 +299,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
                 break
         bar.close()
         if step % steps_per_epoch == 0:
-            logger.info("%s: epoch %d/%d done (step %d, loss %.4f)", out_dir.name, epoch + 1, cfg.epochs, step, float(loss))
+            logger.info("%s: epoch %d/%d done (step %d, loss %.4f)", out_dir.name, epoch + 1, cfg.epochs, step, float(loss.detach()))
             task.on_epoch_end(epoch, out_dir)
     elapsed = time.perf_counter() - t_start
     ips = n_images / elapsed if n_images else 0.0

@@ -32,6 +32,22 @@ _POOL4, _POOL5 = 23, 30
 _CONV5 = (24, 26, 28)
 
 
+def _vgg16_features() -> nn.Sequential:
+    """``torchvision.models.vgg16(weights=None).features`` without materialising the 120 M
+    parameter classifier: the network is built on the meta device, then only ``features`` is
+    allocated (on the current default device) and initialised as torchvision does (Kaiming normal,
+    fan-out, zero bias)."""
+    device = torch.empty(0).device  # honours an enclosing ``with torch.device(...)``
+    with torch.device("meta"):
+        features = torchvision.models.vgg16(weights=None).features
+    features.to_empty(device=device)
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
+
+
 class VGG16(Backbone):
     """torchvision VGG16 ``features``, output stride 8, conv5 dilated by 2. No width multiplier."""
 
@@ -41,7 +57,7 @@ class VGG16(Backbone):
 
     def __init__(self) -> None:
         super().__init__()
-        features = torchvision.models.vgg16(weights=None).features
+        features = _vgg16_features()
         for i in (_POOL4, _POOL5):
             assert isinstance(features[i], nn.MaxPool2d)
             features[i] = nn.Identity()

@@ -32,3 +32,9 @@ def start_stage(cfg: Config, name: str) -> StageEnv:
 def default_path(value: str, cfg: Config, *parts: str) -> Path:
     """``value`` when set, else ``<work_dir>/<parts...>`` (how stages find the previous stage's output)."""
     return Path(value) if value else Path(cfg.work_dir).joinpath(*parts)
+
+
+def crf_dir(cam_dir: Path, alpha: float) -> Path:
+    """Where the dense-CRF labels of the CAMs in ``cam_dir`` with background alpha live:
+    ``<work_dir>/cam_cgnet`` -> ``<work_dir>/cam_cgnet_crf_4`` (alpha 4)."""
+    return cam_dir.parent / f"{cam_dir.name}_crf_{alpha:g}"

@@ -155,9 +155,9 @@ def _shape_hint(mismatches: list[tuple[str, tuple, tuple]]) -> str:
         return layer in _CLASSIFIER_LAYERS and len(a) == len(b) and a[1:] == b[1:]
     if all(is_class_count(*m) for m in mismatches):
         key, a, b = mismatches[0]
-        return (f"the number of classes differs (checkpoint {a[0]}, model {b[0]}): "
+        return (f"The number of classes differs (checkpoint {a[0]}, model {b[0]}): "
                 "was it trained on another dataset?")
-    return "the layer widths differ: was it trained with another net.width or backbone?"
+    return "The layer widths differ: was it trained with another net.width or backbone?"
 
 
 def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True, arch: str,
@@ -187,7 +187,9 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: b
             parts.append(_listing(f"checkpoint keys {arch} does not have", unexpected))
         if mismatched:
             lines = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:_SHOWN]]
-            parts.append(f"{len(mismatched)} shape mismatches ({_shape_hint(mismatched)}): " + "; ".join(lines))
+            more = f"; ... and {len(mismatched) - _SHOWN} more" if len(mismatched) > _SHOWN else ""
+            parts.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(lines) + more)
+            parts.append(_shape_hint(mismatched))
         raise CaeeError(".\n  ".join(parts))
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if missing or unexpected:
@@ -287,7 +289,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str,
     if model_is_composite and not any(k.startswith("backbone.") for k in state):
         heads = tuple(n for n, _ in model.named_children() if n != "backbone")
         state = psa_to_caee(state, head_keys=heads)
-        source += " (PSA key layout, converted)"
+        source += " (no 'backbone.' keys: read in PSA's layout)"
     load_into(model, state, strict=True, arch=arch, source=source, file_looks_like=looks_like)
     logger.info("loaded %s weights from %s", arch, path)
 

@@ -1,0 +1,167 @@
+"""AffinityNet (PSA, METHOD.md section 6): a backbone plus four 1x1 layers giving pixel embeddings.
+
+Layers, named as in PSA so that ``res38_aff.pth`` loads key for key (after
+``psa_to_caee(state, head_keys=AffinityNet.HEAD_KEYS)``, which :func:`load_affinitynet` applies)::
+
+    f8_3: conv4 (512*w ch, BN-ReLU input of b5)  -> 64,  1x1, no bias, ELU
+    f8_4: conv5 (1024*w ch, BN-ReLU input of b6) -> 128, 1x1, no bias, ELU
+    f8_5: conv6 (4096*w ch, relu(bn7(b7)))       -> 256, 1x1, no bias, ELU
+    f9:   concat (448)                           -> 448, 1x1, no bias, ELU
+
+Initialisation as PSA: Kaiming-normal for f8_3/f8_4/f8_5, Xavier-uniform with gain 4 for f9.
+The head widths 64/128/256/448 do NOT follow the backbone's width multiplier (only their input
+channels do): PSA defines them as fixed numbers, and the affinity ``exp(-mean |f_i - f_j|)`` is a
+mean over channels, so the width matters little; ``head_channels`` can change them.
+
+Key layout: backbone under ``backbone.``, the four head layers at top level.
+
+Backbones other than ResNet38 (no ``affinity_features``) get a generic stand-in: the features of
+their last three depths, each average-pooled to the stride of the last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caee.config import NetConfig
+from caee.errors import CaeeError
+from caee.models.backbone import Backbone
+
+logger = logging.getLogger(__name__)
+
+HEAD_KEYS = ("f8_3", "f8_4", "f8_5", "f9")
+
+
+def _input_depths(backbone: Backbone) -> tuple[int, ...]:
+    """Depths whose features feed f8_3/f8_4/f8_5 for a backbone without ``affinity_features``."""
+    depths = [d for d in backbone.depths if d > 0]
+    if len(depths) < 3:
+        raise CaeeError(f"AffinityNet needs a backbone with at least 3 feature depths; "
+                        f"{type(backbone).__name__} has {depths}")
+    return tuple(depths[-3:])
+
+
+class AffinityNet(nn.Module):
+    """Backbone + f8_3/f8_4/f8_5/f9: ``(B, 3, H, W)`` image -> ``(B, 448, h, w)`` embeddings.
+
+    ``h, w`` are the backbone's last feature size (ResNet38: ``ceil(H/8), ceil(W/8)``).
+    """
+
+    HEAD_KEYS = HEAD_KEYS
+
+    def __init__(self, backbone: Backbone, head_channels: tuple[int, int, int] = (64, 128, 256)):
+        super().__init__()
+        self.backbone = backbone
+        if hasattr(backbone, "affinity_features"):
+            in_ch = (backbone.channels[4], backbone.channels[5], backbone.channels[7])
+        else:
+            in_ch = tuple(backbone.channels[d] for d in _input_depths(backbone))
+        self.f8_3 = nn.Conv2d(in_ch[0], head_channels[0], 1, bias=False)
+        self.f8_4 = nn.Conv2d(in_ch[1], head_channels[1], 1, bias=False)
+        self.f8_5 = nn.Conv2d(in_ch[2], head_channels[2], 1, bias=False)
+        total = sum(head_channels)
+        self.f9 = nn.Conv2d(total, total, 1, bias=False)
+        for layer in (self.f8_3, self.f8_4, self.f8_5):
+            nn.init.kaiming_normal_(layer.weight)
+        nn.init.xavier_uniform_(self.f9.weight, gain=4)
+        self.out_channels = total
+
+    @property
+    def feature_stride(self) -> int:
+        """Stride of the embeddings against the input (8 for ResNet38)."""
+        return self.backbone.strides[self.backbone.last_depth]
+
+    def head_modules(self) -> list[nn.Module]:
+        """The newly initialised layers (PSA trains them at 10x lr)."""
+        return [self.f8_3, self.f8_4, self.f8_5, self.f9]
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if hasattr(self.backbone, "affinity_features"):
+            d = self.backbone.affinity_features(x)
+            return d["conv4"], d["conv5"], d["conv6"]
+        depths = _input_depths(self.backbone)
+        feats = self.backbone.forward_features(x, keep=depths)
+        size = feats[depths[-1]].shape[-2:]
+        return tuple(f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size)  # type: ignore[return-value]
+                     for f in (feats[d] for d in depths))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c4, c5, c6 = self._inputs(x)
+        f = torch.cat([F.elu(self.f8_3(c4)), F.elu(self.f8_4(c5)), F.elu(self.f8_5(c6))], dim=1)
+        return F.elu(self.f9(f))
+
+
+def build_affinitynet(net: NetConfig) -> AffinityNet:
+    """An AffinityNet on the backbone ``net`` describes (ImageNet weights if ``net.pretrained``)."""
+    from caee.models import build_backbone
+    return AffinityNet(build_backbone(net))
+
+
+def _arch_name(net: NetConfig) -> str:
+    return f"affinitynet/{net.backbone} (width {net.width:g})"
+
+
+def init_affinitynet_from(model: AffinityNet, path: str | os.PathLike, net: NetConfig,
+                          config_key: str = "train_affinity.init") -> str:
+    """Initialise ``model`` from ``path`` and say how: ``"affinitynet"`` (our AffinityNet
+    checkpoint or PSA's ``res38_aff.pth``: every key loaded) or ``"classifier-backbone"`` (a
+    classifier checkpoint, ours or PSA's ``res38_cls.pth``: only its backbone weights are
+    loaded, fc8 is dropped and the heads keep their fresh initialisation)."""
+    from caee.weights.checkpoints import (PSA_HEAD_KEYS, load_into, load_model_weights, load_state_dict_file,
+                                          psa_to_caee)
+
+    state = load_state_dict_file(path, config_key)
+    is_affinity = any(k.split(".")[0] == "f9" for k in state)
+    is_classifier = any(k.split(".")[0] == "fc8" for k in state)
+    if is_affinity or not is_classifier:
+        load_model_weights(model, path, arch=_arch_name(net), config_key=config_key)
+        return "affinitynet"
+    if not any(k.startswith("backbone.") for k in state):
+        state = psa_to_caee(state, head_keys=PSA_HEAD_KEYS)
+    inner = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    dropped = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
+    load_into(model.backbone, inner, strict=True, arch=f"{net.backbone} backbone (width {net.width:g})",
+              source=f"{path} (backbone.* of a classifier checkpoint)")
+    logger.info("AffinityNet backbone initialised from the classifier checkpoint %s (backbone weights only; "
+                "dropped %s; f8_3/f8_4/f8_5/f9 freshly initialised)", path, ", ".join(dropped))
+    return "classifier-backbone"
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+    """What a ``model.pth`` holds besides the weights (``arch``, ``net``, ...); {} for a plain state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaeeError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return {k: v for k, v in obj.items() if k != "model"}
+    return {}
+
+
+def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[AffinityNet, dict]:
+    """A trained AffinityNet from our ``model.pth`` (its recorded ``net`` is used) or PSA's
+    ``res38_aff.pth`` (architecture from ``fallback_net``). Every key must match.
+    Returns ``(model, meta)``."""
+    from caee.weights.checkpoints import load_model_weights
+
+    meta = checkpoint_meta(path)
+    if meta.get("arch", "affinitynet") != "affinitynet":
+        raise CaeeError(f"{path} is a {meta['arch']} checkpoint, not an AffinityNet; point "
+                        "pseudo_labels.weights at train_affinity/model.pth or a PSA res38_aff.pth")
+    net = fallback_net
+    if isinstance(meta.get("net"), dict):
+        known = {f.name for f in dataclasses.fields(NetConfig)}
+        net = NetConfig(**{k: v for k, v in meta["net"].items() if k in known})
+    net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
+    model = build_affinitynet(net)
+    load_model_weights(model, path, arch=_arch_name(net), config_key="pseudo_labels.weights")
+    return model, meta

@@ -1,0 +1,34 @@
+"""Evaluation stage: the mIoU of a CAM folder (threshold sweep) or a label folder against the ground truth."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from caee.config import Config
+from caee.data import ensure_dataset, load_split
+from caee.evaluation import evaluate_dir, format_report, to_jsonable
+from caee.io import write_json
+from caee.stages.common import start_stage
+from caee.stages.make_cam import cam_out_dir
+
+logger = logging.getLogger(__name__)
+
+
+def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
+    """(folder to evaluate, split, result JSON path) from the eval section and its defaults."""
+    ec = cfg.eval
+    folder = Path(ec.dir) if ec.dir else cam_out_dir(cfg)
+    split = ec.split or cfg.data.cam_split
+    out = Path(ec.out) if ec.out else Path(cfg.work_dir) / "eval" / f"{folder.name}_{Path(split).stem}.json"
+    return folder, split, out
+
+
+def main(cfg: Config) -> dict:
+    start_stage(cfg, "eval")
+    folder, split, out = eval_paths(cfg)
+    ensure_dataset(cfg.data)
+    index = load_split(cfg.data, split)
+    result = to_jsonable(evaluate_dir(folder, index, cfg.eval, cfg.eval.kind))
+    write_json(out, result)
+    logger.info("\n%s\nresult: %s", format_report(result), out)
+    return result

@@ -1,0 +1,250 @@
+"""Stage 3: multi-scale CAMs of the CGNet (or the OC), optional dense-CRF labels and pictures.
+
+Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
+
+    <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.io.save_cam_npz)
+    <out_dir>/{config.yaml, log.txt}
+    <out_dir>/DONE                        JSON completion marker, written last (removed at start)
+    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml)
+    <out_dir>_pictures/<id>.png           image | GT | CAM per class, first cam.pictures images
+
+Existing outputs are kept unless cam.overwrite; so an interrupted run resumes where it stopped.
+Under torchrun every rank does the images ``ids[rank::world]``; nothing is gathered.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from caee import distributed
+from caee.cam import image_keys, multiscale_cams
+from caee.config import Config, CrfConfig, save_config
+from caee.crf import CrfParams, available_cpus, crf_cam_labels, run_pool
+from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
+from caee.errors import CaeeError
+from caee.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
+from caee.models.classifier import load_classifier
+from caee.pictures import cam_grid, save_picture
+from caee.stages.common import crf_dir, default_path, start_stage
+
+logger = logging.getLogger(__name__)
+
+DONE = "DONE"
+# cam settings that change what is in the npz files: a folder is never filled with a mix of them
+_CAM_SETTINGS = ("source", "weights", "scales", "flip", "dtype")
+
+
+@dataclasses.dataclass
+class MakeCamResult:
+    out_dir: Path
+    num_images: int        # this rank's share of the split
+    computed: int          # CAMs computed in this run (the others existed)
+    seconds: float
+    images_per_s: float    # computed CAMs per second (forward + saving)
+
+
+def cam_out_dir(cfg: Config) -> Path:
+    """Where the CAMs of ``cam.source`` are: cam.out_dir or ``<work_dir>/cam_<source>``."""
+    return default_path(cfg.cam.out_dir, cfg, f"cam_{cfg.cam.source}")
+
+
+def cam_weights(cfg: Config) -> Path:
+    return default_path(cfg.cam.weights, cfg, f"train_{cfg.cam.source}", "model.pth")
+
+
+def pictures_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f"{out_dir.name}_pictures"
+
+
+def crf_params(crf_cfg: CrfConfig) -> CrfParams:
+    names = {f.name for f in dataclasses.fields(CrfParams)}
+    return CrfParams(**{k: v for k, v in dataclasses.asdict(crf_cfg).items() if k in names})
+
+
+def crf_workers(crf_cfg: CrfConfig) -> int:
+    """crf.workers, or (0) this machine's cores shared among the ranks running on it."""
+    if crf_cfg.workers > 0:
+        return crf_cfg.workers
+    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _check_previous_settings(cfg: Config, out_dir: Path) -> None:
+    """Refuse to add CAMs made with other settings to a folder that already holds some."""
+    path = out_dir / "config.yaml"
+    if cfg.cam.overwrite or not path.is_file() or next(out_dir.glob("*.npz"), None) is None:
+        return
+    try:
+        old = (yaml.safe_load(path.read_text()) or {}).get("cam") or {}
+    except (OSError, yaml.YAMLError):
+        return
+    diffs = [f"cam.{k}: {old.get(k)!r} -> {getattr(cfg.cam, k)!r}" for k in _CAM_SETTINGS
+             if k in old and old[k] != getattr(cfg.cam, k)]
+    if diffs:
+        raise CaeeError(f"{out_dir} holds CAMs made with other settings ({'; '.join(diffs)}); set cam.overwrite=true "
+                        "to replace them or choose another cam.out_dir")
+
+
+# ---------------------------------------------------------------- CAMs
+
+
+class _Saver:
+    """Writes npz files on a background thread so the next forward does not wait for the disk."""
+
+    def __init__(self, max_pending: int = 16):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.pending: list[concurrent.futures.Future] = []
+        self.max_pending = max_pending
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.max_pending:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown()
+
+
+def compute_cams(model: torch.nn.Module, index: SplitIndex, todo: list[int], out_dir: Path, cfg: Config,
+                 device: torch.device) -> None:
+    """Write ``<out_dir>/<id>.npz`` for the images ``todo`` of ``index``."""
+    cc = cfg.cam
+    loader = DataLoader(Subset(InferenceDataset(index), todo), batch_size=cc.batch_size, shuffle=False,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_list,
+                        pin_memory=device.type == "cuda")
+    saver = _Saver()
+    bar = tqdm(total=len(todo), desc=f"CAMs {out_dir.name}", unit="img", dynamic_ncols=True,
+               disable=not distributed.is_main())
+    try:
+        for batch in loader:
+            keys = [image_keys(s["label"]) for s in batch]
+            cams = multiscale_cams(model, [s["image"] for s in batch], keys, cc.scales, cc.flip, device, cc.amp)
+            for s, k, c in zip(batch, keys, cams):
+                saver.submit(save_cam_npz, out_dir / f"{s['id']}.npz", k, c.astype(cc.dtype))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        saver.close()
+
+
+# ---------------------------------------------------------------- CRF labels and pictures
+
+
+@dataclasses.dataclass
+class _PostJob:
+    """CPU work after the CAMs: CRF label maps and pictures (run in a process pool)."""
+    index: SplitIndex
+    out_dir: Path
+    alphas: list[float]
+    params: CrfParams
+    picture_ids: set[int]
+    recomputed: set[int]   # images whose CAM changed in this run: their outputs are redone
+    overwrite: bool
+
+    def outputs(self, i: int) -> list[tuple[str, object, Path]]:
+        image_id = self.index.ids[i]
+        out: list[tuple[str, object, Path]] = [("crf", a, crf_dir(self.out_dir, a) / f"{image_id}.png")
+                                               for a in self.alphas]
+        if i in self.picture_ids:
+            out.append(("picture", None, pictures_dir(self.out_dir) / f"{image_id}.png"))
+        return out
+
+    def todo(self, i: int) -> list[tuple[str, object, Path]]:
+        redo = self.overwrite or i in self.recomputed
+        return [o for o in self.outputs(i) if redo or not o[2].exists()]
+
+    def __call__(self, i: int) -> None:
+        image_id = self.index.ids[i]
+        keys, cams = load_cam_npz(self.out_dir / f"{image_id}.npz")
+        image = load_image(self.index.image_path(i))
+        if image.shape[:2] != cams.shape[1:]:
+            raise CaeeError(f"{self.out_dir / image_id}.npz: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image "
+                            f"is {image.shape[1]}x{image.shape[0]}; re-run with cam.overwrite=true")
+        for what, alpha, path in self.todo(i):
+            if what == "crf":
+                save_label_png(path, crf_cam_labels(image, keys, cams, float(alpha), self.params))
+            else:
+                save_picture(path, cam_grid(image, self._ground_truth(i), keys, cams, self.index.class_names))
+
+    def _ground_truth(self, i: int) -> np.ndarray | None:
+        for path in (self.index.eval_mask_path(i), self.index.mask_path(i)):
+            if path is not None and path.is_file():
+                return load_label_png(path)
+        return None
+
+
+def run_post(job: _PostJob, items: list[int], workers: int) -> None:
+    """Run ``job`` on ``items`` in a process pool, in slices so that the progress bar moves."""
+    if not items:
+        return
+    step = max(1, workers * 8)
+    with tqdm(total=len(items), desc=f"CRF/pictures {job.out_dir.name}", unit="img", dynamic_ncols=True,
+              disable=not distributed.is_main()) as bar:
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
+            run_pool(job, chunk, workers=workers)
+            bar.update(len(chunk))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def main(cfg: Config) -> MakeCamResult:
+    cc = cfg.cam
+    out_dir = cam_out_dir(cfg)
+    _check_previous_settings(cfg, out_dir)
+    # start_stage puts its folder under work_dir; an absolute path places it at cam.out_dir instead
+    env = start_stage(cfg, str(out_dir.resolve()))
+    if distributed.is_main():
+        (out_dir / DONE).unlink(missing_ok=True)
+        for alpha in cc.crf_alphas:
+            save_config(cfg, crf_dir(out_dir, alpha))
+    ensure_dataset(cfg.data)
+    split = cc.split or cfg.data.cam_split
+    index = load_split(cfg.data, split)
+    mine = distributed.shard(list(range(len(index))))
+    todo = [i for i in mine if cc.overwrite or not (out_dir / f"{index.ids[i]}.npz").exists()]
+    logger.info("CAMs of the %s on split %s: %d images (%d on this rank, %d to compute), scales %s, flip %s, "
+                "device %s -> %s", cc.source, split, len(index), len(mine), len(todo), cc.scales, cc.flip,
+                env.device, out_dir)
+
+    t0 = time.perf_counter()
+    if todo:
+        weights = cam_weights(cfg)
+        if not weights.is_file():
+            raise CaeeError(f"{cc.source} weights not found: {weights}; run train_{cc.source}.py first or set "
+                            "cam.weights")
+        net = cfg.train_cgnet.net if cc.source == "cgnet" else cfg.train_classifier.net
+        model = load_classifier(weights, net, index.num_classes).to(env.device).eval()
+        if env.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        compute_cams(model, index, todo, out_dir, cfg, env.device)
+        del model  # the CRF pool below forks this process
+    seconds = time.perf_counter() - t0
+
+    picture_ids = set(range(min(cc.pictures, len(index))))
+    job = _PostJob(index, out_dir, list(cc.crf_alphas), crf_params(cfg.crf), picture_ids, set(todo), cc.overwrite)
+    run_post(job, [i for i in mine if job.todo(i)], crf_workers(cfg.crf))
+
+    distributed.barrier()
+    if distributed.is_main():
+        write_json(out_dir / DONE, {"split": split, "num_images": len(index), "source": cc.source,
+                                    "scales": cc.scales, "flip": cc.flip, "crf_alphas": cc.crf_alphas,
+                                    "world_size": distributed.world_size(),
+                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    ips = len(todo) / seconds if todo and seconds > 0 else 0.0
+    logger.info("%s: %d CAMs computed (%.2f images/s), %d kept; DONE", out_dir, len(todo), ips, len(mine) - len(todo))
+    return MakeCamResult(out_dir, len(mine), len(todo), seconds, ips)

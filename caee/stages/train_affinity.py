@@ -1,0 +1,108 @@
+"""Stage 4: train AffinityNet on confident pair labels from the CAMs' la/ha CRF labels (PSA)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from caee.affinity import affinity_loss, pair_indices, pair_label_targets, pairwise_affinity
+from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee.config import AffinityTrainConfig, Config, config_to_dict
+from caee.data import dataset_class_names, ensure_dataset, load_split
+from caee.data.transforms import build_train_transform
+from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.errors import CaeeError
+from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
+from caee.stages.common import default_path, start_stage
+
+logger = logging.getLogger(__name__)
+
+
+class AffinityTask(TrainTask):
+    """One step: embeddings of the crop, affinities of every pair of the crop's feature grid,
+    PSA's three-term loss. Pair indices are computed once per feature size and device."""
+
+    def __init__(self, model: AffinityNet, cfg: AffinityTrainConfig, class_names: list[str]):
+        self.model = model
+        self.cfg = cfg
+        self.class_names = class_names
+        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def head_modules(self) -> list[nn.Module]:
+        return self.model.head_modules()
+
+    def pairs(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(from_idx, to_idx)`` of the ``h x w`` grid (cached)."""
+        key = (h, w, str(device))
+        if key not in self._pairs:
+            self._pairs[key] = pair_indices(h, w, self.cfg.radius, self.cfg.psa_border, device=device)
+            if self._pairs[key][0].numel() == 0:
+                raise CaeeError(f"a {h}x{w} feature grid has no pixel pairs within radius {self.cfg.radius}; "
+                                "raise train_affinity.crop_size")
+        return self._pairs[key]
+
+    def train_step(self, model, batch, ctx: StepContext):
+        images = ctx.to_device(batch["image"], image=True)
+        labels = ctx.to_device(batch["aff_label"])
+        feats = model(images)
+        h, w = feats.shape[-2:]
+        if tuple(labels.shape[-2:]) != (h, w):
+            raise CaeeError(f"affinity labels are {tuple(labels.shape[-2:])} but the features "
+                            f"{(h, w)} for {tuple(images.shape[-2:])} crops; use a crop_size divisible by "
+                            f"the feature stride {self.model.feature_stride}")
+        from_idx, to_idx = self.pairs(h, w, feats.device)
+        bg, fg, neg = pair_label_targets(labels, from_idx, to_idx)
+        # exp(-mean |f_i - f_j|) in float32: bf16 would round affinities near 1
+        aff = pairwise_affinity(feats.float(), from_idx, to_idx)
+        loss, terms = affinity_loss(aff, bg, fg, neg)
+        metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+        metrics.update(n_bg=int(bg.sum()), n_fg=int(fg.sum()), n_neg=int(neg.sum()), n_pairs=int(bg.numel()))
+        return loss, metrics
+
+    def export(self) -> dict:
+        return {"arch": "affinitynet", "net": dataclasses.asdict(self.cfg.net), "radius": self.cfg.radius,
+                "feature_stride": self.model.feature_stride, "num_classes": len(self.class_names),
+                "class_names": self.class_names}
+
+
+def build_model(tc: AffinityTrainConfig) -> AffinityNet:
+    """The AffinityNet to train: ImageNet backbone (``net.pretrained``) or the ``init`` checkpoint
+    (AffinityNet, or a classifier whose backbone alone is used); backbone frozen as PSA."""
+    net = dataclasses.replace(tc.net, pretrained="") if tc.init else tc.net
+    model = build_affinitynet(net)
+    if tc.init:
+        how = init_affinitynet_from(model, tc.init, tc.net)
+        logger.info("AffinityNet initialised from %s (%s)", tc.init, how)
+    elif not tc.net.pretrained:
+        logger.warning("AffinityNet starts from random weights (neither train_affinity.net.pretrained "
+                       "nor train_affinity.init is set)")
+    model.backbone.freeze()
+    return model
+
+
+def main(cfg: Config) -> FitResult:
+    env = start_stage(cfg, "train_affinity")
+    tc = cfg.train_affinity
+    ensure_dataset(cfg.data)
+    index = load_split(cfg.data, cfg.data.train_split)
+    names = dataset_class_names(cfg.data)
+    cam_dir = default_path(tc.cam_dir, cfg, "cam_cgnet")
+    if not cam_dir.is_dir():
+        raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
+                        f"'{cfg.data.train_split}' first or set train_affinity.cam_dir")
+    dirs = ensure_crf_labels(index, cam_dir, [tc.la_alpha, tc.ha_alpha], cfg.crf)
+    model = build_model(tc)
+    stride = model.feature_stride
+    if tc.crop_size <= 0 or tc.crop_size % stride:
+        raise CaeeError(f"train_affinity.crop_size={tc.crop_size} must be a positive multiple of the feature "
+                        f"stride {stride} (images of a batch must share one size)")
+    logger.info("AffinityNet %s (width %g): %d images of %s, labels la alpha %g / ha alpha %g from %s, "
+                "radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width, len(index.ids),
+                cfg.data.train_split, tc.la_alpha, tc.ha_alpha, cam_dir, tc.radius,
+                "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
+    dataset = AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
+                                   build_train_transform(tc), stride)
+    return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
+               config_to_dict(cfg), cfg.data.num_workers)

@@ -1,0 +1,76 @@
+"""Shared fixtures.
+
+``fake_voc``: a tiny PASCAL VOC 2012 layout (20 classes) under ``tmp_path / "VOC2012"``::
+
+    id            size (HxW)  classes (1-based)   splits                 masks
+    2007_000001   40x48       1                   train, train_aug       SegmentationClass + Aug
+    2007_000002   32x40       12, 15              train, train_aug       SegmentationClass + Aug
+    2007_000003   36x36       (background only)   train, train_aug       SegmentationClass + Aug
+    2008_000004   40x32       7                   val                    SegmentationClass + Aug
+    2008_000005   30x44       3, 20               val                    SegmentationClass + Aug
+    2009_000006   34x38       9                   train_aug (SBD only)   SegmentationClassAug only
+
+Each object is a filled rectangle with a 1 px 255 (ignore) outline, like VOC's boundaries; the
+images are JPEGs whose rectangles are drawn in a colour per class. The same table is available as
+the ``fake_voc_labels`` fixture: ``{id: [classes]}``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caee.io import save_label_png
+
+FAKE_VOC = {
+    # id: ((H, W), [(class, y0, y1, x0, x1)], splits, in SegmentationClass)
+    "2007_000001": ((40, 48), [(1, 5, 30, 8, 40)], ("train", "train_aug"), True),
+    "2007_000002": ((32, 40), [(15, 2, 20, 2, 18), (12, 14, 30, 20, 38)], ("train", "train_aug"), True),
+    "2007_000003": ((36, 36), [], ("train", "train_aug"), True),
+    "2008_000004": ((40, 32), [(7, 10, 35, 4, 28)], ("val",), True),
+    "2008_000005": ((30, 44), [(3, 3, 12, 3, 15), (20, 15, 28, 20, 42)], ("val",), True),
+    "2009_000006": ((34, 38), [(9, 6, 28, 9, 30)], ("train_aug",), False),
+}
+
+
+def fake_voc_mask(shape, objects) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    for c, y0, y1, x0, x1 in objects:
+        mask[y0:y1, x0:x1] = 255
+        mask[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = c
+    return mask
+
+
+def write_fake_voc(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    lists: dict[str, list[str]] = {}
+    for image_id, (shape, objects, splits, in_voc) in FAKE_VOC.items():
+        image = rng.integers(60, 120, (*shape, 3), dtype=np.uint8)
+        for c, y0, y1, x0, x1 in objects:
+            image[y0:y1, x0:x1] = (10 * c, 255 - 10 * c, (37 * c) % 256)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        mask = fake_voc_mask(shape, objects)
+        save_label_png(root / "SegmentationClassAug" / f"{image_id}.png", mask)
+        if in_voc:
+            save_label_png(root / "SegmentationClass" / f"{image_id}.png", mask)
+        for s in splits:
+            lists.setdefault(s, []).append(image_id)
+    for s, ids in lists.items():
+        (root / "ImageSets/Segmentation" / f"{s}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+@pytest.fixture
+def fake_voc(tmp_path) -> Path:
+    """Root of a tiny VOC 2012 tree (see the module docstring for its content)."""
+    return write_fake_voc(tmp_path / "VOC2012")
+
+
+@pytest.fixture
+def fake_voc_labels() -> dict[str, list[int]]:
+    """``{image id: sorted 1-based classes}`` of the ``fake_voc`` tree."""
+    return {i: sorted({o[0] for o in v[1]}) for i, v in FAKE_VOC.items()}

@@ -1,0 +1,144 @@
+"""The shared training engine: schedule, parameter groups, resume equivalence, NaN stop, DDP."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caee.config import TrainConfig
+from caee.engine import EpochSampler, StepContext, TrainTask, fit, lr_factor, parameter_groups
+from caee.errors import CaeeError
+
+
+class NoisyDataset(torch.utils.data.Dataset):
+    """Fixed inputs + augmentation noise from the global RNG (what the engine must seed per sample)."""
+
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = (torch.rand(n, 4, generator=g) > 0.5).float()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i] + 0.1 * torch.randn(3, 8, 8), "label": self.y[i]}
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.3)    # consumes the global RNG during training
+        self.fc8 = nn.Conv2d(8, 4, 1, bias=False)
+
+    def forward(self, x):
+        return self.fc8(self.drop(F.relu(self.conv(x)))).mean(dim=(2, 3))
+
+
+class TinyTask(TrainTask):
+    def __init__(self, nan_at=None):
+        torch.manual_seed(1)
+        self.model = TinyNet()
+        self.nan_at = nan_at
+
+    def head_modules(self):
+        return [self.model.fc8]
+
+    def train_step(self, model, batch, ctx: StepContext):
+        loss = F.multilabel_soft_margin_loss(model(ctx.to_device(batch["image"])), ctx.to_device(batch["label"]))
+        if self.nan_at is not None and ctx.step == self.nan_at:
+            loss = loss * float("nan")
+        return loss, {}
+
+
+def cfg(**kw):
+    base = dict(batch_size=4, epochs=3, lr=0.05, checkpoint_every=1000, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_poly_schedule_values():
+    c = cfg(poly_power=0.9)
+    assert lr_factor(0, 100, c) == 1.0
+    assert lr_factor(50, 100, c) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(100, 100, c) == 0.0
+
+
+def test_parameter_groups_follow_psa():
+    task = TinyTask()
+    task.model.conv.weight.requires_grad_(False)
+    groups = {g["name"]: g for g in parameter_groups(task.model, task.head_modules(), cfg(head_lr_mult=10, bias_lr_mult=2))}
+    assert set(groups) == {"b", "hw"}           # frozen conv weight left out; fc8 has no bias
+    assert groups["b"]["lr_mult"] == 2 and groups["b"]["weight_decay"] == 0
+    assert groups["hw"]["lr_mult"] == 10 and groups["hw"]["weight_decay"] == 5e-4
+
+
+def test_sampler_covers_each_epoch_once_and_skips_on_resume():
+    full = list(EpochSampler(10, 4, seed=3, epoch=1))
+    assert len(full) == 8 and len({i for _, i in full}) == 8
+    assert list(EpochSampler(10, 4, seed=3, epoch=1, start_batch=1)) == full[4:]
+    assert full != list(EpochSampler(10, 4, seed=3, epoch=2))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    ds = NoisyDataset()
+    fit(TinyTask(), ds, cfg(max_steps=12), tmp_path / "straight", torch.device("cpu"))
+    straight = torch.load(tmp_path / "straight" / "model.pth", weights_only=True)["model"]
+    # stop mid-epoch (step 7 of 6 per epoch), then resume in the same folder
+    fit(TinyTask(), ds, cfg(max_steps=7), tmp_path / "resumed", torch.device("cpu"))
+    fresh = TinyTask()  # a different process would start from a new init: the checkpoint must win
+    fit(fresh, ds, cfg(max_steps=12), tmp_path / "resumed", torch.device("cpu"))
+    resumed = torch.load(tmp_path / "resumed" / "model.pth", weights_only=True)["model"]
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    ck = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert ck["step"] == 12
+
+
+def test_training_lowers_loss(tmp_path):
+    ds = NoisyDataset()
+    task = TinyTask()
+    before = F.multilabel_soft_margin_loss(task.model.eval()(ds.x), ds.y).item()
+    fit(task, ds, cfg(epochs=20, lr=0.5, momentum=0.9), tmp_path, torch.device("cpu"))
+    after = F.multilabel_soft_margin_loss(task.model.eval()(ds.x), ds.y).item()
+    assert after < 0.7 * before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    ds = NoisyDataset()
+    with pytest.raises(CaeeError, match="loss became nan at step 8"):
+        fit(TinyTask(nan_at=8), ds, cfg(checkpoint_every=5), tmp_path, torch.device("cpu"))
+    ck = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ck["step"] == 6  # epoch end before the NaN; nothing written after it
+    assert not (tmp_path / "model.pth").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from caee import distributed
+    distributed.init_distributed(torch.device("cpu"))
+    task = TinyTask()
+    fit(task, NoisyDataset(), cfg(max_steps=5), out, torch.device("cpu"))
+    torch.save(task.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_keep_replicas_equal(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    init = TinyTask().model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["fc8.weight"], init["fc8.weight"])  # it did train
