@@ -12,7 +12,7 @@ before the run.
 
     python bench/bench_random_walk.py                       # cpu (+ cuda if available), 3 runs each
     python bench/bench_random_walk.py --devices cpu --repeats 5 --dense-repeats 1
-    python bench/bench_random_walk.py --variants sparse,sparse-sq1,dense
+    python bench/bench_random_walk.py --variants sparse,sparse-sq1,sparse-b8,dense
     python bench/bench_random_walk.py --devices cpu --threads 1 --variants sparse,dense
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -65,12 +66,28 @@ def make_inputs(device: str) -> tuple[torch.Tensor, ...]:
     return tuple(x.detach().to(device) for x in (scores, aff, f, t))
 
 
+def variant_options(method: str) -> dict[str, int]:
+    """``sparse-sq1-b8`` -> ``{"sq": 1, "b": 8}`` (sqK: K squarings, bB: B images batched)."""
+    opts = {}
+    for tok in method.split("-")[1:]:
+        m = re.fullmatch(r"(sq|b)(\d+)", tok)
+        if m is None:
+            raise SystemExit(f"unknown variant option {tok!r} in {method!r}")
+        opts[m.group(1)] = int(m.group(2))
+    return opts
+
+
 def run_method(method: str, scores, aff, f, t) -> torch.Tensor:
     if method == "dense":
         return dense_random_walk_reference(scores, aff, f, t, beta=BETA, steps=STEPS)
-    squarings = int(method.split("sq")[1]) if "-sq" in method else 0
+    opts = variant_options(method)
+    n_img = opts.get("b", 1)
+    if n_img > 1:  # B images in one block-diagonal walk; the same image repeated, result of the first
+        trans = transition_matrix(aff.expand(n_img, -1), f, t, scores.shape[1] * scores.shape[2], beta=BETA)
+        scores = scores.expand(n_img, -1, -1, -1)
+        return random_walk(scores, trans, steps=STEPS, squarings=opts.get("sq", 0))[0]
     trans = transition_matrix(aff, f, t, scores.shape[1] * scores.shape[2], beta=BETA)
-    return random_walk(scores, trans, steps=STEPS, squarings=squarings)
+    return random_walk(scores, trans, steps=STEPS, squarings=opts.get("sq", 0))
 
 
 def labels_from(rw: torch.Tensor) -> np.ndarray:
@@ -85,6 +102,7 @@ def worker(method: str, device: str, repeats: int, out_dir: str) -> None:
     loaded = torch.load(os.path.join(out_dir, "inputs.pt"), weights_only=True)
     inputs = tuple(x.to(device) for x in loaded)
     cuda = device.startswith("cuda")
+    batch = variant_options(method).get("b", 1)
     f, t = pair_indices(12, 12, RADIUS)  # warm-up on a tiny grid: library initialisation, little memory
     run_method(method, torch.rand(3, 12, 12, device=device), torch.rand(f.numel(), device=device),
                f.to(device), t.to(device))
@@ -104,7 +122,7 @@ def worker(method: str, device: str, repeats: int, out_dir: str) -> None:
         t0 = time.perf_counter()
         rw = run_method(method, *inputs)
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / batch)  # per image
         if i == 0:
             rss_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB on Linux
             gpu_mib = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
@@ -118,7 +136,9 @@ def worker(method: str, device: str, repeats: int, out_dir: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", default="auto", help="comma list (cpu,cuda) or auto")
-    ap.add_argument("--variants", default="sparse,dense", help="sparse, sparse-sqK (K squarings), dense")
+    ap.add_argument("--variants", default="sparse,dense",
+                    help="comma list of dense, sparse, sparse-sqK (K squarings), sparse-bB (B images batched "
+                         "block-diagonally, time per image), e.g. sparse-sq1-b8")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of the sparse variants (median)")
     ap.add_argument("--dense-repeats", type=int, default=3, help="timed runs of the dense reference")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads in the workers (0 = torch's default)")
@@ -151,7 +171,7 @@ def main() -> int:
               f"t={STEPS}, beta={BETA:g}, radius {RADIUS}, float32; torch {torch.__version__}")
         if torch.cuda.is_available():
             print("cuda device:", torch.cuda.get_device_name())
-        print(f"{'device':6} {'method':11} {'threads':>7} {'runs':>4} {'median s':>10} {'min s':>9} "
+        print(f"{'device':6} {'method':13} {'threads':>7} {'runs':>4} {'median s':>10} {'min s':>9} "
               f"{'peak MiB':>9} {'speedup':>8} {'labels == dense':>16} {'max |d score|':>13}")
         for r in rows:
             dense = next((d for d in rows if d["device"] == r["device"] and d["method"] == "dense"), None)
@@ -169,7 +189,7 @@ def main() -> int:
                 same = "yes" if n_diff == 0 else f"NO ({n_diff} px)"
                 dmax = f"{np.abs(sa - sb).max():.2e}"
                 ok &= n_diff == 0
-            print(f"{r['device']:6} {r['method']:11} {r['threads']:7d} {len(r['times']):4d} {med:10.4f} "
+            print(f"{r['device']:6} {r['method']:13} {r['threads']:7d} {len(r['times']):4d} {med:10.4f} "
                   f"{min(r['times']):9.4f} {mem:9.1f} {speed:>8} {same:>16} {dmax:>13}")
         print("peak MiB: CPU = ru_maxrss growth during the first run (0 = below what malloc already held);"
               " CUDA = max_memory_allocated growth")

@@ -65,6 +65,9 @@ def pair_indices(h: int, w: int, radius: int = 5, psa_border: bool = True,
         src = (ys * w + xs)[valid]  # boolean indexing keeps row-major order
         froms.append(src)
         tos.append(src + dy * w + dx)
+    if not froms:  # radius 1: no neighbours
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty.clone()
     return torch.cat(froms), torch.cat(tos)
 
 

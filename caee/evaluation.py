@@ -15,6 +15,7 @@ which case such images are left out of the scores and counted.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import re
@@ -153,7 +154,7 @@ def _num_workers(workers: int | None, n_items: int) -> int:
 
 
 def _score_dict(res: dict) -> dict:
-    """An iou_from_confusion dict with plain lists (NaN kept; :func:`to_jsonable` makes it null)."""
+    """An iou_from_confusion dict with plain lists."""
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in res.items()}
 
 
@@ -190,6 +191,7 @@ def evaluate_cam_dir(cam_dir: str | Path, index, thresholds: Sequence[float], th
     num_evaluated, num_missing, source, kind), ``best`` and ``fixed`` (per-class iou / precision /
     recall lists, background first, plus the confusion matrix), ``sweep`` (threshold, miou pairs),
     ``classes``, ``skipped`` (ids by reason) and ``info`` (the folder's recorded settings).
+    Ready for JSON: undefined scores (NaN: a class absent from GT and prediction) are None.
     """
     folder = Path(cam_dir)
     ts = sweep_thresholds(thresholds, threshold)
@@ -205,7 +207,7 @@ def evaluate_cam_dir(cam_dir: str | Path, index, thresholds: Sequence[float], th
     out["summary"].update(miou=best["miou"], best_threshold=best["threshold"], miou_at_threshold=fixed["miou"],
                           threshold=float(threshold), thresholds=ts)
     out.update(best=best, fixed=fixed, sweep=[{"threshold": r["threshold"], "miou": r["miou"]} for r in results])
-    return out
+    return to_jsonable(out)
 
 
 def evaluate_label_dir(label_dir: str | Path, index, workers: int | None = None,
@@ -215,7 +217,7 @@ def evaluate_label_dir(label_dir: str | Path, index, workers: int | None = None,
     Prediction pixels equal to 255 are left out (their share is ``summary.ignored_prediction``).
     Returns ``summary`` (miou, split, num_images, num_evaluated, num_missing, source, kind,
     ignored_prediction), ``result`` (per-class iou / precision / recall, confusion), ``classes``,
-    ``skipped`` and ``info``.
+    ``skipped`` and ``info``. Undefined scores are None, as in :func:`evaluate_cam_dir`.
     """
     folder = Path(label_dir)
     part = _accumulate("label", folder, index, None, allow_missing, workers)
@@ -225,7 +227,7 @@ def evaluate_label_dir(label_dir: str | Path, index, workers: int | None = None,
     seen = part.scored_pixels + part.ignored_pred
     out["summary"].update(miou=res["miou"], ignored_prediction=part.ignored_pred / seen if seen else 0.0)
     out["result"] = res
-    return out
+    return to_jsonable(out)
 
 
 def detect_kind(folder: str | Path) -> Kind:
@@ -258,28 +260,35 @@ def evaluate_dir(folder: str | Path, index, eval_cfg, kind: str = "auto") -> dic
 # ---------------------------------------------------------------- settings recorded with a folder
 
 
+def _read_mapping(path: Path, reader) -> dict | None:
+    try:
+        data = reader(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        logger.warning("cannot read %s: %s", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def folder_info(folder: str | Path) -> dict:
-    """What a folder's ``config.yaml`` (written by the stage that made it) says about how it was made:
-    CAM scales / flip / source, and the CRF background alpha and parameters for a ``*_crf_<alpha>``
-    folder. ``done`` tells whether the stage's DONE marker is there."""
+    """How a folder was made, from what its stage left there: ``config.yaml`` (CAM scales / flip /
+    source; CRF parameters) and the ``DONE`` marker (a JSON dict: scales, flip, crf, alpha, ...).
+    ``done`` tells whether the marker is there; a ``*_crf_<alpha>`` folder name gives the alpha."""
     folder = Path(folder)
     info: dict = {"config": None, "done": (folder / "DONE").is_file()}
-    m = re.search(r"_crf_([0-9.]+)$", folder.name)
+    m = re.search(r"_crf_([0-9.eE+-]+)$", folder.name)
     if m:
         info["crf_alpha"] = float(m.group(1))
-    path = folder / "config.yaml"
-    if not path.is_file():
-        return info
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        logger.warning("cannot read %s: %s", path, e)
-        return info
-    info["config"] = str(path)
-    cam = data.get("cam") or {}
-    info.update(cam_source=cam.get("source"), scales=cam.get("scales"), flip=cam.get("flip"))
-    if m and isinstance(data.get("crf"), dict):
-        info["crf"] = data["crf"]
+    config = _read_mapping(folder / "config.yaml", yaml.safe_load) if (folder / "config.yaml").is_file() else None
+    if config is not None:
+        info["config"] = str(folder / "config.yaml")
+        cam = config.get("cam") or {}
+        info.update(cam_source=cam.get("source"), scales=cam.get("scales"), flip=cam.get("flip"))
+        if m and isinstance(config.get("crf"), dict):
+            info["crf"] = config["crf"]
+    done = _read_mapping(folder / "DONE", json.loads) if info["done"] else None
+    for key in ("scales", "flip", "crf", "alpha", "source"):
+        if done and key in done:
+            info[{"alpha": "crf_alpha", "source": "cam_source"}.get(key, key)] = done[key]
     return info
 
 
@@ -291,20 +300,22 @@ def _pct(x: float | None) -> str:
 
 
 def _describe_settings(kind: str, info: dict) -> str:
-    if info.get("config") is None and "crf_alpha" not in info:
-        return "settings: not recorded (no config.yaml in the folder)"
     parts = []
     if info.get("scales") is not None:
-        parts.append(f"CAM scales {info['scales']}, flip {'on' if info.get('flip') else 'off'}"
-                     f"{', source ' + str(info['cam_source']) if info.get('cam_source') else ''}")
-    if "crf_alpha" in info:
-        crf = info.get("crf") or {}
-        extra = ", ".join(f"{k} {v}" for k, v in crf.items() if k != "workers")
-        parts.append(f"CRF on (alpha {info['crf_alpha']:g}{', ' + extra if extra else ''})")
+        parts.append(f"scales {info['scales']}, flip {'on' if info.get('flip') else 'off'}"
+                     f"{', CAMs of the ' + str(info['cam_source']) if info.get('cam_source') else ''}")
+    crf = info.get("crf")
+    if info.get("crf_alpha") is not None:
+        extra = ", ".join(f"{k} {v}" for k, v in crf.items() if k != "workers") if isinstance(crf, dict) else ""
+        parts.append(f"CRF on (background alpha {info['crf_alpha']:g}{', ' + extra if extra else ''})")
+    elif isinstance(crf, bool):
+        parts.append(f"CRF {'on' if crf else 'off'}")
     elif kind == "cam":
         parts.append("CRF off")
     else:
         parts.append("CRF not recorded")
+    if info.get("config") is None and not info.get("done"):
+        parts.append("(no config.yaml or DONE in the folder to tell more)")
     return "; ".join(parts)
 
 

@@ -154,14 +154,16 @@ def evaluate_predictions(index: SplitIndex, pred_dir: Path, workers: int | None 
 
 def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: TestSettings,
                   device: torch.device, info: dict) -> dict | None:
-    """Predict, (CRF,) evaluate and write ``out_dir/results_<split>.json``.
+    """Predict, (CRF,) evaluate and write ``out_dir/results_<split>.json`` (a split given as a
+    ``.txt`` list is named by the file's stem).
 
     ``info`` is copied into the results (init, label source, weights, ...). Returns the results on
     rank 0, None on the other ranks.
     """
     split = index.split
-    pred_dir = out_dir / f"pred_{split}"
-    crf_dir = out_dir / f"pred_{split}_crf" if settings.crf is not None else None
+    name = Path(split).stem if split.endswith(".txt") else split  # a split given as a list file
+    pred_dir = out_dir / f"pred_{name}"
+    crf_dir = out_dir / f"pred_{name}_crf" if settings.crf is not None else None
     logger.info("segmenting %d images of %s: scales %s, flip %s, CRF %s", len(index), split, settings.scales,
                 settings.flip, "on" if crf_dir else "off")
     dirs = [d for d in (pred_dir, crf_dir) if d is not None]
@@ -184,7 +186,7 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
         results["with_crf"] = evaluate_predictions(index, crf_dir, settings.eval_workers, settings.allow_missing)
         results["crf_params"] = dataclasses.asdict(settings.crf)
     results["miou"] = results["with_crf" if crf_dir else "without_crf"]["miou"]
-    write_json(out_dir / f"results_{split}.json", results)
+    write_json(out_dir / f"results_{name}.json", results)
     ms = "multi-scale " + str(settings.scales) if results["multi_scale"] else "single-scale"
     pct = lambda r: "n/a" if r["miou"] is None else f"{100 * r['miou']:.2f}"  # noqa: E731
     logger.info("DeepLab on %s (%d images, %d evaluated), %s, flip %s: mIoU %s without CRF%s",

@@ -25,6 +25,7 @@ def test_offsets_radius5_count_order_and_shape():
 
 def test_offsets_small_radius():
     assert pair_offsets(1) == []
+    assert pair_indices(4, 4, radius=1)[0].numel() == 0
     assert pair_offsets(2) == [(0, 1), (1, -1), (1, 0), (1, 1)]
     with pytest.raises(CaeeError):
         pair_offsets(0)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.affinity import pair_indices
 from caee.affinity_labels import AffinityLabelDataset, crf_params, ensure_crf_labels, label_stats
-from caee.config import AffinityTrainConfig, Config, CrfConfig, NetConfig, TrainConfig, config_from_dict
+from caee.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
 from caee.crf import crf_cam_labels
 from caee.data import load_split
 from caee.data.transforms import build_train_transform
@@ -216,7 +215,7 @@ def _write_cams(cam_dir, root, ids):
 
 def test_confident_labels_through_the_dataset(tmp_path):
     root, ids = _tiny_root(tmp_path, n=1, size=(16, 24))
-    index = load_split(Config().data.__class__(dataset="voc", root=str(root)), "train")
+    index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
     la = _blocks([[0, 3, 3], [255, 3, 0]])
     ha = _blocks([[0, 0, 3], [3, 3, 255]])
     save_label_png(tmp_path / "la" / f"{ids[0]}.png", la)
@@ -244,7 +243,7 @@ def test_confident_labels_through_the_dataset(tmp_path):
 def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     pytest.importorskip("pydensecrf")
     root, ids = _tiny_root(tmp_path, n=3)
-    index = load_split(Config().data.__class__(dataset="voc", root=str(root)), "train")
+    index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
     cam_dir = tmp_path / "work" / "cam_cgnet"
     _write_cams(cam_dir, root, ids)
     # one la file already exists (as make_cam would write it): it must be kept, not recomputed
@@ -272,7 +271,7 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
 
 def test_missing_cams_are_reported(tmp_path):
     root, ids = _tiny_root(tmp_path, n=2)
-    index = load_split(Config().data.__class__(dataset="voc", root=str(root)), "train")
+    index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
     (tmp_path / "cams").mkdir()
     with pytest.raises(CaeeError, match="2 CAM files needed .* missing"):
         ensure_crf_labels(index, tmp_path / "cams", [4, 24], CrfConfig(workers=1))

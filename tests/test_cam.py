@@ -1,7 +1,9 @@
 """Multi-scale + flip CAM inference, CAM pictures and the make_cam stage end to end."""
 import dataclasses
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from caee.cli import run_stage
 from caee.config import NetConfig, load_config
 from caee.crf import crf_cam_labels
 from caee.errors import CaeeError
+from caee.evaluation import folder_info
 from caee.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
 from caee.models.classifier import build_classifier
 from caee.pictures import CAPTION_H, cam_grid, compare_cams, save_picture
@@ -211,6 +214,13 @@ def stage_setup(tmp_path, monkeypatch):
     return tmp_path, ids, model, overrides
 
 
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _mtimes(paths):
     return {p: os.stat(p).st_mtime_ns for p in paths}
 
@@ -238,6 +248,16 @@ def test_make_cam_end_to_end(stage_setup):
     pictures = sorted((tmp_path / "work/cam_cgnet_pictures").iterdir())
     assert [p.stem for p in pictures] == ids[:2]
     assert np.asarray(Image.open(pictures[0])).shape == (CAPTION_H + 24, 4 * 32, 3)  # 2 classes
+
+    info = folder_info(tmp_path / "work/cam_cgnet_crf_4")   # what eval_miou prints about the folder
+    assert info["done"] and info["crf_alpha"] == 4 and info["crf"]["iterations"] == 10 and info["scales"] == [1.0, 0.5]
+
+    # tools/compare_cams.py on the stage's output
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    tool = _load_tool("compare_cams")
+    assert tool.main(["--config", str(tmp_path / "empty.yaml"), "--a", str(out), "--b", str(out),
+                      "--out", str(tmp_path / "cmp.png"), "--n", "2"] + overrides) == 0
+    assert np.asarray(Image.open(tmp_path / "cmp.png")).shape == (CAPTION_H + 2 * 24, 4 * 32, 3)
 
     # re-run: nothing recomputed
     before = _mtimes(npz + crf + pictures)

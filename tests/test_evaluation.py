@@ -8,8 +8,7 @@ from PIL import Image
 from caee.config import EvalConfig, load_config
 from caee.data import SplitIndex
 from caee.errors import CaeeError
-from caee.evaluation import (detect_kind, evaluate_cam_dir, evaluate_dir, evaluate_label_dir, format_report,
-                             to_jsonable)
+from caee.evaluation import detect_kind, evaluate_cam_dir, evaluate_dir, evaluate_label_dir, format_report
 from caee.io import save_cam_npz, save_label_png
 from caee.metrics import cam_to_label, confusion_matrix, iou_from_confusion
 from caee.stages import eval_miou
@@ -93,7 +92,7 @@ def test_label_dir_hand_computed_and_unsure_pixels(tmp_path):
     assert res["summary"]["miou"] == pytest.approx((1 / 3 + 1 / 2 + 2 / 3) / 3)
     assert res["summary"]["ignored_prediction"] == pytest.approx(1 / 7)
     assert detect_kind(tmp_path / "pred") == "label" and detect_kind(tmp_path / "gt") == "label"
-    assert "unsure" in format_report(to_jsonable(res))
+    assert "unsure" in format_report(res)
 
 
 def test_missing_and_truncated_predictions(hand_made):
@@ -132,8 +131,7 @@ def test_missing_ground_truth_and_folder(hand_made):
 
 def test_evaluate_dir_auto_and_json_has_no_nan(hand_made):
     tmp_path, index = hand_made
-    res = to_jsonable(evaluate_dir(tmp_path / "cams", index, EvalConfig(thresholds=[0.35, 0.7], threshold=0.7,
-                                                                         workers=1)))
+    res = evaluate_dir(tmp_path / "cams", index, EvalConfig(thresholds=[0.35, 0.7], threshold=0.7, workers=1))
     assert res["summary"]["kind"] == "cam"
     text = json.dumps(res, allow_nan=False)  # fails on NaN
     assert "NaN" not in text
@@ -172,6 +170,6 @@ def test_eval_miou_stage(tmp_path):
     assert saved["summary"]["split"] == "train" and saved["summary"]["num_images"] == 2
     assert saved["info"]["scales"] == [0.5, 1.0] and saved["info"]["done"] is False
     report = format_report(saved)
-    assert "CAM scales [0.5, 1.0], flip on" in report and "no DONE marker" in report
+    assert "scales [0.5, 1.0], flip on, CAMs of the cgnet; CRF off" in report and "no DONE marker" in report
     assert saved["summary"]["miou_at_threshold"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
     assert saved["best"]["iou"][1] is None  # classes absent from GT and prediction: NaN -> null

@@ -8,6 +8,16 @@ from caee.random_walk import (cam_scores_with_background, dense_random_walk_refe
                               random_walk, transition_matrix)
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """The matrices here are tiny: hundreds of sparse products whose OpenMP start-up dominates,
+    and on a busy machine waiting for the threads takes milliseconds per product."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
 def _random_case(h, w, k, psa_border, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(1, 4, h, w, generator=g, dtype=dtype)

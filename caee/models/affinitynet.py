@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,25 +132,11 @@ def init_affinitynet_from(model: AffinityNet, path: str | os.PathLike, net: NetC
     return "classifier-backbone"
 
 
-def checkpoint_meta(path: str | os.PathLike) -> dict:
-    """What a ``model.pth`` holds besides the weights (``arch``, ``net``, ...); {} for a plain state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaeeError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return {k: v for k, v in obj.items() if k != "model"}
-    return {}
-
-
 def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[AffinityNet, dict]:
     """A trained AffinityNet from our ``model.pth`` (its recorded ``net`` is used) or PSA's
     ``res38_aff.pth`` (architecture from ``fallback_net``). Every key must match.
     Returns ``(model, meta)``."""
-    from caee.weights.checkpoints import load_model_weights
+    from caee.weights.checkpoints import checkpoint_meta, load_model_weights
 
     meta = checkpoint_meta(path)
     if meta.get("arch", "affinitynet") != "affinitynet":

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from caee.config import NetConfig
+from caee.errors import CaeeError
 from caee.models.backbone import Backbone, FeatureEdit
 
 
@@ -41,9 +42,11 @@ def build_classifier(net: NetConfig, num_classes: int) -> CamClassifier:
 def load_classifier(path: str | Path, fallback_net: NetConfig, num_classes: int) -> CamClassifier:
     """A trained CAM classifier from our ``model.pth`` (its recorded architecture is used) or from a
     PSA-format checkpoint (architecture from ``fallback_net``). Every key must match."""
-    from caee.weights.checkpoints import load_model_weights, load_state_dict_file_meta
+    from caee.weights.checkpoints import checkpoint_meta, load_model_weights
 
-    meta = load_state_dict_file_meta(path)
+    meta = checkpoint_meta(path)
+    if meta.get("arch", "classifier") != "classifier":
+        raise CaeeError(f"{path} is a {meta['arch']} checkpoint, not a CAM classifier (OC or CGNet)")
     net = NetConfig(**meta["net"]) if "net" in meta else fallback_net
     net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
     model = build_classifier(net, num_classes)

@@ -17,8 +17,11 @@ class StageEnv:
     out_dir: Path
 
 
-def start_stage(cfg: Config, name: str) -> StageEnv:
-    """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` with log and config."""
+def start_stage(cfg: Config, name: str, seed: int | None = None) -> StageEnv:
+    """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` with log and config;
+    seed the global RNG first so that network initialisation is reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
     device = distributed.resolve_device(cfg.device)
     distributed.init_distributed(device)
     out_dir = stage_dir(cfg, name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from caee.config import Config
 from caee.data import ensure_dataset, load_split
-from caee.evaluation import evaluate_dir, format_report, to_jsonable
+from caee.evaluation import evaluate_dir, format_report
 from caee.io import write_json
 from caee.stages.common import start_stage
 from caee.stages.make_cam import cam_out_dir
@@ -28,7 +28,7 @@ def main(cfg: Config) -> dict:
     folder, split, out = eval_paths(cfg)
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
-    result = to_jsonable(evaluate_dir(folder, index, cfg.eval, cfg.eval.kind))
+    result = evaluate_dir(folder, index, cfg.eval, cfg.eval.kind)
     write_json(out, result)
     logger.info("\n%s\nresult: %s", format_report(result), out)
     return result

@@ -5,7 +5,7 @@ Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
     <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.io.save_cam_npz)
     <out_dir>/{config.yaml, log.txt}
     <out_dir>/DONE                        JSON completion marker, written last (removed at start)
-    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml)
+    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml, DONE)
     <out_dir>_pictures/<id>.png           image | GT | CAM per class, first cam.pictures images
 
 Existing outputs are kept unless cam.overwrite; so an interrupted run resumes where it stopped.
@@ -211,6 +211,7 @@ def main(cfg: Config) -> MakeCamResult:
     if distributed.is_main():
         (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
+            (crf_dir(out_dir, alpha) / DONE).unlink(missing_ok=True)
             save_config(cfg, crf_dir(out_dir, alpha))
     ensure_dataset(cfg.data)
     split = cc.split or cfg.data.cam_split
@@ -241,10 +242,12 @@ def main(cfg: Config) -> MakeCamResult:
 
     distributed.barrier()
     if distributed.is_main():
-        write_json(out_dir / DONE, {"split": split, "num_images": len(index), "source": cc.source,
-                                    "scales": cc.scales, "flip": cc.flip, "crf_alphas": cc.crf_alphas,
-                                    "world_size": distributed.world_size(),
-                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        done = {"split": split, "num_images": len(index), "source": cc.source, "scales": cc.scales, "flip": cc.flip,
+                "world_size": distributed.world_size(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for alpha in cc.crf_alphas:
+            write_json(crf_dir(out_dir, alpha) / DONE, {**done, "cam_dir": str(out_dir), "alpha": alpha,
+                                                        "crf": dataclasses.asdict(job.params)})
+        write_json(out_dir / DONE, {**done, "crf_alphas": cc.crf_alphas})
     ips = len(todo) / seconds if todo and seconds > 0 else 0.0
     logger.info("%s: %d CAMs computed (%.2f images/s), %d kept; DONE", out_dir, len(todo), ips, len(mine) - len(todo))
     return MakeCamResult(out_dir, len(mine), len(todo), seconds, ips)

@@ -51,7 +51,7 @@ class CGNetTask(TrainTask):
         oc_logits = erased_logits(self.oc, images, mask, self.masking.depth)
         loss_cse = cse_loss(oc_logits, labels, targets)
         w = cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)
-        metrics = {"loss_cls": float(loss_cls), "loss_cse": float(loss_cse), "w": w,
+        metrics = {"loss_cls": float(loss_cls.detach()), "loss_cse": float(loss_cse.detach()), "w": w,
                    "acc": multilabel_accuracy(logits.detach(), labels),
                    "oc_erased_acc": _erased_accuracy(oc_logits.detach(), labels, targets)}
         return loss_cls + w * loss_cse, metrics
@@ -78,7 +78,7 @@ def check_depth(depth: int, oc: CamClassifier) -> None:
 
 
 def main(cfg: Config) -> FitResult:
-    env = start_stage(cfg, "train_cgnet")
+    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed)
     tc = cfg.train_cgnet
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)

@@ -47,7 +47,7 @@ class ClassifierTask(TrainTask):
 
 
 def main(cfg: Config) -> FitResult:
-    env = start_stage(cfg, "train_classifier")
+    env = start_stage(cfg, "train_classifier", seed=cfg.train_classifier.seed)
     tc = cfg.train_classifier
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)

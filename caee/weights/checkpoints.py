@@ -79,6 +79,21 @@ def load_state_dict_file(path: str | os.PathLike, config_key: str = "") -> dict[
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+    """What our ``model.pth`` holds besides the weights (``arch``, ``net``, ``num_classes``, ...);
+    {} for a plain state dict such as PSA's. Memory-mapped, so the weights are not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise _not_found(path, "")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return {k: v for k, v in obj.items() if k != "model"}
+    return {}
+
+
 # ---------------------------------------------------------------- recognising architectures
 
 
@@ -294,5 +309,5 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str,
     logger.info("loaded %s weights from %s", arch, path)
 
 
-__all__ = ["load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
+__all__ = ["checkpoint_meta", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
            "caee_to_psa", "load_imagenet_weights", "load_model_weights", "PSA_HEAD_KEYS"]

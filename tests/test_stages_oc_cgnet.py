@@ -1,0 +1,114 @@
+"""Stages 1 and 2 end to end on tiny data: the OC learns, the CGNet trains at every masking depth
+against every OC backbone, VOC configs start on a VOC-layout folder, bad input fails clearly."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caee.config import load_config
+from caee.data import ClassificationDataset, load_split
+from caee.engine import StepContext
+from caee.errors import CaeeError
+from caee.models import build_backbone
+from caee.models.classifier import CamClassifier, load_classifier
+from caee.stages import train_cgnet, train_classifier
+from conftest import mini_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset_loss(model, cfg):
+    index = load_split(cfg.data, cfg.data.train_split)
+    ds = ClassificationDataset(index)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    y = torch.stack([torch.as_tensor(ds[i]["label"]) for i in range(len(ds))])
+    with torch.no_grad():
+        return F.multilabel_soft_margin_loss(model.eval()(x)[0], y).item()
+
+
+def test_oc_training_lowers_the_loss_and_exports_its_architecture(tmp_path):
+    cfg = mini_config(tmp_path, **{"train_classifier.epochs": 8})
+    out = train_classifier.main(cfg)
+    model = load_classifier(out.model_path, cfg.train_classifier.net, 3)
+    untrained = CamClassifier(build_backbone(cfg.train_classifier.net), 3)
+    assert _dataset_loss(model, cfg) < 0.85 * _dataset_loss(untrained, cfg)
+    meta = torch.load(out.model_path, weights_only=True)
+    assert meta["arch"] == "classifier" and meta["net"]["backbone"] == "tinycnn" and meta["num_classes"] == 3
+    stage = Path(cfg.work_dir) / "train_classifier"
+    assert (stage / "config.yaml").exists() and (stage / "log.txt").exists()
+    assert (stage / "metrics.jsonl").read_text().count("\n") == out.steps
+
+
+def test_cgnet_stage_trains_against_the_saved_oc_with_feature_masking(tmp_path):
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "train_cgnet.max_steps": 3, "masking.depth": 3})
+    train_classifier.main(cfg)
+    out = train_cgnet.main(cfg)
+    meta = torch.load(out.model_path, weights_only=True)
+    assert meta["masking"]["depth"] == 3 and out.steps == 3
+    line = (Path(cfg.work_dir) / "train_cgnet" / "metrics.jsonl").read_text().splitlines()[0]
+    assert all(k in line for k in ("loss_cls", "loss_cse", "oc_erased_acc", '"w": 0.3'))
+
+
+def test_cgnet_without_oc_and_with_a_bad_depth_fail_clearly(tmp_path):
+    cfg = mini_config(tmp_path)
+    with pytest.raises(CaeeError, match="OC weights not found.*train_classifier.py"):
+        train_cgnet.main(cfg)
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "masking.depth": 9})
+    train_classifier.main(cfg)
+    with pytest.raises(CaeeError, match="masking.depth=9 .* valid depths: 0, 1, 2, 3, 4"):
+        train_cgnet.main(cfg)
+
+
+@pytest.mark.parametrize("oc_backbone", ["resnet38", "resnet101", "vgg16"])
+def test_cgnet_steps_at_every_depth_for_every_oc_backbone(oc_backbone, tmp_path):
+    cfg = mini_config(tmp_path)
+    width = 0.0625 if oc_backbone == "resnet38" else 1.0
+    torch.manual_seed(0)
+    oc = CamClassifier(build_backbone(dataclasses.replace(cfg.train_classifier.net, backbone=oc_backbone, width=width)), 3)
+    oc = train_cgnet.freeze_module(oc)
+    cgnet = CamClassifier(build_backbone(dataclasses.replace(cfg.train_cgnet.net, backbone="resnet38", width=0.0625)), 3, 0.0)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([[1., 0, 1], [0, 1, 0]])
+    for depth in oc.backbone.depths:
+        cfg.masking.depth = depth
+        task = train_cgnet.CGNetTask(cgnet, oc, cfg, ["a", "b", "c"])
+        cgnet.zero_grad()
+        ctx = StepContext(torch.device("cpu"), epoch=2, step=depth, total_steps=10, seed=0, channels_last=False)
+        loss, metrics = task.train_step(cgnet.train(), {"image": images, "label": labels}, ctx)
+        loss.backward()
+        assert torch.isfinite(loss) and metrics["w"] == pytest.approx(0.4)
+        assert cgnet.fc8.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in oc.parameters())
+
+
+def test_voc_configs_start_on_a_voc_layout_folder(fake_voc, tmp_path):
+    for name in ("r38", "r101_oc", "vgg16_oc"):
+        cfg = load_config(REPO / "configs" / "voc" / f"{name}.yaml", [
+            f"data.root={fake_voc}", f"work_dir={tmp_path / name}", "device=cpu", "data.num_workers=0",
+            "train_classifier.net.pretrained=", "train_classifier.batch_size=2", "train_classifier.max_steps=1",
+            "train_classifier.crop_size=32", "train_classifier.resize_long=[32, 48]",
+            "train_cgnet.net.pretrained=", "train_cgnet.net.width=0.0625", "train_cgnet.batch_size=2",
+            "train_cgnet.max_steps=1", "train_cgnet.crop_size=32", "train_cgnet.resize_long=[32, 48]"]
+            + (["train_classifier.net.width=0.0625"] if name == "r38" else []))
+        assert train_classifier.main(cfg).steps == 1
+        assert train_cgnet.main(cfg).steps == 1
+
+
+def test_missing_imagenet_weights_name_the_file_and_key(fake_voc, tmp_path):
+    cfg = load_config(REPO / "configs" / "voc" / "r38.yaml", [f"data.root={fake_voc}", f"work_dir={tmp_path}",
+                                                              "device=cpu", "train_classifier.net.width=0.0625"])
+    with pytest.raises(CaeeError, match="ilsvrc-cls_rna-a1_cls1000_ep-0001.params"):
+        train_classifier.main(cfg)
+    assert not (tmp_path / "train_classifier" / "model.pth").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1})
+    path = train_classifier.main(cfg).model_path
+    wrong = dataclasses.replace(cfg.train_classifier.net, backbone="resnet38", width=0.0625)
+    state = torch.load(path, weights_only=True)
+    torch.save(state["model"], tmp_path / "plain.pth")   # no recorded architecture: must not load silently
+    with pytest.raises(CaeeError, match="TinyCNN"):
+        load_classifier(tmp_path / "plain.pth", wrong, 3)
