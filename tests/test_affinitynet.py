@@ -29,6 +29,27 @@ from caee.weights.checkpoints import load_model_weights, psa_to_caee
 WIDTH = 0.125
 
 
+@pytest.fixture(autouse=True)
+def _quiet_machine():
+    """One intra-op thread (tiny tensors: more threads only add contention on a busy machine), and
+    the "caee" logger restored after stage runs (setup_logging stops propagation, which would hide
+    later tests' records from caplog)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    log = logging.getLogger("caee")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    torch.set_num_threads(n)
+    for h in list(log.handlers):
+        if h not in saved[0]:
+            log.removeHandler(h)
+            h.close()
+    for h in saved[0]:
+        if h not in log.handlers:
+            log.addHandler(h)
+    log.propagate, log.level = saved[1], saved[2]
+
+
 def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
