@@ -200,7 +200,7 @@ class PseudoLabelConfig:
 class DeeplabTrainConfig(TrainConfig):
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     head: Literal["largefov", "aspp"] = "largefov"
-    label_dir: str = ""             # "" = <work_dir>/pseudo_labels; or a ground-truth folder for an upper bound
+    label_dir: str = ""             # "" = pseudo_labels.out_dir (<work_dir>/pseudo_labels); or a ground-truth folder for an upper bound
     test_scales: list[float] = dataclasses.field(default_factory=lambda: [1.0])
     test_flip: bool = False
     test_crf: bool = False
@@ -210,8 +210,8 @@ class DeeplabTrainConfig(TrainConfig):
     epochs: int = 20
     lr: float = 1e-3
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
-    split: str = ""                 # training images; "" = data.cam_split (where pseudo labels are made);
-                                    # label_dir must hold <id>.png for every image of it
+    split: str = ""                 # training images; "" = pseudo_labels.split, else data.cam_split (where the
+                                    # pseudo labels are made); label_dir must hold <id>.png for every image of it
     head_channels: int = 0          # LargeFOV fc6/fc7 width; 0 = 1024 (x net.width for resnet38; tinycnn: 4 x its channels)
     head_dilations: list[int] = dataclasses.field(default_factory=list)  # [] = largefov [12], aspp [6, 12, 18, 24]
     head_dropout: float = 0.5       # LargeFOV Dropout2d after fc6 and fc7

@@ -20,7 +20,6 @@ def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) 
     """Console handler (+ a ``log.txt`` file handler in ``out_dir``) on the ``caee`` logger."""
     logger = logging.getLogger("caee")
     logger.setLevel(level)
-    logger.propagate = False
     for h in list(logger.handlers):
         if getattr(h, "_caee", False):
             logger.removeHandler(h)

@@ -24,6 +24,26 @@ from PIL import Image
 
 from caee.io import save_label_png
 
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_clean_logging():
+    """Tests use tiny tensors: one intra-op thread avoids contention on a busy 2-core machine.
+    Handlers that a stage's setup_logging added (log.txt in a tmp folder) are removed afterwards."""
+    import logging
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    log = logging.getLogger("caee")
+    before = list(log.handlers)
+    yield
+    torch.set_num_threads(threads)
+    for h in list(log.handlers):
+        if h not in before:
+            log.removeHandler(h)
+            h.close()
+
 FAKE_VOC = {
     # id: ((H, W), [(class, y0, y1, x0, x1)], splits, in SegmentationClass)
     "2007_000001": ((40, 48), [(1, 5, 30, 8, 40)], ("train", "train_aug"), True),

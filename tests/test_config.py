@@ -18,7 +18,7 @@ def test_defaults_and_overrides():
     assert cfg.eval.thresholds == [0.1, 0.2]
     assert cfg.data.root == "/data/VOC2012"
     assert cfg.train_cgnet.net.width == 0.25
-    assert cfg.train_affinity.lr == 0.01  # untouched sections keep their defaults
+    assert cfg.train_deeplab.head == "largefov"  # untouched sections keep their defaults
 
 
 def test_int_accepted_for_float_but_not_str_for_int():

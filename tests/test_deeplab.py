@@ -215,6 +215,16 @@ def test_stage_refuses_bad_labels_before_training(labelled, tmp_path):
     assert not (tmp_path / "work" / "train_deeplab" / "last.pth").exists()
 
 
+def test_default_inputs_follow_the_pseudo_label_stage():
+    cfg = config_from_dict({"work_dir": "/w", "data": {"cam_split": "train_aug"}})
+    assert train_deeplab.resolve_inputs(cfg) == ("train_aug", Path("/w/pseudo_labels"))
+    cfg = config_from_dict({"work_dir": "/w", "pseudo_labels": {"out_dir": "/pl", "split": "s.txt"}})
+    assert train_deeplab.resolve_inputs(cfg) == ("s.txt", Path("/pl"))
+    cfg = config_from_dict({"work_dir": "/w", "pseudo_labels": {"out_dir": "/pl"},
+                            "train_deeplab": {"label_dir": "/gt", "split": "train"}})
+    assert train_deeplab.resolve_inputs(cfg) == ("train", Path("/gt"))
+
+
 # ---------------------------------------------------------------- inference
 
 
