@@ -221,6 +221,13 @@ class DeeplabTrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass
+class PipelineConfig:
+    """What run_pipeline.py adds around the stages."""
+    control: bool = True            # also train a CGNet WITHOUT the erasing loss (w = 0) and report its CAMs
+    pictures: int = 6               # images in the Fig. III / Fig. IV style pictures
+
+
+@dataclasses.dataclass
 class Config:
     work_dir: str = "work_dirs/demo"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -234,6 +241,7 @@ class Config:
     train_affinity: AffinityTrainConfig = dataclasses.field(default_factory=AffinityTrainConfig)
     pseudo_labels: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
     train_deeplab: DeeplabTrainConfig = dataclasses.field(default_factory=DeeplabTrainConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
 
 # ---------------------------------------------------------------- building from plain data

@@ -105,3 +105,22 @@ def save_picture(path: str | os.PathLike, picture: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 picture as a PNG (atomically)."""
     with atomic_write(path) as f:
         Image.fromarray(np.asarray(picture, np.uint8)).save(f, format="PNG")
+
+
+def compare_labels(rows: Sequence[tuple], titles: Sequence[str] = ("image", "ground truth", "DeepLab"),
+                   cell: tuple[int, int] | None = None) -> np.ndarray:
+    """A Fig. IV-style table: one row per image, columns image | label map | label map | ...
+
+    rows: ``(image (H, W, 3) uint8, label_1 (H, W) or None, label_2, ...)`` in palette colours.
+    """
+    if not rows:
+        raise ValueError("compare_labels needs at least one row")
+    ch, cw = cell or np.asarray(rows[0][0]).shape[:2]
+    lines = []
+    for image, *labels in rows:
+        image = np.asarray(image, np.uint8)
+        panels = [_fit(image, ch, cw, False)] + [_fit(colorize_label(lab, image.shape[:2]), ch, cw, True)
+                                                 for lab in labels]
+        lines.append(np.concatenate(panels, axis=1))
+    header = np.concatenate([_caption(np.zeros((0, cw, 3), np.uint8), t) for t in titles], axis=1)
+    return np.concatenate([header] + lines, axis=0)

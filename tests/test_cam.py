@@ -18,10 +18,10 @@ from caee.config import NetConfig, load_config
 from caee.crf import crf_cam_labels
 from caee.errors import CaeeError
 from caee.evaluation import folder_info
-from caee.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
+from caee.io import load_cam_npz, load_label_png, save_cam_npz
 from caee.models.classifier import build_classifier
 from caee.pictures import CAPTION_H, cam_grid, compare_cams, save_picture
-from caee.stages import make_cam
+from caee.stages import eval_miou, make_cam
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -38,7 +38,8 @@ class Asymmetric(nn.Module):
 
     def forward(self, x):
         maps = self.conv(x)
-        maps = maps + torch.linspace(-1.0, 2.0, maps.shape[-1]).view(1, 1, 1, -1) * torch.tensor([1.0, -0.5, 2.0]).view(1, 3, 1, 1)
+        ramp = torch.linspace(-1.0, 2.0, maps.shape[-1]).view(1, 1, 1, -1)
+        maps = maps + ramp * torch.tensor([1.0, -0.5, 2.0]).view(1, 3, 1, 1)
         return maps.mean(dim=(2, 3)), maps
 
 
@@ -110,7 +111,7 @@ def test_normalised_per_class_and_keys_order():
 def test_batched_images_equal_one_at_a_time():
     net = Asymmetric().eval()
     images = [_image(20, 28, 0), _image(17, 23, 1), _image(20, 28, 2)]
-    keys = [[0, 2], [1], [2]]
+    keys = [[0, 2], [1], []]   # an image without classes shares its group's forward
     batched = multiscale_cams(net, images, keys, [0.5, 1.0, 1.5], True, "cpu")
     for image, k, got in zip(images, keys, batched):
         np.testing.assert_allclose(got, multiscale_cam(net, image, k, [0.5, 1.0, 1.5], True, "cpu"), atol=1e-6)
@@ -168,31 +169,10 @@ def test_compare_cams_rows_fit_into_cells(tmp_path):
 
 # ---------------------------------------------------------------- the stage end to end
 
-SIZES = [(24, 32), (24, 32), (30, 20)]
-
-
-def _fake_voc(root):
-    """Three images (two of the same size) with masks holding 1-2 VOC classes and an ignore band."""
-    rng = np.random.default_rng(0)
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "ImageSets/Segmentation").mkdir(parents=True)
-    ids = []
-    for i, (h, w) in enumerate(SIZES):
-        image_id = f"2007_{i:06d}"
-        ids.append(image_id)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{image_id}.png")
-        mask = np.zeros((h, w), np.uint8)
-        mask[4:12, 3:15] = 1 + (i * 7) % 20
-        if i != 1:
-            mask[14:20, 6:18] = 15
-        mask[0, :] = 255
-        save_label_png(root / "SegmentationClass" / f"{image_id}.png", mask)
-    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
-    return ids
-
-
 @pytest.fixture
-def stage_setup(tmp_path, monkeypatch):
+def stage_setup(tmp_path, monkeypatch, fake_voc):
+    """fake_voc's train split: 2007_000001 (40x48, class 1), 2007_000002 (32x40, classes 12 and 15),
+    2007_000003 (36x36, background only), and a random TinyCNN CGNet checkpoint."""
     from caee.weights import checkpoints
 
     if not hasattr(checkpoints, "load_state_dict_file_meta"):
@@ -201,15 +181,15 @@ def stage_setup(tmp_path, monkeypatch):
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return {k: v for k, v in obj.items() if k != "model"}
         monkeypatch.setattr(checkpoints, "load_state_dict_file_meta", meta, raising=False)
-    ids = _fake_voc(tmp_path / "voc")
+    ids = ["2007_000001", "2007_000002", "2007_000003"]
     net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
     torch.manual_seed(0)
     model = build_classifier(net, 20).eval()
     (tmp_path / "work/train_cgnet").mkdir(parents=True)
     torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net), "num_classes": 20},
                tmp_path / "work/train_cgnet/model.pth")
-    overrides = [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={tmp_path / 'voc'}",
-                 "data.mask_dir=SegmentationClass", "data.num_workers=0", "cam.scales=[1.0, 0.5]",
+    overrides = [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={fake_voc}",
+                 "data.num_workers=0", "cam.scales=[1.0, 0.5]",
                  "cam.batch_size=2", "cam.crf_alphas=[4, 24]", "cam.pictures=2", "crf.workers=1"]
     return tmp_path, ids, model, overrides
 
@@ -227,6 +207,7 @@ def _mtimes(paths):
 
 def test_make_cam_end_to_end(stage_setup):
     tmp_path, ids, model, overrides = stage_setup
+    voc = tmp_path / "VOC2012"
     result = make_cam.main(load_config(None, overrides))
     out = tmp_path / "work/cam_cgnet"
     assert result.out_dir == out and result.computed == 3
@@ -236,9 +217,9 @@ def test_make_cam_end_to_end(stage_setup):
     crf = [tmp_path / f"work/cam_cgnet_crf_{a}/{i}.png" for a in (4, 24) for i in ids]
     for k, image_id in enumerate(ids):
         keys, cams = load_cam_npz(out / f"{image_id}.npz")
-        mask = load_label_png(tmp_path / f"voc/SegmentationClass/{image_id}.png")
-        assert keys.tolist() == sorted({int(v) - 1 for v in np.unique(mask) if 0 < v < 255})
-        image = np.array(Image.open(tmp_path / f"voc/JPEGImages/{image_id}.png"))
+        mask = load_label_png(voc / f"SegmentationClass/{image_id}.png")
+        assert keys.tolist() == [[0], [11, 14], []][k] == sorted({int(v) - 1 for v in np.unique(mask) if 0 < v < 255})
+        image = np.array(Image.open(voc / f"JPEGImages/{image_id}.jpg"))
         np.testing.assert_allclose(cams, multiscale_cam(model, image, keys, [1.0, 0.5], True, "cpu"), atol=1e-3)
         for alpha in (4, 24):
             labels = load_label_png(tmp_path / f"work/cam_cgnet_crf_{alpha}/{image_id}.png")
@@ -247,17 +228,25 @@ def test_make_cam_end_to_end(stage_setup):
         assert z["cams"].dtype == np.float16
     pictures = sorted((tmp_path / "work/cam_cgnet_pictures").iterdir())
     assert [p.stem for p in pictures] == ids[:2]
-    assert np.asarray(Image.open(pictures[0])).shape == (CAPTION_H + 24, 4 * 32, 3)  # 2 classes
+    assert np.asarray(Image.open(pictures[0])).shape == (CAPTION_H + 40, 3 * 48, 3)  # 1 class
+    assert np.asarray(Image.open(pictures[1])).shape == (CAPTION_H + 32, 4 * 40, 3)  # 2 classes
 
     info = folder_info(tmp_path / "work/cam_cgnet_crf_4")   # what eval_miou prints about the folder
     assert info["done"] and info["crf_alpha"] == 4 and info["crf"]["iterations"] == 10 and info["scales"] == [1.0, 0.5]
+
+    # eval_miou finds the CAMs by default and tells CAM and label folders apart
+    res = eval_miou.main(load_config(None, overrides + ["eval.workers=1"]))
+    assert res["summary"]["kind"] == "cam" and res["summary"]["num_evaluated"] == 3
+    assert (tmp_path / "work/eval/cam_cgnet_train.json").is_file()
+    res = eval_miou.main(load_config(None, overrides + ["eval.workers=1", f"eval.dir={crf[0].parent}"]))
+    assert res["summary"]["kind"] == "label" and res["info"]["crf_alpha"] == 4
 
     # tools/compare_cams.py on the stage's output
     (tmp_path / "empty.yaml").write_text("{}\n")
     tool = _load_tool("compare_cams")
     assert tool.main(["--config", str(tmp_path / "empty.yaml"), "--a", str(out), "--b", str(out),
                       "--out", str(tmp_path / "cmp.png"), "--n", "2"] + overrides) == 0
-    assert np.asarray(Image.open(tmp_path / "cmp.png")).shape == (CAPTION_H + 2 * 24, 4 * 32, 3)
+    assert np.asarray(Image.open(tmp_path / "cmp.png")).shape == (CAPTION_H + 2 * 40, 4 * 48, 3)
 
     # re-run: nothing recomputed
     before = _mtimes(npz + crf + pictures)
@@ -283,5 +272,6 @@ def test_make_cam_refuses_mixed_settings_and_missing_weights(stage_setup, capsys
         make_cam.main(load_config(None, overrides + ["cam.scales=[1.0]"]))
     (tmp_path / "work/train_cgnet/model.pth").unlink()
     (tmp_path / "empty.yaml").write_text("{}\n")
-    code = run_stage(make_cam.main, None, ["--config", str(tmp_path / "empty.yaml")] + overrides + ["cam.overwrite=true"])
+    argv = ["--config", str(tmp_path / "empty.yaml")] + overrides + ["cam.overwrite=true"]
+    code = run_stage(make_cam.main, None, argv)
     assert code == 2 and "weights not found" in capsys.readouterr().err
