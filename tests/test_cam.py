@@ -170,17 +170,9 @@ def test_compare_cams_rows_fit_into_cells(tmp_path):
 # ---------------------------------------------------------------- the stage end to end
 
 @pytest.fixture
-def stage_setup(tmp_path, monkeypatch, fake_voc):
+def stage_setup(tmp_path, fake_voc):
     """fake_voc's train split: 2007_000001 (40x48, class 1), 2007_000002 (32x40, classes 12 and 15),
     2007_000003 (36x36, background only), and a random TinyCNN CGNet checkpoint."""
-    from caee.weights import checkpoints
-
-    if not hasattr(checkpoints, "load_state_dict_file_meta"):
-        # stand-in until caee.weights.checkpoints provides it: the non-weight entries of model.pth
-        def meta(path):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: v for k, v in obj.items() if k != "model"}
-        monkeypatch.setattr(checkpoints, "load_state_dict_file_meta", meta, raising=False)
     ids = ["2007_000001", "2007_000002", "2007_000003"]
     net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
     torch.manual_seed(0)
@@ -258,11 +250,13 @@ def test_make_cam_end_to_end(stage_setup):
     make_cam.main(load_config(None, overrides))
     assert crf[1].is_file() and _mtimes(npz + crf[2:]) == {p: before[p] for p in npz + crf[2:]}
 
-    # overwrite rewrites everything
+    # overwrite rewrites everything (the CRF now in a pool of 2 processes: same labels)
+    labels = [load_label_png(p) for p in crf]
     for p in npz + crf:
         os.utime(p, ns=(10**9, 10**9))
-    assert make_cam.main(load_config(None, overrides + ["cam.overwrite=true"])).computed == 3
+    assert make_cam.main(load_config(None, overrides + ["cam.overwrite=true", "crf.workers=2"])).computed == 3
     assert all(t > 10**9 for t in _mtimes(npz + crf).values())
+    assert all(np.array_equal(a, load_label_png(p)) for a, p in zip(labels, crf))
 
 
 def test_make_cam_refuses_mixed_settings_and_missing_weights(stage_setup, capsys):

@@ -46,14 +46,16 @@ class CGNetTask(TrainTask):
         labels = ctx.to_device(batch["label"])
         logits, maps = model(images)
         loss_cls = F.multilabel_soft_margin_loss(logits.float(), labels)
+        w = cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)
+        metrics = {"loss_cls": float(loss_cls.detach()), "w": w, "acc": multilabel_accuracy(logits.detach(), labels)}
+        if w == 0.0:  # the no-erasing control: the OC pass would not change a single gradient
+            return loss_cls, metrics
         targets = sample_targets(labels, ctx.generator())
         mask = erasing_mask(maps, targets, tuple(images.shape[-2:]), self.masking.normalization)
         oc_logits = erased_logits(self.oc, images, mask, self.masking.depth)
         loss_cse = cse_loss(oc_logits, labels, targets)
-        w = cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)
-        metrics = {"loss_cls": float(loss_cls.detach()), "loss_cse": float(loss_cse.detach()), "w": w,
-                   "acc": multilabel_accuracy(logits.detach(), labels),
-                   "oc_erased_acc": _erased_accuracy(oc_logits.detach(), labels, targets)}
+        metrics.update(loss_cse=float(loss_cse.detach()),
+                       oc_erased_acc=_erased_accuracy(oc_logits.detach(), labels, targets))
         return loss_cls + w * loss_cse, metrics
 
     def export(self) -> dict:
