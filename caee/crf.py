@@ -67,7 +67,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = N
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+                             rgbim=np.require(image, np.uint8, ['C', 'W']),  # pydensecrf needs a writable buffer
+                             compat=params.bilateral_compat)
     q = crf.inference(int(params.iterations))
     return np.asarray(q, dtype=np.float32).reshape(n_labels, h, w)
 

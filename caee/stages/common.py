@@ -17,14 +17,14 @@ class StageEnv:
     out_dir: Path
 
 
-def start_stage(cfg: Config, name: str, seed: int | None = None) -> StageEnv:
-    """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` with log and config;
-    seed the global RNG first so that network initialisation is reproducible."""
+def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path | None = None) -> StageEnv:
+    """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` (or ``out_dir``) with
+    log and config; seed the global RNG first so that network initialisation is reproducible."""
     if seed is not None:
         torch.manual_seed(seed)
     device = distributed.resolve_device(cfg.device)
     distributed.init_distributed(device)
-    out_dir = stage_dir(cfg, name)
+    out_dir = out_dir or stage_dir(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
     if distributed.is_main():

@@ -206,8 +206,7 @@ def main(cfg: Config) -> MakeCamResult:
     cc = cfg.cam
     out_dir = cam_out_dir(cfg)
     _check_previous_settings(cfg, out_dir)
-    # start_stage puts its folder under work_dir; an absolute path places it at cam.out_dir instead
-    env = start_stage(cfg, str(out_dir.resolve()))
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir)
     if distributed.is_main():
         (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
