@@ -112,3 +112,27 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save(state["model"], tmp_path / "plain.pth")   # no recorded architecture: must not load silently
     with pytest.raises(CaeeError, match="TinyCNN"):
         load_classifier(tmp_path / "plain.pth", wrong, 3)
+
+
+def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
+    from caee import oracle
+    scores = iter([0.4, 0.7, 0.5])   # epoch 2 is the best
+    monkeypatch.setattr(oracle, "train_cam_miou", lambda model, index, device: next(scores))
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "train_cgnet.epochs": 3,
+                                   "train_cgnet.select_by_oracle": True})
+    train_classifier.main(cfg)
+    out = train_cgnet.main(cfg)
+    saved = torch.load(out.model_path, weights_only=True)
+    best = torch.load(Path(cfg.work_dir) / "train_cgnet" / "oracle_best.pth", weights_only=True)
+    assert saved["oracle_epoch"] == 1 and saved["oracle_miou"] == 0.7
+    assert all(torch.equal(saved["model"][k], best["model"][k]) for k in best["model"])
+    last = torch.load(Path(cfg.work_dir) / "train_cgnet" / "last.pth", weights_only=True)["model"]
+    assert not all(torch.equal(saved["model"][k], last[k]) for k in last)   # not simply the last epoch
+
+
+def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
+    from caee.oracle import train_cam_miou
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2})
+    model = load_classifier(train_classifier.main(cfg).model_path, cfg.train_classifier.net, 3)
+    miou = train_cam_miou(model, load_split(cfg.data, "train"), torch.device("cpu"))
+    assert 0.0 < miou < 1.0

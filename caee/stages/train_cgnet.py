@@ -11,10 +11,12 @@ from torch import nn
 from caee.config import Config, config_to_dict
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee import distributed
+from caee.engine import FitResult, StepContext, TrainTask, fit, save_checkpoint
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
+from caee.oracle import OracleSelector
 from caee.stages.common import default_path, start_stage
 from caee.stages.train_classifier import multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights
@@ -31,9 +33,11 @@ def freeze_module(module: nn.Module) -> nn.Module:
 
 
 class CGNetTask(TrainTask):
-    def __init__(self, cgnet: CamClassifier, oc: CamClassifier, cfg: Config, class_names: list[str]):
+    def __init__(self, cgnet: CamClassifier, oc: CamClassifier, cfg: Config, class_names: list[str],
+                 oracle: OracleSelector | None = None):
         self.model = cgnet
         self.oc = oc
+        self.oracle = oracle
         self.masking = cfg.masking
         self.net_cfg = cfg.train_cgnet.net
         self.class_names = class_names
@@ -57,6 +61,11 @@ class CGNetTask(TrainTask):
         metrics.update(loss_cse=float(loss_cse.detach()),
                        oc_erased_acc=_erased_accuracy(oc_logits.detach(), labels, targets))
         return loss_cls + w * loss_cse, metrics
+
+    def on_epoch_end(self, epoch: int, out_dir) -> None:
+        if self.oracle is not None and distributed.is_main():
+            self.oracle.update(self.model, epoch)
+        distributed.barrier()
 
     def export(self) -> dict:
         return {"arch": "classifier", "net": dataclasses.asdict(self.net_cfg),
@@ -96,11 +105,18 @@ def main(cfg: Config) -> FitResult:
     if tc.init:
         load_model_weights(cgnet, tc.init, arch=f"classifier/{tc.net.backbone}")
     cgnet.backbone.freeze()
-    if tc.select_by_oracle:
-        raise CaeeError("train_cgnet.select_by_oracle is not available yet")
+    oracle = OracleSelector(env.out_dir, load_split(cfg.data, cfg.data.cam_split), env.device) \
+        if tc.select_by_oracle else None
     logger.info("CGNet %s (width %g) vs OC %s from %s: masking depth %d (%s), w = %.2f + %.2f * epoch",
                 tc.net.backbone, tc.net.width, type(oc.backbone).__name__, oc_path, cfg.masking.depth,
                 cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
     dataset = ClassificationDataset(index, build_train_transform(tc))
-    return fit(CGNetTask(cgnet, oc, cfg, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers)
+    task = CGNetTask(cgnet, oc, cfg, names, oracle)
+    result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers)
+    if oracle is not None and distributed.is_main() and oracle.best() is not None:
+        best = oracle.best()
+        logger.info("oracle selection: model.pth holds epoch %d (train CAM mIoU %.2f)", best["epoch"] + 1,
+                    100 * best["miou"])
+        save_checkpoint(result.model_path, {"model": best["model"], **task.export(), "oracle_epoch": best["epoch"],
+                                            "oracle_miou": best["miou"]})
+    return result

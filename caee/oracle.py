@@ -1,0 +1,57 @@
+"""The official OC-CSE epoch selection: keep the CGNet epoch whose CAMs score best against the
+ground truth of the training images. This is an oracle (it looks at pixel labels the method is not
+supposed to have), so it is off by default (``train_cgnet.select_by_oracle``)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from caee.cam import image_keys, multiscale_cam
+from caee.data import SplitIndex
+from caee.io import load_image, load_label_png
+from caee.metrics import ThresholdSweep
+
+logger = logging.getLogger(__name__)
+THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
+
+
+def train_cam_miou(model: torch.nn.Module, index: SplitIndex, device: torch.device) -> float:
+    """Best-threshold mIoU of single-scale CAMs over the images of ``index`` that have ground truth."""
+    sweep = ThresholdSweep(index.num_classes, THRESHOLDS)
+    was_training = model.training
+    model.eval()
+    for i in range(len(index)):
+        gt_path = index.eval_mask_path(i)
+        if gt_path is None or not gt_path.is_file():
+            continue
+        keys = image_keys(index.labels[i])
+        cams = multiscale_cam(model, load_image(index.image_path(i)), keys, (1.0,), False, device)
+        sweep.update(load_label_png(gt_path), keys, cams)
+    model.train(was_training)
+    return float(sweep.best()["miou"])
+
+
+class OracleSelector:
+    """Remembers the best epoch in ``<out_dir>/oracle_best.pth`` (survives resume)."""
+
+    def __init__(self, out_dir: Path, index: SplitIndex, device: torch.device):
+        self.path = Path(out_dir) / "oracle_best.pth"
+        self.index, self.device = index, device
+
+    def best(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def update(self, model: torch.nn.Module, epoch: int) -> None:
+        from caee.engine import save_checkpoint
+
+        miou = train_cam_miou(model, self.index, self.device)
+        prev = self.best()
+        logger.info("oracle: epoch %d CAM mIoU %.2f on %s (best so far %s)", epoch + 1, 100 * miou,
+                    self.index.split, "-" if prev is None else f"{100 * prev['miou']:.2f} at epoch {prev['epoch'] + 1}")
+        if prev is None or miou > prev["miou"]:
+            save_checkpoint(self.path, {"model": model.state_dict(), "epoch": epoch, "miou": miou})
+

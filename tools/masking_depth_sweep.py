@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Supplementary Fig. II: image-level (d_m = 0) against feature-level (d_m >= 1) masking.
+
+Trains one ordinary classifier (shared by all depths), then a CGNet per masking depth
+(masking.depth=d; default every depth of the OC backbone: 0..7 for ResNet38, 0..4 for TinyCNN),
+makes and evaluates each CAM set on data.cam_split (best threshold of the eval.thresholds sweep
+AND the fixed eval.threshold). With --full also train_affinity + make_pseudo_labels per depth and
+the pseudo labels' mIoU (what Fig. II plots).
+
+    python tools/masking_depth_sweep.py --config configs/voc/r38.yaml [--full] [--depths 0 3 7] [key=value ...]
+    python tools/masking_depth_sweep.py --demo [--full]
+
+Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages; .done_<stage> markers: a
+second run skips finished stages) and <work_dir>/masking_depth/masking_depth.{md,json,png} (mIoU
+in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
+Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
+
+--demo: configs/demo.yaml (TinyCNN OC and CGNets, depths 0..4) with capped work
+(caee.reproduce.DEPTH_DEMO_CAPS): data.root=data/synthetic_depth_demo with 600 training images
+(demo.yaml's set has 3,000), OC 8 epochs, each CGNet 3 epochs (demo.yaml: 6). --demo --full adds a
+TinyCNN AffinityNet, 2 epochs at crop 96 (DEPTH_DEMO_FULL_CAPS). Demo numbers are NOT comparable
+to the paper's. Key=value overrides apply after the caps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from caee import reproduce  # noqa: E402
+from caee.errors import CaeeError  # noqa: E402
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", "-c", help="experiment YAML; with --demo: configs/demo.yaml unless given")
+    ap.add_argument("--demo", action="store_true", help="the synthetic CPU demo with capped work (see above)")
+    ap.add_argument("--full", action="store_true", help="also AffinityNet + pseudo labels per depth")
+    ap.add_argument("--depths", nargs="+", help="masking depths (default: all of the OC backbone)")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. device=cuda")
+    return ap
+
+
+def demo_caps(full: bool) -> dict:
+    return {**reproduce.DEPTH_DEMO_CAPS, **(reproduce.DEPTH_DEMO_FULL_CAPS if full else {})}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments; key=value tokens after ``--depths 0 1`` are overrides, not depths."""
+    ap = build_parser()
+    args = ap.parse_intermixed_args(argv)
+    if not args.config and not args.demo:
+        ap.error("--config is required (or use --demo)")
+    if args.depths is not None:
+        args.overrides = [t for t in args.depths if "=" in t] + args.overrides
+        tokens = [t for t in args.depths if "=" not in t]
+        if not tokens or not all(t.lstrip("-").isdigit() for t in tokens):
+            ap.error(f"--depths takes integers, got {' '.join(tokens) or 'none'}")
+        args.depths = [int(t) for t in tokens]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        caps = demo_caps(args.full) if args.demo else None
+        cfg = reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps)
+        notes = ([f"demo caps: {reproduce.caps_note(caps)}. Demo numbers are NOT comparable to the paper's."]
+                 if args.demo else [])
+        report = reproduce.run_depth_sweep(cfg, args.depths, args.full, notes)
+    except CaeeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {time.perf_counter() - t0:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
