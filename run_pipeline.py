@@ -15,8 +15,8 @@ A finished stage is skipped; an interrupted one resumes when the same command is
 import argparse
 import sys
 
+from caee.cli import guarded
 from caee.config import load_config
-from caee.errors import CaeeError
 from caee.logs import setup_logging
 
 
@@ -29,17 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun; GPUs or CPU ranks)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train_cgnet.epochs=3")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+
+    def call() -> None:
         setup_logging()
-        run(cfg, args.stages, args.nproc)
-    except CaeeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
-        return 130
-    return 0
+        run(load_config(args.config, args.overrides), args.stages, args.nproc)
+
+    return guarded(call)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,19 @@ def parse_args(doc: str | None, argv: list[str] | None = None) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def run_stage(main: Callable[[Config], object], doc: str | None, argv: list[str] | None = None) -> int:
-    """Parse the command line, run ``main(cfg)``; bad input exits 2 with one clear message."""
+def guarded(call: Callable[[], object]) -> int:
+    """Run ``call``; bad input exits 2 with one clear message, Ctrl-C 130, success 0."""
     try:
-        main(parse_args(doc, argv))
+        call()
     except CaeeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def run_stage(main: Callable[[Config], object], doc: str | None, argv: list[str] | None = None) -> int:
+    """Parse the command line and run ``main(cfg)`` under :func:`guarded`."""
+    return guarded(lambda: main(parse_args(doc, argv)))

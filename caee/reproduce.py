@@ -352,6 +352,10 @@ def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
+def fmt_threshold(t: float | None) -> str:
+    return "-" if t is None else f"{t:.2f}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub markdown table (``|`` inside cells escaped)."""
     def line(cells: Sequence[str]) -> str:
@@ -456,7 +460,7 @@ def table1_markdown(data: dict) -> str:
     for r in data["rows"]:
         paper = (f"{fmt_pct(r['paper_oc_miou'])} -> {fmt_pct(r['paper_cgnet_miou'])}"
                  if r["paper_oc_miou"] is not None else "-")
-        best_t = " / ".join("-" if x is None else f"{x:g}" for x in (r["oc_best_threshold"], r["cgnet_best_threshold"]))
+        best_t = " / ".join(fmt_threshold(x) for x in (r["oc_best_threshold"], r["cgnet_best_threshold"]))
         rows.append([_row_label(r), "failed" if r["status"] == "failed" else fmt_pct(r["cgnet_miou"]), paper,
                      f"{fmt_pct(r['oc_miou_at_threshold'])} -> {fmt_pct(r['cgnet_miou_at_threshold'])}", best_t])
     cgnets = sorted({DISPLAY.get(r["cgnet_backbone"], r["cgnet_backbone"]) for r in data["rows"]})
@@ -554,7 +558,7 @@ def depth_markdown(data: dict) -> str:
     for r in [data["oc"], *data["rows"]]:
         first = "OC (no erasing)" if r["depth"] is None else str(r["depth"])
         cells = [first, r["level"] or "-", "failed" if r["status"] == "failed" else fmt_pct(r["cam_miou"]),
-                 fmt_pct(r["cam_miou_at_threshold"]), "-" if r["cam_best_threshold"] is None else f"{r['cam_best_threshold']:g}"]
+                 fmt_pct(r["cam_miou_at_threshold"]), fmt_threshold(r["cam_best_threshold"])]
         rows.append(cells + ([fmt_pct(r["pseudo_label_miou"])] if data["full"] else []))
     lines = [f"Masking depth d_m (supplementary Fig. II): CGNet ({data['cgnet_backbone']}) vs one "
              f"{data['oc_backbone']} OC; d_m = 0 erases the image, d_m >= 1 the OC's feature map at that depth.",

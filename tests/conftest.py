@@ -123,3 +123,18 @@ def mini_config(tmp_path: Path, **overrides):
 @pytest.fixture
 def mini_cfg(tmp_path):
     return mini_config(tmp_path)
+
+
+def randomise_bn(model, seed: int):
+    """Non-trivial running statistics and affines, so a load that skipped BN would show."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model

@@ -25,46 +25,14 @@ from caee.stages import train_affinity
 from caee.stages.common import crf_dir
 from caee.stages.train_affinity import AffinityTask
 from caee.weights.checkpoints import load_model_weights, psa_to_caee
+from conftest import randomise_bn
 
 WIDTH = 0.125
 
 
-@pytest.fixture(autouse=True)
-def _quiet_machine():
-    """One intra-op thread (tiny tensors: more threads only add contention on a busy machine), and
-    the "caee" logger restored after stage runs (setup_logging stops propagation, which would hide
-    later tests' records from caplog)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    log = logging.getLogger("caee")
-    saved = (list(log.handlers), log.propagate, log.level)
-    yield
-    torch.set_num_threads(n)
-    for h in list(log.handlers):
-        if h not in saved[0]:
-            log.removeHandler(h)
-            h.close()
-    for h in saved[0]:
-        if h not in log.handlers:
-            log.addHandler(h)
-    log.propagate, log.level = saved[1], saved[2]
-
-
-def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
-
-
 def _net(seed=0) -> AffinityNet:
     torch.manual_seed(seed)
-    return _randomise_bn(AffinityNet(ResNet38(width=WIDTH)), seed).eval()
+    return randomise_bn(AffinityNet(ResNet38(width=WIDTH)), seed).eval()
 
 
 def _psa_layout(model: nn.Module) -> dict:
@@ -161,7 +129,7 @@ def test_wrong_width_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("layout", ["caee", "psa"])
 def test_classifier_checkpoint_initialises_the_backbone_only(tmp_path, caplog, layout):
     torch.manual_seed(5)
-    cls = _randomise_bn(CamClassifier(ResNet38(width=WIDTH), num_classes=3), 5)
+    cls = randomise_bn(CamClassifier(ResNet38(width=WIDTH), num_classes=3), 5)
     state = cls.state_dict()
     if layout == "psa":
         state = {k.removeprefix("backbone."): v for k, v in state.items()}

@@ -14,6 +14,7 @@ from caee.models import ResNet38, ResNet101, build_backbone
 from caee.weights.checkpoints import (caee_to_psa, guess_architecture, load_imagenet_weights, load_into,
                                       load_model_weights, load_state_dict_file, psa_to_caee)
 from caee.weights.mxnet_params import write_mxnet_params
+from conftest import randomise_bn
 
 
 class StandIn(nn.Module):
@@ -26,19 +27,6 @@ class StandIn(nn.Module):
 
     def forward(self, x):
         return self.fc8(self.backbone(x))
-
-
-def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial running statistics and affines, so a load that skipped BN would show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def _no_nbt(state: dict) -> dict:
@@ -54,7 +42,7 @@ def _torchvision_state(name: str) -> dict:
     """
     torch.manual_seed(1)
     if name == "resnet101":
-        net = _randomise_bn(torchvision.models.resnet101(weights=None), seed=2)
+        net = randomise_bn(torchvision.models.resnet101(weights=None), seed=2)
         return {k: v.clone() for k, v in net.state_dict().items()}
     assert name == "vgg16"
     with torch.device("meta"):
@@ -180,7 +168,7 @@ def _mxnet_name(psa_key: str) -> str:
 
 def test_resnet38_imagenet_pth_and_params(tmp_path):
     torch.manual_seed(3)
-    src = _randomise_bn(ResNet38(width=0.125), seed=4)
+    src = randomise_bn(ResNet38(width=0.125), seed=4)
     state = _no_nbt(src.state_dict())
     torch.save(state, tmp_path / "res38_imagenet.pth")
     write_mxnet_params(tmp_path / "resnet_38d.params",
@@ -243,7 +231,7 @@ def test_psa_layout_round_trip():
 
 def test_psa_classifier_checkpoint_loads_with_identical_outputs(tmp_path):
     torch.manual_seed(5)
-    src = _randomise_bn(StandIn(), seed=6).eval()
+    src = randomise_bn(StandIn(), seed=6).eval()
     psa_state = _no_nbt(caee_to_psa(src.state_dict()))
     assert "conv1a.weight" in psa_state and "fc8.weight" in psa_state
     assert not any(k.startswith("backbone.") or k.endswith("num_batches_tracked") for k in psa_state)
@@ -258,7 +246,7 @@ def test_psa_classifier_checkpoint_loads_with_identical_outputs(tmp_path):
 
 def test_our_model_pth_loads(tmp_path):
     torch.manual_seed(8)
-    src = _randomise_bn(StandIn(), seed=9)
+    src = randomise_bn(StandIn(), seed=9)
     torch.save({"model": src.state_dict(), "arch": "classifier", "class_names": ["a"] * 20},
                tmp_path / "model.pth")
     dst = StandIn()

@@ -13,7 +13,7 @@ from caee.config import NetConfig, config_from_dict
 from caee.data import load_split
 from caee.errors import CaeeError
 from caee.io import load_label_png, save_label_png
-from caee.models import ResNet38, TinyCNN
+from caee.models import ResNet38
 from caee.models.deeplab import ASPP, DeepLab, LargeFOV, build_deeplab, default_head_channels
 from caee.segment import predict
 from caee.stages import train_deeplab

@@ -1,7 +1,6 @@
 """make_pseudo_labels: random-walk scores against references and hand-predictable limits, the stage's files."""
 import dataclasses
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -22,27 +21,6 @@ from caee.stages.make_pseudo_labels import (PairCache, WalkParams, embed_image, 
                                             random_walk_scores)
 
 WIDTH = 0.125
-
-
-@pytest.fixture(autouse=True)
-def _quiet_machine():
-    """One intra-op thread (tiny tensors: more threads only add contention on a busy machine), and
-    the "caee" logger restored after stage runs (setup_logging stops propagation, which would hide
-    later tests' records from caplog)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    log = logging.getLogger("caee")
-    saved = (list(log.handlers), log.propagate, log.level)
-    yield
-    torch.set_num_threads(n)
-    for h in list(log.handlers):
-        if h not in saved[0]:
-            log.removeHandler(h)
-            h.close()
-    for h in saved[0]:
-        if h not in log.handlers:
-            log.addHandler(h)
-    log.propagate, log.level = saved[1], saved[2]
 
 
 def _degrees(h: int, w: int, radius: int, region: np.ndarray) -> np.ndarray:

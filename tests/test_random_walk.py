@@ -136,7 +136,7 @@ def test_cam_scores_background_uses_max_over_classes():
 
 
 def test_propagate_labels_fills_region_and_stops_at_boundary():
-    hh, ww, stride = 48, 64, 8
+    hh, ww, _stride = 48, 64, 8
     h, w = 6, 8
     feats = torch.zeros(1, 3, h, w)
     feats[:, :, :, 4:] = 1.0  # left and right halves differ: affinity exp(-1) across, 1 within

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,238 @@
+"""The reproduction drivers (caee/reproduce.py, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
+on the miniature synthetic experiment: tables that parse and agree with the evaluation files, the
+chart, markers that make a second run skip finished work, and failures that name their variant."""
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from caee import reproduce
+from caee.config import save_config
+from caee.errors import CaeeError
+from conftest import mini_config
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"train_classifier.max_steps": 2, "train_cgnet.max_steps": 2}
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _md_rows(markdown: str) -> list[list[str]]:
+    """The cells of every markdown table line (header and separator included)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("|")]
+
+
+def _eval_miou(variant_dir: Path, cam_set: str, key: str = "miou") -> float:
+    summary = json.loads((variant_dir / "eval" / f"{cam_set}_train.json").read_text())["summary"]
+    return round(100 * summary[key], 2)
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("model.pth"))}
+
+
+def _percent_values(row: dict) -> list[float]:
+    return [v for k, v in row.items() if "miou" in k and v is not None]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_overrides_sections_and_depths():
+    cfg = mini_config(Path("/nonexistent"))
+    new = reproduce.with_overrides(cfg, {"masking.depth": 3, "train_cgnet": {"lr": 0.5}})
+    assert (new.masking.depth, new.train_cgnet.lr, cfg.masking.depth) == (3, 0.5, 0)
+    with pytest.raises(CaeeError, match="masking.dpth.*did you mean 'masking.depth'"):
+        reproduce.with_overrides(cfg, {"masking.dpth": 3})
+    assert reproduce.section_overrides(REPO / "configs/voc/r101_oc.yaml", "train_classifier") == {
+        "train_classifier.net.backbone": "resnet101", "train_classifier.net.pretrained":
+        "weights/resnet101-63fe2227.pth", "train_classifier.net.dropout": 0.5}
+    vgg = reproduce.section_overrides(REPO / "configs/voc/vgg16_oc.yaml", "train_classifier")
+    assert vgg["train_classifier.net.backbone"] == "vgg16" and vgg["train_classifier.lr"] == 0.1
+    assert reproduce.check_depths(None, "resnet38") == list(range(8))
+    assert reproduce.check_depths(None, "tinycnn") == [0, 1, 2, 3, 4]
+    assert reproduce.check_depths([2, 0, 2], "vgg16") == [2, 0]
+    with pytest.raises(CaeeError, match=r"\[9\] are not depths of the tinycnn OC; valid: 0, 1, 2, 3, 4"):
+        reproduce.check_depths([0, 9], "tinycnn")
+    assert reproduce.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
+
+
+def test_demo_configs_build_valid_variants(tmp_path):
+    demo = REPO / "configs" / "demo.yaml"
+    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}"], reproduce.TABLE1_DEMO_CAPS)
+    variants = reproduce.table1_variants(cfg, reproduce.TABLE1_DEMO_OCS)
+    assert [v.cfg.train_classifier.net.backbone for v in variants] == ["resnet38", "resnet101", "vgg16"]
+    assert all(v.cfg.train_cgnet.net.backbone == "tinycnn" and v.cfg.data.synthetic.num_train == 48 for v in variants)
+    assert [v.dir for v in variants] == [tmp_path / "table1" / n for n in ("resnet38", "resnet101", "vgg16")]
+    caps = {**reproduce.DEPTH_DEMO_CAPS, **reproduce.DEPTH_DEMO_FULL_CAPS}
+    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"], caps)
+    assert cfg.train_cgnet.epochs == 1 and cfg.train_affinity.net.backbone == "tinycnn"  # overrides after caps
+    variants = reproduce.depth_variants(cfg, reproduce.check_depths(None, "tinycnn"), full=True)
+    assert [v.name for v in variants] == ["oc", "depth_0", "depth_1", "depth_2", "depth_3", "depth_4"]
+    assert variants[3].cfg.masking.depth == 2 and variants[3].after == ("oc",)
+    assert variants[3].cfg.train_cgnet.oc_weights == str(tmp_path / "masking_depth/oc/train_classifier/model.pth")
+    assert variants[3].stages == ("train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels")
+
+
+# ---------------------------------------------------------------- masking-depth sweep
+
+
+def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
+    cfg = mini_config(tmp_path, **FAST)
+    report = reproduce.run_depth_sweep(cfg, [0, 2])
+    root = tmp_path / "work" / "masking_depth"
+    assert report.failures == [] and sorted(p.name for p in report.files) == [
+        "masking_depth.json", "masking_depth.md", "masking_depth.png"]
+    data = json.loads((root / "masking_depth.json").read_text())
+    assert data == json.loads(json.dumps(report.data)) and data["unit"] == "percent"
+    assert [r["depth"] for r in data["rows"]] == [0, 2] and [r["level"] for r in data["rows"]] == ["image", "feature"]
+    # one OC for all depths; each CGNet trained at its depth against it
+    assert not (root / "depth_0" / "train_classifier").exists()
+    for d in (0, 2):
+        assert torch.load(root / f"depth_{d}/train_cgnet/model.pth", weights_only=True)["masking"]["depth"] == d
+    # the numbers are the evaluation files' (fractions -> percent), best of the sweep >= fixed threshold
+    assert data["oc"]["cam_miou"] == _eval_miou(root / "oc", "cam_classifier")
+    for r in data["rows"]:
+        assert r["cam_miou"] == _eval_miou(root / r["variant"], "cam_cgnet")
+        assert r["cam_miou_at_threshold"] == _eval_miou(root / r["variant"], "cam_cgnet", "miou_at_threshold")
+        assert r["cam_miou"] >= r["cam_miou_at_threshold"] and r["pseudo_label_miou"] is None
+    values = [v for r in [data["oc"], *data["rows"]] for v in _percent_values(r)]
+    assert len(values) == 6 and all(0 <= v <= 100 for v in values) and max(values) > 1  # percent, not fractions
+    rows = _md_rows((root / "masking_depth.md").read_text())
+    assert rows[0] == ["Masking depth d_m", "Masking", "CAM mIoU (best t)", "CAM mIoU (t=0.25)", "Best t"]
+    assert [r[0] for r in rows[2:]] == ["OC (no erasing)", "0", "2"]
+    for cells, r in zip(rows[2:], [data["oc"], *data["rows"]]):
+        assert cells[2:5] == [f"{r['cam_miou']:.1f}%", f"{r['cam_miou_at_threshold']:.1f}%",
+                              f"{r['cam_best_threshold']:.2f}"]
+    with Image.open(root / "masking_depth.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    assert all((root / v / f".done_{s}").is_file() for v in ("depth_0", "depth_2") for s in ("train_cgnet", "cam_cgnet"))
+
+    before = _mtimes(root)
+    assert len(before) == 3  # the OC and two CGNets
+    again = reproduce.run_depth_sweep(cfg, [0, 2])
+    assert _mtimes(root) == before
+    assert all(r["ran"] == [] and r["skipped"] == ["train_cgnet", "cam_cgnet"] for r in again.data["rows"])
+    assert again.data["oc"]["skipped"] == ["train_classifier", "cam_classifier"]
+    assert [r["cam_miou"] for r in again.data["rows"]] == [r["cam_miou"] for r in data["rows"]]
+
+    # a stage without its marker runs again, and everything that reads its output is redone
+    (root / "oc" / ".done_cam_classifier").unlink()
+    third = reproduce.run_depth_sweep(cfg, [0, 2])
+    assert third.data["oc"]["ran"] == ["cam_classifier"] and third.data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
+    after = _mtimes(root)
+    assert after["oc/train_classifier/model.pth"] == before["oc/train_classifier/model.pth"]
+    assert after["depth_0/train_cgnet/model.pth"] != before["depth_0/train_cgnet/model.pth"]
+
+
+def test_depth_sweep_with_pseudo_labels(tmp_path):
+    pytest.importorskip("pydensecrf")
+    cfg = mini_config(tmp_path, **FAST, **{"train_affinity.max_steps": 2, "pseudo_labels.steps": 4})
+    report = reproduce.run_depth_sweep(cfg, [1], full=True)
+    assert report.failures == []
+    row = report.data["rows"][0]
+    root = tmp_path / "work" / "masking_depth" / "depth_1"
+    summary = json.loads((root / "eval" / "pseudo_labels_train.json").read_text())["summary"]
+    assert summary["kind"] == "label" and row["pseudo_label_miou"] == round(100 * summary["miou"], 2)
+    assert 0 <= row["pseudo_label_miou"] <= 100
+    assert _md_rows(report.markdown)[0][-1] == "Pseudo-label mIoU"
+    assert (tmp_path / "work" / "masking_depth" / "masking_depth.png").is_file()
+
+
+def test_depth_sweep_cli_and_changed_settings_are_refused(tmp_path, capsys):
+    path = save_config(mini_config(tmp_path, **FAST), tmp_path)
+    tool = _tool("masking_depth_sweep")
+    assert tool.main(["--config", str(path), "--depths", "0", "1", "train_cgnet.max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | image |" in out and "| 1 | feature |" in out and "masking_depth.png" in out
+    data = json.loads((tmp_path / "work" / "masking_depth" / "masking_depth.json").read_text())
+    assert [r["depth"] for r in data["rows"]] == [0, 1] and data["failures"] == []
+    # a changed training setting does not silently reuse the finished CGNets
+    assert tool.main(["--config", str(path), "--depths", "0", "train_cgnet.max_steps=1", "train_cgnet.lr=0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "variant 'depth_0'" in err and "train_cgnet.lr: 0.01 -> 0.5" in err
+    assert tool.main(["--config", str(path), "--depths", "7"]) == 2
+    assert "not depths of the tinycnn OC" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Table I
+
+
+def test_table1_layout_numbers_and_skip(tmp_path):
+    cfg = mini_config(tmp_path, **FAST)
+    ocs = {"resnet38": {"train_classifier.net.backbone": "tinycnn"},
+           "vgg16": {"train_classifier.net.backbone": "tinycnn", "train_classifier.net.width": 0.25}}
+    report = reproduce.run_table1(cfg, ocs, notes=["test"])
+    root = tmp_path / "work" / "table1"
+    assert report.failures == []
+    data = json.loads((root / "table1.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["resnet38", "vgg16"]
+    assert [(r["paper_oc_miou"], r["paper_cgnet_miou"]) for r in data["rows"]] == [(47.8, 56.0), (48.9, 52.3)]
+    # each variant trained its own OC (widths differ) and a CGNet against it
+    widths = [torch.load(root / v / "train_classifier/model.pth", weights_only=True)["net"]["width"]
+              for v in ("resnet38", "vgg16")]
+    assert widths == [0.5, 0.25] and (root / "vgg16/train_cgnet/model.pth").is_file()
+    for r in data["rows"]:
+        assert r["oc_miou"] == _eval_miou(root / r["variant"], "cam_classifier")
+        assert r["cgnet_miou"] == _eval_miou(root / r["variant"], "cam_cgnet")
+        assert r["oc_miou_at_threshold"] == _eval_miou(root / r["variant"], "cam_classifier", "miou_at_threshold")
+        assert len(_percent_values(r)) == 6 and all(0 <= v <= 100 for v in _percent_values(r))
+    rows = _md_rows((root / "table1.md").read_text())
+    assert rows[0][:2] == ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)"]
+    r0 = data["rows"][0]
+    assert rows[2][0] == f"ResNet38 [ran tinycnn] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
+    assert rows[2][2] == "47.8% -> 56.0%" and rows[3][2] == "48.9% -> 52.3%"
+    assert rows[2][3] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
+    assert "Note: test" in report.markdown and "(48 images)" in report.markdown
+
+    before = _mtimes(root)
+    assert len(before) == 4
+    again = reproduce.run_table1(cfg, ocs)
+    assert _mtimes(root) == before and all(r["ran"] == [] for r in again.data["rows"])
+    assert [r["cgnet_miou"] for r in again.data["rows"]] == [r["cgnet_miou"] for r in data["rows"]]
+
+
+def test_failing_variant_is_named_and_the_others_go_on(tmp_path):
+    cfg = mini_config(tmp_path, **FAST)
+    ocs = {"good": {}, "broken": {"train_classifier.net.pretrained": str(tmp_path / "missing.pth")}}
+    report = reproduce.run_table1(cfg, ocs)
+    assert len(report.failures) == 1
+    assert re.match(r"variant 'broken' failed at stage 'train_classifier': .*missing\.pth", report.failures[0])
+    good, broken = report.data["rows"]
+    assert good["status"] == "ok" and good["cgnet_miou"] is not None
+    assert broken["status"] == "failed" and broken["oc_miou"] is None and broken["error"] == report.failures[0]
+    assert not (tmp_path / "work/table1/broken/.done_train_classifier").exists()
+    assert "| failed |" in report.markdown and "- variant 'broken' failed" in report.markdown
+    # in the depth sweep, the CGNets that need a failed OC are not run, each saying why
+    bad = mini_config(tmp_path, **FAST, **{"train_classifier.net.pretrained": str(tmp_path / "missing.pth")})
+    sweep = reproduce.run_depth_sweep(bad, [0])
+    assert sweep.failures[0].startswith("variant 'oc' failed at stage 'train_classifier'")
+    assert sweep.failures[1] == "variant 'depth_0' not run: variant(s) ['oc'] it needs failed"
+    assert (tmp_path / "work/masking_depth/masking_depth.png").is_file()
+
+
+def test_table1_cli_reads_the_voc_oc_configs_and_reports_failures(tmp_path, capsys, monkeypatch):
+    """The Table I CLI takes ResNet101 / VGG16 from configs/voc/*_oc.yaml: their ImageNet files are
+    absent here, so those two variants fail by name while the config's own OC row completes."""
+    path = save_config(mini_config(tmp_path, **FAST), tmp_path)
+    monkeypatch.chdir(tmp_path)  # the OC configs' relative weights/ paths must not exist
+    assert _tool("reproduce_table1").main(["--config", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "error: variant 'resnet101' failed at stage 'train_classifier'" in captured.err
+    assert "resnet101-63fe2227.pth" in captured.err and "variant 'vgg16'" in captured.err
+    rows = _md_rows(captured.out)
+    assert [r[0].split(" (")[0] for r in rows[2:]] == ["ResNet38 [ran tinycnn]", "ResNet101",
+                                                        "VGG16"]
+    assert [r[1] for r in rows[3:]] == ["failed", "failed"] and rows[2][1].endswith("%")
+    assert os.path.isfile(tmp_path / "work" / "table1" / "table1.json")
