@@ -140,6 +140,31 @@ def pairwise_affinity(features: torch.Tensor, from_idx: torch.Tensor, to_idx: to
     return torch.exp(-diff.abs().mean(dim=1))
 
 
+def _from_region(h: int, w: int, radius: int, dy: int, dx: int, psa_border: bool) -> tuple[int, int, int, int]:
+    """Rows [y0, y1) and columns [x0, x1) of the pixels that pairs of offset (dy, dx) start from."""
+    if psa_border:
+        return 0, h - radius + 1, radius - 1, w - radius + 1
+    return 0, h - dy, max(0, -dx), w - max(0, dx)
+
+
+def offset_affinity(features: torch.Tensor, radius: int = 5, psa_border: bool = True) -> torch.Tensor:
+    """:func:`pairwise_affinity` for the pairs of :func:`pair_indices`, in the same order, computed
+    from shifted slices instead of index gathers (about 7x faster on the CPU, no scatter in backward).
+
+    features: ``(B, D, h, w)``. Returns ``(B, P)``.
+    """
+    b, _, h, w = features.shape
+    out = []
+    for dy, dx in pair_offsets(radius):
+        y0, y1, x0, x1 = _from_region(h, w, radius, dy, dx, psa_border)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        src = features[:, :, y0:y1, x0:x1]
+        dst = features[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+        out.append(torch.exp(-(src - dst).abs().mean(dim=1)).flatten(1))
+    return torch.cat(out, dim=1) if out else features.new_zeros(b, 0)
+
+
 def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PSA's affinity loss ``L = L_bg/4 + L_fg/4 + L_neg/2``.

@@ -179,6 +179,7 @@ class AffinityTrainConfig(TrainConfig):
     ha_alpha: float = 24
     radius: int = 5
     psa_border: bool = True         # PSA's pair set (pairs start >= radius-1 px from left/right/bottom)
+    head_channels: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])  # f8_3/f8_4/f8_5 (PSA)
 
 
 @dataclasses.dataclass

@@ -179,3 +179,20 @@ def test_affinity_loss_finite_at_extremes():
     loss, _ = affinity_loss(aff, torch.tensor([[True, False]]), torch.zeros(1, 2, dtype=torch.bool),
                             torch.tensor([[False, True]]))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("psa_border", [True, False])
+@pytest.mark.parametrize("h, w, radius", [(7, 9, 5), (12, 12, 5), (9, 14, 3), (4, 4, 5)])
+def test_offset_affinity_equals_the_gathered_pairs(h, w, radius, psa_border):
+    from caee.affinity import offset_affinity
+    feats = torch.randn(2, 6, h, w, requires_grad=True)
+    from_idx, to_idx = pair_indices(h, w, radius, psa_border)
+    ref = pairwise_affinity(feats, from_idx, to_idx)
+    fast = offset_affinity(feats, radius, psa_border)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, atol=1e-7)
+    if ref.numel() == 0:  # grid too small for any pair
+        return
+    g_ref, = torch.autograd.grad(ref.sum(), feats)
+    g_fast, = torch.autograd.grad(fast.sum(), feats)
+    assert torch.allclose(g_fast, g_ref, atol=1e-6)

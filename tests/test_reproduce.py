@@ -66,6 +66,11 @@ def test_overrides_sections_and_depths():
     with pytest.raises(CaeeError, match=r"\[9\] are not depths of the tinycnn OC; valid: 0, 1, 2, 3, 4"):
         reproduce.check_depths([0, 9], "tinycnn")
     assert reproduce.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
+    # what a marker records: the recipe of the stage, not speed / logging settings or other stages
+    fp = reproduce.stage_fingerprint(new, "train_cgnet")
+    assert fp["train_cgnet.lr"] == 0.5 and fp["masking.depth"] == 3 and fp["train_cgnet.batch_size"] == 8
+    assert fp["train_classifier.net.backbone"] == "tinycnn" and "train_classifier.lr" not in fp
+    assert not any(k.endswith(("num_workers", "log_every", "checkpoint_every")) for k in fp)
 
 
 def test_demo_configs_build_valid_variants(tmp_path):
@@ -73,10 +78,10 @@ def test_demo_configs_build_valid_variants(tmp_path):
     cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}"], reproduce.TABLE1_DEMO_CAPS)
     variants = reproduce.table1_variants(cfg, reproduce.TABLE1_DEMO_OCS)
     assert [v.cfg.train_classifier.net.backbone for v in variants] == ["resnet38", "resnet101", "vgg16"]
-    assert all(v.cfg.train_cgnet.net.backbone == "tinycnn" and v.cfg.data.synthetic.num_train == 48 for v in variants)
+    assert all(v.cfg.train_cgnet.net.backbone == "tinycnn" and v.cfg.data.synthetic.num_train == 32 for v in variants)
     assert [v.dir for v in variants] == [tmp_path / "table1" / n for n in ("resnet38", "resnet101", "vgg16")]
-    caps = {**reproduce.DEPTH_DEMO_CAPS, **reproduce.DEPTH_DEMO_FULL_CAPS}
-    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"], caps)
+    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"],
+                                           reproduce.DEPTH_DEMO_CAPS)
     assert cfg.train_cgnet.epochs == 1 and cfg.train_affinity.net.backbone == "tinycnn"  # overrides after caps
     variants = reproduce.depth_variants(cfg, reproduce.check_depths(None, "tinycnn"), full=True)
     assert [v.name for v in variants] == ["oc", "depth_0", "depth_1", "depth_2", "depth_3", "depth_4"]

@@ -16,10 +16,10 @@ in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN OC and CGNets, depths 0..4) with capped work
-(caee.reproduce.DEPTH_DEMO_CAPS): data.root=data/synthetic_depth_demo with 600 training images
-(demo.yaml's set has 3,000), OC 8 epochs, each CGNet 3 epochs (demo.yaml: 6). --demo --full adds a
-TinyCNN AffinityNet, 2 epochs at crop 96 (DEPTH_DEMO_FULL_CAPS). Demo numbers are NOT comparable
-to the paper's. Key=value overrides apply after the caps.
+(caee.reproduce.DEPTH_DEMO_CAPS): data.root=data/synthetic_depth_demo with 1,000 training images
+(demo.yaml: 2,000), OC as in demo.yaml (6 epochs), each CGNet 3 epochs (demo.yaml: 5); --full adds
+demo.yaml's TinyCNN AffinityNet and random walk per depth. Demo numbers are NOT comparable to the
+paper's. Key=value overrides apply after the caps.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from caee import reproduce  # noqa: E402
-from caee.errors import CaeeError  # noqa: E402
+from caee.cli import guarded  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -45,10 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--depths", nargs="+", help="masking depths (default: all of the OC backbone)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. device=cuda")
     return ap
-
-
-def demo_caps(full: bool) -> dict:
-    return {**reproduce.DEPTH_DEMO_CAPS, **(reproduce.DEPTH_DEMO_FULL_CAPS if full else {})}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,20 +65,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        caps = demo_caps(args.full) if args.demo else None
-        cfg = reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps)
-        notes = ([f"demo caps: {reproduce.caps_note(caps)}. Demo numbers are NOT comparable to the paper's."]
-                 if args.demo else [])
-        report = reproduce.run_depth_sweep(cfg, args.depths, args.full, notes)
-    except CaeeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.markdown)
-    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {time.perf_counter() - t0:.0f} s")
-    for failure in report.failures:
+    caps = reproduce.DEPTH_DEMO_CAPS if args.demo else None
+    notes = [f"demo caps: {reproduce.caps_note(caps)}. Demo numbers are NOT comparable to the paper's."] if caps else []
+    done: list[reproduce.Report] = []
+    rc = guarded(lambda: done.append(reproduce.run_depth_sweep(
+        reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
+        notes)))
+    if rc:
+        return rc
+    print(done[0].markdown)
+    print(f"\nfiles: {', '.join(map(str, done[0].files))}; wall time {time.perf_counter() - t0:.0f} s")
+    for failure in done[0].failures:
         print(f"error: {failure}", file=sys.stderr)
-    return 1 if report.failures else 0
+    return 1 if done[0].failures else 0
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2
 
 --demo: configs/demo.yaml (TinyCNN CGNet) with the OC backbone swapped to ResNet38 / ResNet101 /
 VGG16 at full size, from random initialisation, on a separate small synthetic set. Those
-backbones cost ~1.5 s per 96 x 96 training image on 2 CPU cores, so the work is capped
-(caee.reproduce.TABLE1_DEMO_CAPS): data.root=data/synthetic_table1_demo with 48 training images,
-OC and CGNet 1 epoch each at batch 8 (6 steps), CAMs at scale 1.0 without flip. The demo checks
-that every backbone runs through the whole Table I pipeline; its numbers are NOT comparable to the
-paper's (no ImageNet weights, a few steps, synthetic images). Key=value overrides apply after the
-caps.
+backbones cost 2-4 s per 96 x 96 training image on 2 CPU cores, so the work is capped
+(caee.reproduce.TABLE1_DEMO_CAPS): data.root=data/synthetic_table1_demo with 32 training images,
+OC and CGNet 1 epoch each at batch 8 (4 steps), CAMs at scale 1.0 without flip, no DataLoader
+worker. The demo checks that every backbone runs through the whole Table I pipeline; its numbers
+are NOT comparable to the paper's (no ImageNet weights, 4 steps, synthetic images). Key=value
+overrides apply after the caps.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from caee import reproduce  # noqa: E402
-from caee.errors import CaeeError  # noqa: E402
+from caee.cli import guarded  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -52,32 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def oc_variants(demo: bool) -> dict[str, dict]:
-    """``{row name: overrides}``: the demo's backbone swaps, or the OC sections of the VOC configs."""
+    """``{row name: overrides}``: the demo's backbone swaps, or the keys that configs/voc/*_oc.yaml set in
+    train_classifier (width 1.0 unless they set it: ResNet101 / VGG16 have no width multiplier)."""
     if demo:
         return reproduce.TABLE1_DEMO_OCS
-    return {"resnet38": {}, **{name: reproduce.section_overrides(path, "train_classifier")
+    return {"resnet38": {}, **{name: {"train_classifier.net.width": 1.0,
+                                      **reproduce.section_overrides(path, "train_classifier")}
                                for name, path in OC_CONFIGS.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if not args.config and not args.demo:
-        build_parser().error("--config is required (or use --demo)")
+        ap.error("--config is required (or use --demo)")
     t0 = time.perf_counter()
-    try:
-        caps = reproduce.TABLE1_DEMO_CAPS if args.demo else None
-        cfg = reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps)
-        notes = ([f"demo caps: {reproduce.caps_note(caps)}; OCs from random initialisation. Demo numbers are "
-                  "NOT comparable to the paper's."] if args.demo else [])
-        report = reproduce.run_table1(cfg, oc_variants(args.demo), notes)
-    except CaeeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.markdown)
-    print(f"\ntables: {', '.join(map(str, report.files))}; wall time {time.perf_counter() - t0:.0f} s")
-    for failure in report.failures:
+    caps = reproduce.TABLE1_DEMO_CAPS if args.demo else None
+    notes = ([f"demo caps: {reproduce.caps_note(caps)}; OCs from random initialisation. Demo numbers are NOT "
+              "comparable to the paper's."] if caps else [])
+    done: list[reproduce.Report] = []
+    rc = guarded(lambda: done.append(reproduce.run_table1(
+        reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), oc_variants(args.demo),
+        notes)))
+    if rc:
+        return rc
+    print(done[0].markdown)
+    print(f"\ntables: {', '.join(map(str, done[0].files))}; wall time {time.perf_counter() - t0:.0f} s")
+    for failure in done[0].failures:
         print(f"error: {failure}", file=sys.stderr)
-    return 1 if report.failures else 0
+    return 1 if done[0].failures else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ their last three depths, each average-pooled to the stride of the last one.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import dataclasses
 import logging
 import os
@@ -96,10 +98,10 @@ class AffinityNet(nn.Module):
         return F.elu(self.f9(f))
 
 
-def build_affinitynet(net: NetConfig) -> AffinityNet:
+def build_affinitynet(net: NetConfig, head_channels: Sequence[int] = (64, 128, 256)) -> AffinityNet:
     """An AffinityNet on the backbone ``net`` describes (ImageNet weights if ``net.pretrained``)."""
     from caee.models import build_backbone
-    return AffinityNet(build_backbone(net))
+    return AffinityNet(build_backbone(net), tuple(head_channels))
 
 
 def _arch_name(net: NetConfig) -> str:
@@ -147,6 +149,6 @@ def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[
         known = {f.name for f in dataclasses.fields(NetConfig)}
         net = NetConfig(**{k: v for k, v in meta["net"].items() if k in known})
     net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
-    model = build_affinitynet(net)
+    model = build_affinitynet(net, meta.get("head_channels", (64, 128, 256)))
     load_model_weights(model, path, arch=_arch_name(net), config_key="pseudo_labels.weights")
     return model, meta

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from caee import distributed
-from caee.affinity import pair_indices, pairwise_affinity
+from caee.affinity import offset_affinity, pair_indices
 from caee.affinity_labels import crf_params, crf_workers
 from caee.config import Config
 from caee.crf import CrfParams, available_cpus, crf_labels_from_scores
@@ -111,7 +111,7 @@ def random_walk_scores(features: torch.Tensor, cams: torch.Tensor, params: WalkP
                         f"{(h, w)}: are the CAMs from this image at its original size?")
     pairs = pairs or PairCache(params.radius, params.psa_border)
     from_idx, to_idx = pairs.get(h, w, dev)
-    aff = pairwise_affinity(features.unsqueeze(0), from_idx, to_idx)[0]
+    aff = offset_affinity(features.unsqueeze(0), params.radius, params.psa_border)[0]
     trans = transition_matrix(aff, from_idx, to_idx, h * w, params.beta)
     rw = random_walk(scores, trans, params.steps)
     up = F.interpolate(rw.unsqueeze(0), size=(h * stride, w * stride), mode="bilinear", align_corners=False)

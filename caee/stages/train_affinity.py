@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from caee.affinity import affinity_loss, pair_indices, pair_label_targets, pairwise_affinity
+from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
 from caee.config import AffinityTrainConfig, Config, config_to_dict
 from caee.data import dataset_class_names, ensure_dataset, load_split
@@ -55,7 +55,7 @@ class AffinityTask(TrainTask):
         from_idx, to_idx = self.pairs(h, w, feats.device)
         bg, fg, neg = pair_label_targets(labels, from_idx, to_idx)
         # exp(-mean |f_i - f_j|) in float32: bf16 would round affinities near 1
-        aff = pairwise_affinity(feats.float(), from_idx, to_idx)
+        aff = offset_affinity(feats.float(), self.cfg.radius, self.cfg.psa_border)
         loss, terms = affinity_loss(aff, bg, fg, neg)
         metrics = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
         metrics.update(n_bg=int(bg.sum()), n_fg=int(fg.sum()), n_neg=int(neg.sum()), n_pairs=int(bg.numel()))
@@ -63,6 +63,7 @@ class AffinityTask(TrainTask):
 
     def export(self) -> dict:
         return {"arch": "affinitynet", "net": dataclasses.asdict(self.cfg.net), "radius": self.cfg.radius,
+                "head_channels": list(self.cfg.head_channels),
                 "feature_stride": self.model.feature_stride, "num_classes": len(self.class_names),
                 "class_names": self.class_names}
 
@@ -71,7 +72,7 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     """The AffinityNet to train: ImageNet backbone (``net.pretrained``) or the ``init`` checkpoint
     (AffinityNet, or a classifier whose backbone alone is used); backbone frozen as PSA."""
     net = dataclasses.replace(tc.net, pretrained="") if tc.init else tc.net
-    model = build_affinitynet(net)
+    model = build_affinitynet(net, tc.head_channels)
     if tc.init:
         how = init_affinitynet_from(model, tc.init, tc.net)
         logger.info("AffinityNet initialised from %s (%s)", tc.init, how)
