@@ -574,7 +574,8 @@ def depth_chart(data: dict, path: Path) -> Path:
 
     rows = data["rows"]
     xs = list(range(len(rows)))
-    series = [("CAM mIoU (best t)", "cam_miou")] + ([("pseudo-label mIoU", "pseudo_label_miou")] if data["full"] else [])
+    series = [("CAM mIoU (best t)", "cam_miou")]
+    series += [("pseudo-label mIoU", "pseudo_label_miou")] if data["full"] else []
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows), 3.6), dpi=100)
     for k, (label, key) in enumerate(series):
@@ -586,7 +587,8 @@ def depth_chart(data: dict, path: Path) -> Path:
     ax.set_xticks(xs, [str(r["depth"]) for r in rows])
     ax.set_xlabel("masking depth d_m (0 = image-level)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_ylim(0, 100)
+    shown = [v for r in [data["oc"], *rows] for v in (r["cam_miou"], r.get("pseudo_label_miou")) if v is not None]
+    ax.set_ylim(max(0.0, 10 * math.floor(min(shown, default=10) / 10 - 1)), 100)  # zoomed: depths differ by points
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:

@@ -122,7 +122,8 @@ def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
                               f"{r['cam_best_threshold']:.2f}"]
     with Image.open(root / "masking_depth.png") as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert all((root / v / f".done_{s}").is_file() for v in ("depth_0", "depth_2") for s in ("train_cgnet", "cam_cgnet"))
+    assert all((root / v / f".done_{s}").is_file()
+               for v in ("depth_0", "depth_2") for s in ("train_cgnet", "cam_cgnet"))
 
     before = _mtimes(root)
     assert len(before) == 3  # the OC and two CGNets
@@ -135,7 +136,8 @@ def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
     # a stage without its marker runs again, and everything that reads its output is redone
     (root / "oc" / ".done_cam_classifier").unlink()
     third = reproduce.run_depth_sweep(cfg, [0, 2])
-    assert third.data["oc"]["ran"] == ["cam_classifier"] and third.data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
+    assert third.data["oc"]["ran"] == ["cam_classifier"]
+    assert third.data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
     after = _mtimes(root)
     assert after["oc/train_classifier/model.pth"] == before["oc/train_classifier/model.pth"]
     assert after["depth_0/train_cgnet/model.pth"] != before["depth_0/train_cgnet/model.pth"]
