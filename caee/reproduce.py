@@ -418,10 +418,13 @@ DISPLAY = {"resnet38": "ResNet38", "resnet101": "ResNet101", "vgg16": "VGG16", "
 # the demo OCs: the paper's three backbones from scratch (the synthetic set has no ImageNet weights)
 TABLE1_DEMO_OCS = {name: {"train_classifier.net.backbone": name, "train_classifier.net.width": 1.0,
                           "train_classifier.net.pretrained": ""} for name in ("resnet38", "resnet101", "vgg16")}
+# the demos' own work_dir: configs/demo.yaml's work_dirs/demo belongs to the pipeline demo, which may
+# be cleaned or re-run while a reproduction demo runs
+DEMO_WORK_DIR = "work_dirs/reproduce_demo"
 # demo caps: full-size ResNet38 / ResNet101 take 2-4 s per 96 x 96 training image and ResNet38 ~3 s per
 # CAM on 2 busy CPU cores (measured); no DataLoader worker, so the stages keep both cores for compute
 TABLE1_DEMO_CAPS = {
-    "data.root": "data/synthetic_table1_demo", "data.num_workers": 0,
+    "work_dir": DEMO_WORK_DIR, "data.root": "data/synthetic_table1_demo", "data.num_workers": 0,
     "data.synthetic.num_train": 32, "data.synthetic.num_val": 8,
     "train_classifier.batch_size": 8, "train_classifier.epochs": 1,
     "train_cgnet.batch_size": 8, "train_cgnet.epochs": 1,
@@ -496,7 +499,7 @@ FULL_STAGES = ("train_affinity", "pseudo_labels")
 # demo caps: 6 TinyCNN trainings instead of 2 (demo.yaml: 2,000 images, OC 6 epochs, CGNet 5 epochs);
 # with --full, demo.yaml's TinyCNN AffinityNet
 DEPTH_DEMO_CAPS = {
-    "data.root": "data/synthetic_depth_demo", "data.synthetic.num_train": 1000, "data.synthetic.num_val": 100,
+    "work_dir": DEMO_WORK_DIR, "data.root": "data/synthetic_depth_demo", "data.synthetic.num_train": 1000, "data.synthetic.num_val": 100,
     "train_cgnet.epochs": 3,
 }
 

@@ -75,6 +75,8 @@ def test_overrides_sections_and_depths():
 
 def test_demo_configs_build_valid_variants(tmp_path):
     demo = REPO / "configs" / "demo.yaml"
+    cfg = reproduce.load_experiment_config(demo, [], reproduce.TABLE1_DEMO_CAPS)
+    assert cfg.work_dir == "work_dirs/reproduce_demo"  # not the pipeline demo's folder
     cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}"], reproduce.TABLE1_DEMO_CAPS)
     variants = reproduce.table1_variants(cfg, reproduce.TABLE1_DEMO_OCS)
     assert [v.cfg.train_classifier.net.backbone for v in variants] == ["resnet38", "resnet101", "vgg16"]

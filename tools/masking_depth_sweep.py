@@ -16,8 +16,9 @@ in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN OC and CGNets, depths 0..4) with capped work
-(caee.reproduce.DEPTH_DEMO_CAPS): data.root=data/synthetic_depth_demo with 1,000 training images
-(demo.yaml: 2,000), OC as in demo.yaml (6 epochs), each CGNet 3 epochs (demo.yaml: 5); --full adds
+(caee.reproduce.DEPTH_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its
+masking_depth/), data.root=data/synthetic_depth_demo with 1,000 training images (demo.yaml:
+2,000), OC as in demo.yaml (6 epochs), each CGNet 3 epochs (demo.yaml: 5); --full adds
 demo.yaml's TinyCNN AffinityNet and random walk per depth. Demo numbers are NOT comparable to the
 paper's. Key=value overrides apply after the caps.
 """

@@ -17,11 +17,11 @@ Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2
 --demo: configs/demo.yaml (TinyCNN CGNet) with the OC backbone swapped to ResNet38 / ResNet101 /
 VGG16 at full size, from random initialisation, on a separate small synthetic set. Those
 backbones cost 2-4 s per 96 x 96 training image on 2 CPU cores, so the work is capped
-(caee.reproduce.TABLE1_DEMO_CAPS): data.root=data/synthetic_table1_demo with 32 training images,
-OC and CGNet 1 epoch each at batch 8 (4 steps), CAMs at scale 1.0 without flip, no DataLoader
-worker. The demo checks that every backbone runs through the whole Table I pipeline; its numbers
-are NOT comparable to the paper's (no ImageNet weights, 4 steps, synthetic images). Key=value
-overrides apply after the caps.
+(caee.reproduce.TABLE1_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its table1/),
+data.root=data/synthetic_table1_demo with 32 training images, OC and CGNet 1 epoch each at
+batch 8 (4 steps), CAMs at scale 1.0 without flip, no DataLoader worker. The demo checks that
+every backbone runs through the whole Table I pipeline; its numbers are NOT comparable to the
+paper's (no ImageNet weights, 4 steps, synthetic images). Key=value overrides apply after the caps.
 """
 from __future__ import annotations
 
