@@ -29,7 +29,7 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
         # each DataLoader worker and each rank is a busy process too: more threads than cores
         # makes PyTorch's spinning OpenMP threads fight (measured 10x slower on 2 cores)
         per_rank = available_cpus() // distributed.world_size()
-        torch.set_num_threads(max(1, per_rank - cfg.data.num_workers))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), per_rank - cfg.data.num_workers)))
     out_dir = out_dir or stage_dir(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
