@@ -279,3 +279,27 @@ def test_load_into_non_strict_reports_and_ignore():
     bad = dict(full, **{"0.weight": torch.zeros(3, 1, 1, 1)})
     with pytest.raises(CaeeError, match=r"0\.weight: checkpoint \[3, 1, 1, 1\] vs model \[2, 1, 1, 1\]"):
         load_into(net, bad, strict=False, arch="toy", source="mem")
+
+
+def test_init_weights_from_a_classifier_loads_only_the_backbone(tmp_path):
+    from caee.config import NetConfig
+    from caee.models.classifier import CamClassifier
+    from caee.models.deeplab import build_deeplab
+    from caee.models.tinycnn import TinyCNN
+    from caee.weights.checkpoints import init_weights_from
+
+    torch.manual_seed(0)
+    cls = CamClassifier(TinyCNN(0.5), 3, 0.0)
+    torch.save({"model": cls.state_dict(), "arch": "classifier"}, tmp_path / "cls.pth")
+    seg = build_deeplab(NetConfig(backbone="tinycnn", width=0.5), 4, "largefov")
+    head_before = {k: v.clone() for k, v in seg.head.state_dict().items()}
+    assert init_weights_from(seg, tmp_path / "cls.pth", arch="deeplab/tinycnn") == "backbone"
+    for k, v in cls.backbone.state_dict().items():
+        assert torch.equal(seg.backbone.state_dict()[k], v), k
+    assert all(torch.equal(seg.head.state_dict()[k], v) for k, v in head_before.items())
+    torch.save({"model": seg.state_dict()}, tmp_path / "seg.pth")    # a DeepLab file loads whole
+    fresh = build_deeplab(NetConfig(backbone="tinycnn", width=0.5), 4, "largefov")
+    assert init_weights_from(fresh, tmp_path / "seg.pth", arch="deeplab/tinycnn") == "model"
+    wrong = build_deeplab(NetConfig(backbone="tinycnn", width=1.0), 4, "largefov")
+    with pytest.raises(CaeeError, match="backbone"):
+        init_weights_from(wrong, tmp_path / "cls.pth", arch="deeplab/tinycnn")

@@ -36,7 +36,7 @@ from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.models.deeplab import DeepLab, build_deeplab
 from caee.stages.common import default_path, start_stage
-from caee.weights.checkpoints import load_model_weights
+from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def main(cfg: Config) -> dict | None:
     torch.manual_seed(tc.seed)  # the head's initial weights (the engine seeds only after the model exists)
     model = build_deeplab(tc.net, len(names) + 1, tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)
     if tc.init:
-        load_model_weights(model, tc.init, arch=f"deeplab/{tc.net.backbone} ({tc.head})", config_key="train_deeplab.init")
+        init_weights_from(model, tc.init, arch=f"deeplab/{tc.net.backbone} ({tc.head})", config_key="train_deeplab.init")
     model.backbone.freeze()
     meta = {"arch": "deeplab", "net": dataclasses.asdict(tc.net), "head": tc.head,
             "head_channels": model.head.fc6.out_channels if tc.head == "largefov" else 0,

@@ -309,5 +309,24 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str,
     logger.info("loaded %s weights from %s", arch, path)
 
 
-__all__ = ["checkpoint_meta", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
+
+def init_weights_from(model: nn.Module, path: str | os.PathLike, arch: str, config_key: str = "") -> str:
+    """Initialise ``model`` (a composition with ``.backbone``) from ``path``: the whole model when the
+    file is a checkpoint of the same kind, else only ``backbone.*`` (e.g. a DeepLab or AffinityNet
+    started from a trained classifier, ours or PSA's). Returns ``"model"`` or ``"backbone"``."""
+    state = load_state_dict_file(path, config_key)
+    heads = {n for n, _ in model.named_children() if n != "backbone"}
+    file_heads = {k.split(".")[0] for k in state if not k.startswith("backbone.")} & (set(PSA_HEAD_KEYS) | heads)
+    if file_heads & heads or not file_heads:
+        load_model_weights(model, path, arch, config_key)
+        return "model"
+    if not any(k.startswith("backbone.") for k in state):
+        state = psa_to_caee(state, head_keys=PSA_HEAD_KEYS)
+    inner = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    load_into(model.backbone, inner, strict=True, arch=f"{arch} backbone", source=f"{path} (backbone.* only)",
+              file_looks_like=guess_architecture(state))
+    logger.info("%s: backbone initialised from %s (its %s dropped)", arch, path, ", ".join(sorted(file_heads)))
+    return "backbone"
+
+__all__ = ["checkpoint_meta", "init_weights_from", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
            "caee_to_psa", "load_imagenet_weights", "load_model_weights", "PSA_HEAD_KEYS"]
