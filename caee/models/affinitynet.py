@@ -114,24 +114,10 @@ def init_affinitynet_from(model: AffinityNet, path: str | os.PathLike, net: NetC
     checkpoint or PSA's ``res38_aff.pth``: every key loaded) or ``"classifier-backbone"`` (a
     classifier checkpoint, ours or PSA's ``res38_cls.pth``: only its backbone weights are
     loaded, fc8 is dropped and the heads keep their fresh initialisation)."""
-    from caee.weights.checkpoints import (PSA_HEAD_KEYS, load_into, load_model_weights, load_state_dict_file,
-                                          psa_to_caee)
+    from caee.weights.checkpoints import init_weights_from
 
-    state = load_state_dict_file(path, config_key)
-    is_affinity = any(k.split(".")[0] == "f9" for k in state)
-    is_classifier = any(k.split(".")[0] == "fc8" for k in state)
-    if is_affinity or not is_classifier:
-        load_model_weights(model, path, arch=_arch_name(net), config_key=config_key)
-        return "affinitynet"
-    if not any(k.startswith("backbone.") for k in state):
-        state = psa_to_caee(state, head_keys=PSA_HEAD_KEYS)
-    inner = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    dropped = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
-    load_into(model.backbone, inner, strict=True, arch=f"{net.backbone} backbone (width {net.width:g})",
-              source=f"{path} (backbone.* of a classifier checkpoint)")
-    logger.info("AffinityNet backbone initialised from the classifier checkpoint %s (backbone weights only; "
-                "dropped %s; f8_3/f8_4/f8_5/f9 freshly initialised)", path, ", ".join(dropped))
-    return "classifier-backbone"
+    how = init_weights_from(model, path, arch=_arch_name(net), config_key=config_key)
+    return "affinitynet" if how == "model" else "classifier-backbone"
 
 
 def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[AffinityNet, dict]:

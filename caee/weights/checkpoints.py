@@ -325,7 +325,8 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, arch: str, conf
     inner = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     load_into(model.backbone, inner, strict=True, arch=f"{arch} backbone", source=f"{path} (backbone.* only)",
               file_looks_like=guess_architecture(state))
-    logger.info("%s: backbone initialised from %s (its %s dropped)", arch, path, ", ".join(sorted(file_heads)))
+    logger.info("%s: backbone weights only, from %s (its %s dropped; the heads keep their fresh "
+                "initialisation)", arch, path, ", ".join(sorted(file_heads)))
     return "backbone"
 
 __all__ = ["checkpoint_meta", "init_weights_from", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
