@@ -48,8 +48,12 @@ class LargeFOV(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout2d(dropout)
         self.drop7 = nn.Dropout2d(dropout)
-        for conv in (self.fc6, self.fc7, self.fc8):
-            _init_conv(conv)
+        # fc6/fc7 come from random init here (DeepLab-v1 took them from VGG's fc layers): He init
+        # keeps the signal alive through two ReLU layers; the classifier fc8 starts small
+        for conv in (self.fc6, self.fc7):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        _init_conv(self.fc8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop6(self.relu(self.fc6(x)))
