@@ -21,6 +21,8 @@ the ones it needs itself.
 """
 from __future__ import annotations
 
+import sys
+
 import json
 import logging
 import math
@@ -643,3 +645,12 @@ __all__ = ["Variant", "Outcome", "Report", "StageSpec", "STAGES", "with_override
            "table1_variants", "run_table1", "depth_variants", "run_depth_sweep", "check_depths",
            "backbone_depths", "load_experiment_config", "TABLE1_PAPER", "TABLE1_DEMO_OCS", "TABLE1_DEMO_CAPS",
            "DEPTH_DEMO_CAPS"]
+
+
+def print_report(report: "Report", seconds: float) -> int:
+    """Print a driver's table, its files and failures; exit code 1 when a variant failed."""
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if report.failures else 0

@@ -42,19 +42,16 @@ def test_mask_batch_vs_per_image_normalisation_by_hand():
 
 def test_mask_upsampled_before_relu_and_in_unit_range():
     maps = torch.randn(3, 5, 6, 7)
-    mask = erasing_mask(maps, torch.tensor([0, 4, -1]), (48, 56))
+    mask = erasing_mask(maps, torch.tensor([0, 4, -1]), (48, 56), eps=0)
     assert mask.shape == (3, 1, 48, 56)
     assert mask.min() >= 0 and mask.max() <= 1
     assert mask[2].abs().sum() == 0   # no target -> nothing erased
-    up = F.interpolate(maps[:1, :1], size=(48, 56), mode="bilinear", align_corners=False).relu()
-    assert torch.allclose(mask[0], up[0] / (mask.new_tensor(0) + up.max().clamp(min=0) + 1e-5).clamp(min=1e-12) *
-                          (up.max() + 1e-5) / (torch.stack([up.max(), mask.max()]).max() * 0 + _batch_peak(maps)), atol=1e-5) \
-        or True
-
-
-def _batch_peak(maps):
-    return max(F.interpolate(maps[i:i + 1, [t]], size=(48, 56), mode="bilinear", align_corners=False).relu().max()
-               for i, t in [(0, 0), (1, 4)]) + 1e-5
+    # official order: bilinear upsample of the raw map, then ReLU, then / batch max
+    up = [F.interpolate(maps[i:i + 1, [t]], size=(48, 56), mode="bilinear", align_corners=False).relu()
+          for i, t in [(0, 0), (1, 4)]]
+    peak = max(u.max() for u in up)
+    assert torch.allclose(mask[0], up[0][0] / peak, atol=1e-6)
+    assert torch.allclose(mask[1], up[1][0] / peak, atol=1e-6)
 
 
 def test_cse_removes_only_the_target():

@@ -74,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         notes)))
     if rc:
         return rc
-    print(done[0].markdown)
-    print(f"\nfiles: {', '.join(map(str, done[0].files))}; wall time {time.perf_counter() - t0:.0f} s")
-    for failure in done[0].failures:
-        print(f"error: {failure}", file=sys.stderr)
-    return 1 if done[0].failures else 0
+    return reproduce.print_report(done[0], time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

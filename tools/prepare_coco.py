@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from caee.cli import guarded  # noqa: E402
 from caee.data.classes import COCO_ID_TO_LABEL  # noqa: E402
 from caee.data.splits import LABELS_CACHE, SPLIT_DIR, labels_from_mask, save_labels_cache  # noqa: E402
 from caee.errors import CaeeError  # noqa: E402
@@ -110,12 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-links", action="store_true", help="do not create JPEGImages symlinks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        prepare(Path(args.coco), Path(args.out), args.splits, args.workers, args.keep_empty, not args.no_links)
-    except CaeeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: prepare(Path(args.coco), Path(args.out), args.splits, args.workers, args.keep_empty,
+                                   not args.no_links))
 
 
 if __name__ == "__main__":

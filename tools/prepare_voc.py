@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from caee.cli import guarded  # noqa: E402
 from caee.config import DataConfig  # noqa: E402
 from caee.data.splits import LABELS_CACHE, SPLIT_DIR, check_label_values, load_split, read_split_file  # noqa: E402
 from caee.errors import CaeeError  # noqa: E402
@@ -158,13 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="rewrite existing SegmentationClassAug masks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        prepare(Path(args.voc), Path(args.sbd), Path(args.out or args.voc), args.workers, args.expected_count,
-                args.overwrite)
-    except CaeeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: prepare(Path(args.voc), Path(args.sbd), Path(args.out or args.voc), args.workers,
+                                   args.expected_count, args.overwrite))
 
 
 if __name__ == "__main__":
