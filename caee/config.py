@@ -36,6 +36,10 @@ class SyntheticConfig:
     stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
     stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle pi * c / C
     stripe_jitter_deg: float = 10.0
+    # class angle of the stripes: "full" = pi * c / C (METHOD.md section 10); there classes c and
+    # C - c are mirror images, so horizontal-flip augmentation makes their stripes identical.
+    # "mirror_free" = (pi / 2) * c / (C - 1): angles in [0, 90] degrees, distinct under flips.
+    stripe_angles: Literal["full", "mirror_free"] = "full"
     object_aspect: list[float] = dataclasses.field(default_factory=lambda: [0.7, 1.0])  # minor / major axis
     wobble: float = 0.12            # radial wobble of the blob outline (relative amplitude, harmonics 2-5)
     noise_std: float = 0.03         # per-pixel Gaussian noise (image values in [0, 1])
@@ -350,6 +354,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _read_yaml(Path(path)) if path else {}
     data = _deep_merge(data, parse_overrides(overrides or []))
     return _build(Config, data)
+
+
+def expand_work_dir(cfg: Config) -> Config:
+    """``cfg`` with ``{work_dir}`` in every string value replaced by ``cfg.work_dir``.
+
+    Lets a config start one stage from an earlier stage's weights of the same experiment
+    (``init: "{work_dir}/train_cgnet/model.pth"``). Each stage expands its own config when it
+    starts, so derived experiments (the control run, the reproduction drivers' variants, which
+    move ``work_dir``) point at their own folders.
+    """
+    return _build(Config, _substitute_work_dir(config_to_dict(cfg), str(cfg.work_dir)))
+
+
+def _substitute_work_dir(data: Any, work_dir: str) -> Any:
+    if isinstance(data, dict):
+        return {k: v if k == "work_dir" else _substitute_work_dir(v, work_dir) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute_work_dir(v, work_dir) for v in data]
+    return data.replace("{work_dir}", work_dir) if isinstance(data, str) else data
 
 
 def config_from_dict(data: dict) -> Config:

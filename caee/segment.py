@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caee import distributed
-from caee.config import Config, NetConfig
+from caee.config import Config, NetConfig, expand_work_dir
 from caee.crf import CrfParams, crf_labels_from_scores, dense_crf, run_pool
 from caee.data import InferenceDataset, SplitIndex, collate_list, load_split, normalize_image
 from caee.errors import CaeeError
@@ -252,6 +252,7 @@ def main(cfg: Config) -> dict | None:
 
     Leaves the training run's ``config.yaml`` alone; the test settings go into the results JSON.
     """
+    cfg = expand_work_dir(cfg)
     from caee.data import dataset_class_names, ensure_dataset
     from caee.logs import setup_logging
     from caee.stages.common import default_path

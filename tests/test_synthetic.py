@@ -115,6 +115,36 @@ def test_body_stripes_follow_class_angle():
         pytest.fail("no class-1 object drawn")
 
 
+def test_class_angles_full_pairs_mirror_images_and_mirror_free_does_not():
+    """A horizontal flip maps a stripe angle t to 180 - t: with "full" classes c and C - c swap,
+    with "mirror_free" every class keeps an angle no other class has."""
+    from caee.data.synthetic import class_angle
+
+    def folded(c, mode):  # the angle as a network trained with flips sees it
+        t = np.rad2deg(class_angle(c, 5, mode)) % 180
+        return round(min(t, 180 - t), 6)
+
+    assert [np.rad2deg(class_angle(c, 5)) for c in range(5)] == pytest.approx([0, 36, 72, 108, 144])
+    assert folded(1, "full") == folded(4, "full") and folded(2, "full") == folded(3, "full")
+    assert [np.rad2deg(class_angle(c, 5, "mirror_free")) for c in range(5)] == pytest.approx([0, 22.5, 45, 67.5, 90])
+    assert len({folded(c, "mirror_free") for c in range(5)}) == 5
+
+
+def test_marker_without_a_newer_setting_counts_as_its_default(tmp_path):
+    import json
+
+    root = tmp_path / "syn"
+    cfg = DataConfig(dataset="synthetic", root=str(root), synthetic=dataclasses.replace(SMALL, num_train=2, num_val=1))
+    ensure_dataset(cfg)
+    marker = json.loads((root / MARKER).read_text())
+    del marker["stripe_angles"]  # data made before the setting existed
+    (root / MARKER).write_text(json.dumps(marker))
+    ensure_dataset(cfg)  # accepted: the old data followed the default
+    other = dataclasses.replace(cfg, synthetic=dataclasses.replace(cfg.synthetic, stripe_angles="mirror_free"))
+    with pytest.raises(CaeeError, match="stripe_angles"):
+        ensure_dataset(other)
+
+
 def test_tint_is_weak_and_part_saturated():
     cfg = dataclasses.replace(SMALL, noise_std=0.0, part_hidden_prob=0.0, objects_per_image=[1, 1])
     image, mask, objs = render_sample(np.random.default_rng(3), cfg)

@@ -1,7 +1,7 @@
 """The built-in synthetic dataset (METHOD.md section 10): whole objects, discriminative parts.
 
 Every object is an irregular blob whose ground truth is the whole blob. Its *body* carries weak
-class evidence (a low-saturation class tint and stripes at a class-specific angle ``pi * c / C``);
+class evidence (a low-saturation class tint and stripes at a class-specific angle, see :func:`class_angle`);
 its *part* is a small square emblem in a saturated class colour, left out on a fraction of the
 objects. A classifier finds the emblem first, so its CAM stops at the part: the failure the
 erasing method fixes.
@@ -77,6 +77,13 @@ def class_colour(c: int, num_classes: int, saturation: float, value: float) -> n
     return np.array(colorsys.hsv_to_rgb(c / num_classes, saturation, value), np.float32)
 
 
+def class_angle(c: int, num_classes: int, mode: str = "full") -> float:
+    """Stripe angle (radians) of class ``c`` (0-based): pi c / C, or (pi / 2) c / (C - 1) for "mirror_free"."""
+    if mode == "mirror_free":
+        return 0.5 * np.pi * c / max(num_classes - 1, 1)
+    return np.pi * c / num_classes
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Low-frequency colour field + mid-frequency luminance texture, (S, S, 3) in [0, 1]."""
     colour = _upsample(rng.uniform(0.2, 0.8, (3, 3, 3)).astype(np.float32), size)
@@ -146,7 +153,7 @@ def render_sample(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.nd
             if all(np.hypot(cx - o["cx"], cy - o["cy"]) >= 0.9 * max(r, o["radius"]) for o in objects):
                 break
         box, inside = _blob(rng, cfg, cx, cy, r, size)
-        angle = np.pi * c / C + np.deg2rad(rng.normal(0.0, cfg.stripe_jitter_deg))
+        angle = class_angle(c, C, cfg.stripe_angles) + np.deg2rad(rng.normal(0.0, cfg.stripe_jitter_deg))
         phase = rng.uniform(0, 2 * np.pi)
         ys = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None] + 0.5
         xs = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :] + 0.5
@@ -371,7 +378,9 @@ def _check_marker(marker: Path, cfg: SyntheticConfig) -> None:
     except (OSError, ValueError) as e:
         raise CaeeError(f"{marker}: unreadable completion marker ({e}); delete {marker.parent} to regenerate") from None
     want = config_signature(cfg)
-    diff = [k for k in want if stored.get(k) != want[k]]
+    # a setting added after the data was made is absent from its marker: the data followed its default
+    defaults = config_signature(SyntheticConfig())
+    diff = [k for k in want if stored.get(k, defaults[k]) != want[k]]
     if diff:
         shown = ", ".join(f"{k}: {stored.get(k)!r} on disk vs {want[k]!r} in the config" for k in diff[:4])
         raise CaeeError(

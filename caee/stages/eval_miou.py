@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caee.config import Config
+from caee.config import Config, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_dir, format_report
 from caee.io import write_json
@@ -24,6 +24,7 @@ def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
 
 
 def main(cfg: Config) -> dict:
+    cfg = expand_work_dir(cfg)
     start_stage(cfg, "eval")
     folder, split, out = eval_paths(cfg)
     ensure_dataset(cfg.data)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from caee import distributed
 from caee.cam import image_keys, multiscale_cams
-from caee.config import Config, CrfConfig, save_config
+from caee.config import Config, CrfConfig, save_config, expand_work_dir
 from caee.crf import CrfParams, available_cpus, crf_cam_labels, run_pool
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
 from caee.errors import CaeeError
@@ -203,6 +203,7 @@ def run_post(job: _PostJob, items: list[int], workers: int) -> None:
 
 
 def main(cfg: Config) -> MakeCamResult:
+    cfg = expand_work_dir(cfg)
     cc = cfg.cam
     out_dir = cam_out_dir(cfg)
     _check_previous_settings(cfg, out_dir)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from caee import distributed
 from caee.affinity import offset_affinity, pair_indices
 from caee.affinity_labels import crf_params, crf_workers
-from caee.config import Config
+from caee.config import Config, expand_work_dir
 from caee.crf import CrfParams, available_cpus, crf_labels_from_scores
 from caee.data import ensure_dataset, load_split, normalize_image
 from caee.errors import CaeeError
@@ -175,6 +175,7 @@ def _walk_params(cfg: Config) -> WalkParams:
 
 
 def main(cfg: Config) -> Path:
+    cfg = expand_work_dir(cfg)
     env = start_stage(cfg, "make_pseudo_labels")
     pc = cfg.pseudo_labels
     ensure_dataset(cfg.data)

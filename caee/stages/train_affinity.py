@@ -9,7 +9,7 @@ from torch import nn
 
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
-from caee.config import AffinityTrainConfig, Config, config_to_dict
+from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
 from caee.data import dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee.engine import FitResult, StepContext, TrainTask, fit
@@ -84,6 +84,7 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
 
 
 def main(cfg: Config) -> FitResult:
+    cfg = expand_work_dir(cfg)
     env = start_stage(cfg, "train_affinity")
     tc = cfg.train_affinity
     ensure_dataset(cfg.data)

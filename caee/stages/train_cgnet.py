@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.config import Config, config_to_dict
+from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee import distributed
@@ -89,6 +89,7 @@ def check_depth(depth: int, oc: CamClassifier) -> None:
 
 
 def main(cfg: Config) -> FitResult:
+    cfg = expand_work_dir(cfg)
     env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed)
     tc = cfg.train_cgnet
     ensure_dataset(cfg.data)

@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from caee.config import Config, config_to_dict
+from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee.engine import FitResult, StepContext, TrainTask, fit
@@ -46,6 +46,7 @@ class ClassifierTask(TrainTask):
 
 
 def main(cfg: Config) -> FitResult:
+    cfg = expand_work_dir(cfg)
     env = start_stage(cfg, "train_classifier", seed=cfg.train_classifier.seed)
     tc = cfg.train_classifier
     ensure_dataset(cfg.data)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from caee import distributed, segment
-from caee.config import Config, config_to_dict
+from caee.config import Config, config_to_dict, expand_work_dir
 from caee.crf import available_cpus, run_pool
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
@@ -179,6 +179,7 @@ def resolve_inputs(cfg: Config) -> tuple[str, Path]:
 
 def main(cfg: Config) -> dict | None:
     """Train (unless ``eval_only``), then segment and evaluate; returns the results (rank 0)."""
+    cfg = expand_work_dir(cfg)
     tc = cfg.train_deeplab
     if tc.eval_only:
         return segment.main(cfg)
