@@ -647,6 +647,16 @@ __all__ = ["Variant", "Outcome", "Report", "StageSpec", "STAGES", "with_override
            "DEPTH_DEMO_CAPS"]
 
 
+def run_driver(run: Callable[[], "Report"]) -> int:
+    """Run a driver under the CLI error guard, then print its report and wall time; the exit code."""
+    from caee.cli import guarded
+
+    t0 = time.perf_counter()
+    done: list[Report] = []
+    rc = guarded(lambda: done.append(run()))
+    return rc or print_report(done[0], time.perf_counter() - t0)
+
+
 def print_report(report: "Report", seconds: float) -> int:
     """Print a driver's table, its files and failures; exit code 1 when a variant failed."""
     print(report.markdown)

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from caee import reproduce  # noqa: E402
-from caee.cli import guarded  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -65,16 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t0 = time.perf_counter()
     caps = reproduce.DEPTH_DEMO_CAPS if args.demo else None
     notes = [f"demo caps: {reproduce.caps_note(caps)}. Demo numbers are NOT comparable to the paper's."] if caps else []
-    done: list[reproduce.Report] = []
-    rc = guarded(lambda: done.append(reproduce.run_depth_sweep(
+    return reproduce.run_driver(lambda: reproduce.run_depth_sweep(
         reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
-        notes)))
-    if rc:
-        return rc
-    return reproduce.print_report(done[0], time.perf_counter() - t0)
+        notes))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from caee import reproduce  # noqa: E402
-from caee.cli import guarded  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -66,17 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.config and not args.demo:
         ap.error("--config is required (or use --demo)")
-    t0 = time.perf_counter()
     caps = reproduce.TABLE1_DEMO_CAPS if args.demo else None
     notes = ([f"demo caps: {reproduce.caps_note(caps)}; OCs from random initialisation. Demo numbers are NOT "
               "comparable to the paper's."] if caps else [])
-    done: list[reproduce.Report] = []
-    rc = guarded(lambda: done.append(reproduce.run_table1(
+    return reproduce.run_driver(lambda: reproduce.run_table1(
         reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), oc_variants(args.demo),
-        notes)))
-    if rc:
-        return rc
-    return reproduce.print_report(done[0], time.perf_counter() - t0)
+        notes))
 
 
 if __name__ == "__main__":
