@@ -34,7 +34,7 @@ class SyntheticConfig:
     part_hidden_prob: float = 0.25  # fraction of objects drawn without their emblem
     body_saturation: float = 0.15   # weak class tint of the body
     stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
-    stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle pi * c / C
+    stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle (stripe_angles)
     stripe_jitter_deg: float = 10.0
     # class angle of the stripes: "full" = pi * c / C (METHOD.md section 10); there classes c and
     # C - c are mirror images, so horizontal-flip augmentation makes their stripes identical.

@@ -82,8 +82,6 @@ def test_shipped_configs_parse():
 
 
 def test_work_dir_placeholder_is_expanded_with_the_stages_own_work_dir(tmp_path):
-    import dataclasses
-
     from caee.config import expand_work_dir
 
     path = tmp_path / "c.yaml"
@@ -91,6 +89,6 @@ def test_work_dir_placeholder_is_expanded_with_the_stages_own_work_dir(tmp_path)
     cfg = load_config(path)
     assert cfg.train_deeplab.init == "{work_dir}/train_cgnet/model.pth"  # kept until a stage starts
     assert expand_work_dir(cfg).train_deeplab.init == "runs/a/train_cgnet/model.pth"
-    moved = dataclasses.replace(load_config(path, ["work_dir=/x/b"]))
+    moved = load_config(path, ["work_dir=/x/b"])
     assert expand_work_dir(moved).train_deeplab.init == "/x/b/train_cgnet/model.pth"
     assert expand_work_dir(moved).work_dir == "/x/b" and expand_work_dir(cfg).data == cfg.data

@@ -96,7 +96,7 @@ def test_nproc_runs_stages_under_torchrun_and_shards_the_cams(tmp_path, monkeypa
     assert (work / "pipeline" / "train_classifier.done").exists()
     assert (work / "pipeline" / "cam_classifier.done").exists()
     assert (work / "train_classifier" / "model.pth").exists()
-    # both ranks wrote their share of the CAMs: every image of the split has one
+    # the two ranks' shards together cover the split: every image has its CAM
     ids = (Path(cfg.data.root) / "ImageSets" / "Segmentation" / f"{cfg.data.cam_split}.txt").read_text().split()
     written = sorted(p.stem for p in (work / "cam_classifier").glob("*.npz"))
     assert written == sorted(ids)
