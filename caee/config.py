@@ -184,6 +184,9 @@ class AffinityTrainConfig(TrainConfig):
     radius: int = 5
     psa_border: bool = True         # PSA's pair set (pairs start >= radius-1 px from left/right/bottom)
     head_channels: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])  # f8_3/f8_4/f8_5 (PSA)
+    # stride of the embeddings and so of the random walk's grid; 0 = the backbone's (PSA: 8 for
+    # ResNet38). Smaller: the features are upsampled to it (see caee/models/affinitynet.py).
+    embed_stride: int = 0
 
 
 @dataclasses.dataclass

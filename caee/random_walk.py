@@ -20,6 +20,7 @@ arrays of ``T^T``, so no transpose is ever materialised.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -52,40 +53,70 @@ def _check_pairs(from_idx: torch.Tensor, to_idx: torch.Tensor, n: int) -> None:
                         "for the same h x w as the affinity features")
 
 
+@dataclasses.dataclass(frozen=True)
+class TransitionPattern:
+    """The sparsity structure of ``T`` for one pair set and batch size: the same for every image
+    of a grid size, so it is computed once (the sort is most of building ``T``).
+
+    rows, cols: the ``2P + n`` (per image) entries before sorting; order: their CSC order;
+    ccol, row_sorted: the CSC index arrays.
+    """
+    n: int
+    batch: int
+    rows: torch.Tensor
+    cols: torch.Tensor
+    order: torch.Tensor
+    ccol: torch.Tensor
+    row_sorted: torch.Tensor
+
+
+def transition_pattern(from_idx: torch.Tensor, to_idx: torch.Tensor, n: int, batch: int = 1,
+                       device: torch.device | str | None = None) -> TransitionPattern:
+    """The :class:`TransitionPattern` of :func:`transition_matrix` for ``batch`` images."""
+    _check_pairs(from_idx, to_idx, n)
+    dev = torch.device(device) if device is not None else from_idx.device
+    big_n = batch * n
+    shift = (torch.arange(batch, device=dev) * n).view(batch, 1)
+    f = (from_idx.to(dev).view(1, -1) + shift).reshape(-1)
+    t = (to_idx.to(dev).view(1, -1) + shift).reshape(-1)
+    diag = torch.arange(big_n, device=dev)
+    rows = torch.cat([f, t, diag])
+    cols = torch.cat([t, f, diag])
+    order = torch.argsort(cols * big_n + rows)
+    ccol = torch.zeros(big_n + 1, dtype=torch.long, device=dev)
+    ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=big_n), 0)
+    # int32 indices: the CPU sparse kernels (MKL) take them natively, measured ~30% faster per step
+    idx_dtype = torch.int32 if rows.numel() < 2**31 else torch.long
+    return TransitionPattern(n, batch, rows, cols, order, ccol.to(idx_dtype), rows[order].to(idx_dtype))
+
+
 def transition_matrix(aff: torch.Tensor, from_idx: torch.Tensor, to_idx: torch.Tensor, n: int,
-                      beta: float = 8.0) -> torch.Tensor:
+                      beta: float = 8.0, pattern: TransitionPattern | None = None) -> torch.Tensor:
     """Column-normalised transition matrix ``T`` (see the module docstring), sparse CSC.
 
     aff: ``(P,)`` affinities of the pairs ``(from_idx[p], to_idx[p])`` (``(P,) long`` flat indices
     into ``n = h*w``; pairs must be unique and non-self, as :func:`caee.affinity.pair_indices`
     makes them), or ``(B, P)`` for B images sharing the pair set: then ``T`` is the
-    block-diagonal ``(B*n, B*n)`` matrix whose b-th block belongs to image b.
+    block-diagonal ``(B*n, B*n)`` matrix whose b-th block belongs to image b. pattern: the
+    :func:`transition_pattern` of these pairs (computed here when None; pass a cached one).
     Returns ``T`` of shape ``(n, n)`` / ``(B*n, B*n)``, dtype and device of ``aff``,
     with ``T.to_dense().sum(0) == 1``.
     """
-    _check_pairs(from_idx, to_idx, n)
     aff2 = aff.unsqueeze(0) if aff.dim() == 1 else aff
     if aff2.dim() != 2 or aff2.shape[1] != from_idx.numel():
         raise CaeeError(f"aff must be (P,) or (B, P) with P={from_idx.numel()}, got {tuple(aff.shape)}")
     dev, nb = aff2.device, aff2.shape[0]
+    if pattern is None:
+        pattern = transition_pattern(from_idx, to_idx, n, nb, dev)
+    elif (pattern.n, pattern.batch) != (n, nb):
+        raise CaeeError(f"transition pattern for {pattern.batch} x {pattern.n} pixels used for {nb} x {n}")
     big_n = nb * n
-    shift = (torch.arange(nb, device=dev) * n).view(nb, 1)
-    f = (from_idx.to(dev).view(1, -1) + shift).reshape(-1)
-    t = (to_idx.to(dev).view(1, -1) + shift).reshape(-1)
-    diag = torch.arange(big_n, device=dev)
     vals = aff2.reshape(-1).pow(beta)
-    rows = torch.cat([f, t, diag])
-    cols = torch.cat([t, f, diag])
     vals = torch.cat([vals, vals, torch.ones(big_n, dtype=vals.dtype, device=dev)])
-    colsum = torch.zeros(big_n, dtype=vals.dtype, device=dev).index_add_(0, cols, vals)
-    vals = vals / colsum[cols]
-    order = torch.argsort(cols * big_n + rows)
-    ccol = torch.zeros(big_n + 1, dtype=torch.long, device=dev)
-    ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=big_n), 0)
-    # int32 indices: the CPU sparse kernels (MKL) take them natively, measured ~30% faster per step
-    idx_dtype = torch.int32 if vals.numel() < 2**31 else torch.long
+    colsum = torch.zeros(big_n, dtype=vals.dtype, device=dev).index_add_(0, pattern.cols, vals)
+    vals = vals / colsum[pattern.cols]
     with _quiet_sparse():
-        return torch.sparse_csc_tensor(ccol.to(idx_dtype), rows[order].to(idx_dtype), vals[order],
+        return torch.sparse_csc_tensor(pattern.ccol, pattern.row_sorted, vals[pattern.order],
                                        size=(big_n, big_n), check_invariants=False)
 
 

@@ -75,9 +75,15 @@ def measure(cfg: Config) -> list[dict]:
     pl = cfg.pseudo_labels
     rows.append(_label_row("pseudo labels", default_path(pl.out_dir, cfg, "pseudo_labels"), index, cfg,
                            f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, "
-                           f"alpha {pl.alpha:g}){', + CRF' if pl.crf else ''}"))
+                           f"alpha {pl.alpha:g}{_grid(cfg)}){', + CRF' if pl.crf else ''}"))
     rows.append(_deeplab_row(cfg))
     return [r for r in rows if r is not None]
+
+
+def _grid(cfg: Config) -> str:
+    """``, grid stride s`` when the AffinityNet's embeddings are not at its backbone's stride."""
+    s = cfg.train_affinity.embed_stride
+    return f", grid stride {s}" if s else ""
 
 
 def markdown(rows: list[dict], seconds: dict[str, float]) -> str:

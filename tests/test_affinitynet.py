@@ -156,6 +156,40 @@ def test_generic_backbone_without_affinity_features():
     assert out.shape == (1, 448, 32 // s, 32 // s)
 
 
+def test_embed_stride_gives_a_finer_grid_aligned_with_the_image():
+    """embed_stride 2 on TinyCNN (native 4): ceil(H/2) x ceil(W/2) cells for any size, the native
+    stride reproduces the default, and an image gives the same cells as its zero-padded copy."""
+    torch.manual_seed(0)
+    net = AffinityNet(TinyCNN(width=0.5), (8, 8, 16), embed_stride=2).eval()
+    native = AffinityNet(TinyCNN(width=0.5), (8, 8, 16), embed_stride=4).eval()
+    native.load_state_dict(net.state_dict())
+    default = AffinityNet(TinyCNN(width=0.5), (8, 8, 16)).eval()
+    default.load_state_dict(net.state_dict())
+    x = torch.randn(1, 3, 30, 22)
+    with torch.no_grad():
+        out = net(x)
+        padded = net(torch.nn.functional.pad(x, (0, 10, 0, 2)))
+        assert net.feature_stride == 2 and out.shape == (1, 32, 15, 11)
+        torch.testing.assert_close(padded[..., :15, :11], out)
+        y = torch.randn(2, 3, 32, 24)
+        torch.testing.assert_close(native(y), default(y), rtol=0, atol=0)
+    with pytest.raises(CaeeError, match="embed_stride"):
+        AffinityNet(TinyCNN(width=0.5), embed_stride=-1)
+
+
+def test_embed_stride_is_recorded_in_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    src = AffinityNet(TinyCNN(width=0.5), (8, 8, 16), embed_stride=2).eval()
+    path = tmp_path / "model.pth"
+    torch.save({"model": src.state_dict(), "arch": "affinitynet", "head_channels": [8, 8, 16], "embed_stride": 2,
+                "net": dataclasses.asdict(NetConfig(backbone="tinycnn", width=0.5))}, path)
+    model, _ = load_affinitynet(path, NetConfig())
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert model.feature_stride == 2
+        torch.testing.assert_close(model.eval()(x), src(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- labels
 
 
@@ -350,3 +384,27 @@ def test_train_affinity_stage_end_to_end(tmp_path):
     # and our model.pth also initialises a new AffinityNet (train_affinity.init)
     net = AffinityNet(ResNet38(width=WIDTH))
     load_model_weights(net, result.model_path, arch="affinitynet")
+
+
+def test_train_affinity_stage_at_a_finer_embed_stride(tmp_path):
+    """train_affinity.embed_stride=2 on TinyCNN (stride 4): labels and pairs on the 2x finer grid,
+    and the checkpoint rebuilds the same network for make_pseudo_labels."""
+    pytest.importorskip("pydensecrf")
+    root, ids = _tiny_root(tmp_path, n=4)
+    work = tmp_path / "work"
+    _write_cams(work / "cam_cgnet", root, ids)
+    cfg = config_from_dict({
+        "work_dir": str(work), "device": "cpu",
+        "data": {"dataset": "voc", "root": str(root), "num_workers": 0},
+        "crf": {"workers": 1},
+        "train_affinity": {"net": {"backbone": "tinycnn", "width": 0.25}, "head_channels": [4, 4, 8],
+                           "embed_stride": 2, "batch_size": 2, "epochs": 1, "max_steps": 2, "crop_size": 32,
+                           "resize_long": [96, 112], "lr": 0.01, "amp": False, "log_every": 1},
+    })
+    result = train_affinity.main(cfg)
+    records = [json.loads(line) for line in (work / "train_affinity" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["n_pairs"] == 2 * 34 * 12 * 8  # 32 crops -> 16x16 grid: rows 0..11, columns 4..11
+    model, meta = load_affinitynet(result.model_path, NetConfig())
+    assert meta["embed_stride"] == 2 and model.feature_stride == 2
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 40, 36)).shape == (1, 16, 20, 18)

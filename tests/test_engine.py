@@ -142,3 +142,23 @@ def test_ddp_two_cpu_processes_keep_replicas_equal(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["fc8.weight"], init["fc8.weight"])  # it did train
+
+
+def test_stage_threads_count_from_the_start_not_from_the_previous_stage(tmp_path, monkeypatch):
+    """run_pipeline runs every stage in one process: a trainer with a DataLoader worker lowers
+    the thread count, and the worker-less stage after it must get the cores back."""
+    from caee.config import Config
+    from caee.stages import common
+
+    monkeypatch.setattr(common, "available_cpus", lambda: 4)
+    monkeypatch.setattr(common, "_START_THREADS", 4)
+    before = torch.get_num_threads()
+    try:
+        cfg = Config(work_dir=str(tmp_path), device="cpu")
+        cfg.data.num_workers = 3
+        common.start_stage(cfg, "trainer")
+        assert torch.get_num_threads() == 1
+        common.start_stage(cfg, "walk", loader_workers=0)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

@@ -171,3 +171,19 @@ def test_propagate_labels_matches_dense_pipeline():
     assert set(lab.unique().tolist()) <= {0, 1, 5, 20}
     with pytest.raises(CaeeError):
         propagate_labels(cams, keys[:2], aff, f, t)
+
+
+def test_cached_transition_pattern_gives_the_same_matrix():
+    """The sparsity pattern is shared by every image of a grid size: building T from a cached one
+    gives exactly the matrix built from scratch, for one image and for a batch."""
+    from caee.random_walk import transition_pattern
+
+    fi, ti = pair_indices(7, 9, 3, False)
+    torch.manual_seed(0)
+    for aff in (torch.rand(fi.numel()), torch.rand(3, fi.numel())):
+        nb = 1 if aff.dim() == 1 else aff.shape[0]
+        fresh = transition_matrix(aff, fi, ti, 63, 8.0)
+        cached = transition_matrix(aff, fi, ti, 63, 8.0, transition_pattern(fi, ti, 63, nb))
+        torch.testing.assert_close(cached.to_dense(), fresh.to_dense(), rtol=0, atol=0)
+    with pytest.raises(CaeeError, match="pattern"):
+        transition_matrix(torch.rand(2, fi.numel()), fi, ti, 63, 8.0, transition_pattern(fi, ti, 63, 1))

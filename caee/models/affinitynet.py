@@ -17,6 +17,14 @@ Key layout: backbone under ``backbone.``, the four head layers at top level.
 
 Backbones other than ResNet38 (no ``affinity_features``) get a generic stand-in: the features of
 their last three depths, each average-pooled to the stride of the last one.
+
+``embed_stride`` (0 = the deepest input's stride, PSA's 8 for ResNet38) sets the stride of the
+embeddings, and so of the random walk's grid: each input feature is average-pooled (finer than the
+target) or bilinearly upsampled (coarser) to it. A finer grid than the backbone's makes sense
+where objects are only a few cells across, e.g. TinyCNN's stride 4 on the 96-pixel synthetic images:
+every second cell of a 9-cell object is a boundary cell. The image is zero-padded to a multiple of
+every stride involved so that the grids line up exactly, and the result cropped to
+``ceil(H / s) x ceil(W / s)``.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from typing import Sequence
 
 import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -56,9 +65,13 @@ class AffinityNet(nn.Module):
 
     HEAD_KEYS = HEAD_KEYS
 
-    def __init__(self, backbone: Backbone, head_channels: tuple[int, int, int] = (64, 128, 256)):
+    def __init__(self, backbone: Backbone, head_channels: tuple[int, int, int] = (64, 128, 256),
+                 embed_stride: int = 0):
         super().__init__()
         self.backbone = backbone
+        if embed_stride < 0:
+            raise CaeeError(f"config key 'train_affinity.embed_stride' must be >= 0, got {embed_stride}")
+        self.embed_stride = embed_stride
         if hasattr(backbone, "affinity_features"):
             in_ch = (backbone.channels[4], backbone.channels[5], backbone.channels[7])
         else:
@@ -74,9 +87,14 @@ class AffinityNet(nn.Module):
         self.out_channels = total
 
     @property
-    def feature_stride(self) -> int:
-        """Stride of the embeddings against the input (8 for ResNet38)."""
+    def native_stride(self) -> int:
+        """Stride of the deepest input feature (8 for ResNet38, 4 for TinyCNN)."""
         return self.backbone.strides[self.backbone.last_depth]
+
+    @property
+    def feature_stride(self) -> int:
+        """Stride of the embeddings against the input: ``embed_stride`` or the native one."""
+        return self.embed_stride or self.native_stride
 
     def head_modules(self) -> list[nn.Module]:
         """The newly initialised layers (PSA trains them at 10x lr)."""
@@ -93,15 +111,37 @@ class AffinityNet(nn.Module):
                      for f in (feats[d] for d in depths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c4, c5, c6 = self._inputs(x)
+        """``(B, 3, H, W)`` -> ``(B, D, ceil(H / s), ceil(W / s))`` with ``s = feature_stride``."""
+        if not self.embed_stride:
+            return self._embed(self._inputs(x))
+        s = self.embed_stride
+        hh, ww = x.shape[-2:]
+        step = math.lcm(s, self.native_stride)
+        x = F.pad(x, (0, -ww % step, 0, -hh % step))
+        size = (x.shape[-2] // s, x.shape[-1] // s)
+        inputs = tuple(_resize(f, size) for f in self._inputs(x))
+        return self._embed(inputs)[..., :-(-hh // s), :-(-ww // s)]
+
+    def _embed(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        c4, c5, c6 = inputs
         f = torch.cat([F.elu(self.f8_3(c4)), F.elu(self.f8_4(c5)), F.elu(self.f8_5(c6))], dim=1)
         return F.elu(self.f9(f))
 
 
-def build_affinitynet(net: NetConfig, head_channels: Sequence[int] = (64, 128, 256)) -> AffinityNet:
+def _resize(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool ``f`` down to ``size``, or upsample it bilinearly, whichever it needs."""
+    if tuple(f.shape[-2:]) == size:
+        return f
+    if f.shape[-2] > size[0]:
+        return F.adaptive_avg_pool2d(f, size)
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+
+
+def build_affinitynet(net: NetConfig, head_channels: Sequence[int] = (64, 128, 256),
+                      embed_stride: int = 0) -> AffinityNet:
     """An AffinityNet on the backbone ``net`` describes (ImageNet weights if ``net.pretrained``)."""
     from caee.models import build_backbone
-    return AffinityNet(build_backbone(net), tuple(head_channels))
+    return AffinityNet(build_backbone(net), tuple(head_channels), embed_stride)
 
 
 def _arch_name(net: NetConfig) -> str:
@@ -135,6 +175,6 @@ def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[
         known = {f.name for f in dataclasses.fields(NetConfig)}
         net = NetConfig(**{k: v for k, v in meta["net"].items() if k in known})
     net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
-    model = build_affinitynet(net, meta.get("head_channels", (64, 128, 256)))
+    model = build_affinitynet(net, meta.get("head_channels", (64, 128, 256)), meta.get("embed_stride", 0))
     load_model_weights(model, path, arch=_arch_name(net), config_key="pseudo_labels.weights")
     return model, meta

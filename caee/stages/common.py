@@ -12,15 +12,21 @@ from caee.crf import available_cpus
 from caee.logs import setup_logging
 
 
+_START_THREADS = torch.get_num_threads()  # honours OMP_NUM_THREADS / a caller's set_num_threads before import
+
+
 @dataclass
 class StageEnv:
     device: torch.device
     out_dir: Path
 
 
-def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path | None = None) -> StageEnv:
+def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path | None = None,
+                loader_workers: int | None = None) -> StageEnv:
     """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` (or ``out_dir``) with
-    log and config; seed the global RNG first so that network initialisation is reproducible."""
+    log and config; seed the global RNG first so that network initialisation is reproducible.
+    loader_workers: DataLoader worker processes the stage runs (None = ``data.num_workers``); on
+    the CPU the stage computes with the cores they leave."""
     if seed is not None:
         torch.manual_seed(seed)
     device = distributed.resolve_device(cfg.device)
@@ -28,8 +34,11 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
     if device.type == "cpu":
         # each DataLoader worker and each rank is a busy process too: more threads than cores
         # makes PyTorch's spinning OpenMP threads fight (measured 10x slower on 2 cores)
+        # counted from the threads the process started with, not the current count: run_pipeline
+        # calls every stage in one process and an earlier stage's workers must not lower a later one's
+        workers = cfg.data.num_workers if loader_workers is None else loader_workers
         per_rank = available_cpus() // distributed.world_size()
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), per_rank - cfg.data.num_workers)))
+        torch.set_num_threads(max(1, min(_START_THREADS, per_rank - workers)))
     out_dir = out_dir or stage_dir(cfg, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)

@@ -25,7 +25,7 @@ def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
 
 def main(cfg: Config) -> dict:
     cfg = expand_work_dir(cfg)
-    start_stage(cfg, "eval")
+    start_stage(cfg, "eval", loader_workers=0)
     folder, split, out = eval_paths(cfg)
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)

@@ -42,7 +42,8 @@ from caee.data import ensure_dataset, load_split, normalize_image
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_image, save_label_png, write_json
 from caee.models.affinitynet import load_affinitynet
-from caee.random_walk import cam_scores_with_background, random_walk, transition_matrix
+from caee.random_walk import (TransitionPattern, cam_scores_with_background, random_walk, transition_matrix,
+                              transition_pattern)
 from caee.stages.common import default_path, start_stage
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,23 @@ class PairCache:
 
     def __init__(self, radius: int, psa_border: bool, max_entries: int = 32):
         self.radius, self.psa_border, self.max_entries = radius, psa_border, max_entries
-        self._store: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._store: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, TransitionPattern]] = OrderedDict()
 
     def get(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(from_idx, to_idx)`` of the ``h x w`` grid."""
+        return self._entry(h, w, device)[:2]
+
+    def pattern(self, h: int, w: int, device: torch.device) -> TransitionPattern:
+        """The sparsity pattern of the grid's transition matrix (one image)."""
+        return self._entry(h, w, device)[2]
+
+    def _entry(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, TransitionPattern]:
         key = (h, w, str(device))
         if key in self._store:
             self._store.move_to_end(key)
         else:
-            self._store[key] = pair_indices(h, w, self.radius, self.psa_border, device=device)
+            from_idx, to_idx = pair_indices(h, w, self.radius, self.psa_border, device=device)
+            self._store[key] = (from_idx, to_idx, transition_pattern(from_idx, to_idx, h * w, 1, device))
             if len(self._store) > self.max_entries:
                 self._store.popitem(last=False)
         return self._store[key]
@@ -112,7 +122,7 @@ def random_walk_scores(features: torch.Tensor, cams: torch.Tensor, params: WalkP
     pairs = pairs or PairCache(params.radius, params.psa_border)
     from_idx, to_idx = pairs.get(h, w, dev)
     aff = offset_affinity(features.unsqueeze(0), params.radius, params.psa_border)[0]
-    trans = transition_matrix(aff, from_idx, to_idx, h * w, params.beta)
+    trans = transition_matrix(aff, from_idx, to_idx, h * w, params.beta, pairs.pattern(h, w, dev))
     rw = random_walk(scores, trans, params.steps)
     up = F.interpolate(rw.unsqueeze(0), size=(h * stride, w * stride), mode="bilinear", align_corners=False)
     return up[0, :, :hh, :ww].float()
@@ -176,7 +186,7 @@ def _walk_params(cfg: Config) -> WalkParams:
 
 def main(cfg: Config) -> Path:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "make_pseudo_labels")
+    env = start_stage(cfg, "make_pseudo_labels", loader_workers=0)
     pc = cfg.pseudo_labels
     ensure_dataset(cfg.data)
     split = pc.split or cfg.data.cam_split

@@ -63,7 +63,7 @@ class AffinityTask(TrainTask):
 
     def export(self) -> dict:
         return {"arch": "affinitynet", "net": dataclasses.asdict(self.cfg.net), "radius": self.cfg.radius,
-                "head_channels": list(self.cfg.head_channels),
+                "head_channels": list(self.cfg.head_channels), "embed_stride": self.model.embed_stride,
                 "feature_stride": self.model.feature_stride, "num_classes": len(self.class_names),
                 "class_names": self.class_names}
 
@@ -72,7 +72,7 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     """The AffinityNet to train: ImageNet backbone (``net.pretrained``) or the ``init`` checkpoint
     (AffinityNet, or a classifier whose backbone alone is used); backbone frozen as PSA."""
     net = dataclasses.replace(tc.net, pretrained="") if tc.init else tc.net
-    model = build_affinitynet(net, tc.head_channels)
+    model = build_affinitynet(net, tc.head_channels, tc.embed_stride)
     if tc.init:
         how = init_affinitynet_from(model, tc.init, tc.net)
         logger.info("AffinityNet initialised from %s (%s)", tc.init, how)
@@ -100,8 +100,9 @@ def main(cfg: Config) -> FitResult:
     if tc.crop_size <= 0 or tc.crop_size % stride:
         raise CaeeError(f"train_affinity.crop_size={tc.crop_size} must be a positive multiple of the feature "
                         f"stride {stride} (images of a batch must share one size)")
-    logger.info("AffinityNet %s (width %g): %d images of %s, labels la alpha %g / ha alpha %g from %s, "
-                "radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width, len(index.ids),
+    logger.info("AffinityNet %s (width %g, embeddings at stride %d): %d images of %s, labels la alpha %g / "
+                "ha alpha %g from %s, "
+                "radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width, stride, len(index.ids),
                 cfg.data.train_split, tc.la_alpha, tc.ha_alpha, cam_dir, tc.radius,
                 "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
     dataset = AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
