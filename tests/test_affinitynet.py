@@ -173,6 +173,10 @@ def test_embed_stride_gives_a_finer_grid_aligned_with_the_image():
         torch.testing.assert_close(padded[..., :15, :11], out)
         y = torch.randn(2, 3, 32, 24)
         torch.testing.assert_close(native(y), default(y), rtol=0, atol=0)
+        # depths 2 and 3 are at stride 2 already and go in untouched; only depth 4 is upsampled
+        kept = net.backbone.forward_features(y, keep=(2, 3, 4))
+        up = F.interpolate(kept[4], size=(16, 12), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(net(y), net._embed([kept[2], kept[3], up]))
     with pytest.raises(CaeeError, match="embed_stride"):
         AffinityNet(TinyCNN(width=0.5), embed_stride=-1)
 

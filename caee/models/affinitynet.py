@@ -60,7 +60,8 @@ def _input_depths(backbone: Backbone) -> tuple[int, ...]:
 class AffinityNet(nn.Module):
     """Backbone + f8_3/f8_4/f8_5/f9: ``(B, 3, H, W)`` image -> ``(B, 448, h, w)`` embeddings.
 
-    ``h, w`` are the backbone's last feature size (ResNet38: ``ceil(H/8), ceil(W/8)``).
+    ``h, w`` are the backbone's last feature size (ResNet38: ``ceil(H/8), ceil(W/8)``), or
+    ``ceil(H/s), ceil(W/s)`` with ``embed_stride`` s.
     """
 
     HEAD_KEYS = HEAD_KEYS
@@ -100,15 +101,17 @@ class AffinityNet(nn.Module):
         """The newly initialised layers (PSA trains them at 10x lr)."""
         return [self.f8_3, self.f8_4, self.f8_5, self.f9]
 
-    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """The three input features, each resized to ``size`` (None: the deepest one's size)."""
         if hasattr(self.backbone, "affinity_features"):
             d = self.backbone.affinity_features(x)
-            return d["conv4"], d["conv5"], d["conv6"]
-        depths = _input_depths(self.backbone)
-        feats = self.backbone.forward_features(x, keep=depths)
-        size = feats[depths[-1]].shape[-2:]
-        return tuple(f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size)  # type: ignore[return-value]
-                     for f in (feats[d] for d in depths))
+            feats = [d["conv4"], d["conv5"], d["conv6"]]
+        else:
+            depths = _input_depths(self.backbone)
+            kept = self.backbone.forward_features(x, keep=depths)
+            feats = [kept[d] for d in depths]
+        size = size or tuple(feats[-1].shape[-2:])
+        return [_resize(f, size) for f in feats]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, D, ceil(H / s), ceil(W / s))`` with ``s = feature_stride``."""
@@ -118,11 +121,11 @@ class AffinityNet(nn.Module):
         hh, ww = x.shape[-2:]
         step = math.lcm(s, self.native_stride)
         x = F.pad(x, (0, -ww % step, 0, -hh % step))
-        size = (x.shape[-2] // s, x.shape[-1] // s)
-        inputs = tuple(_resize(f, size) for f in self._inputs(x))
-        return self._embed(inputs)[..., :-(-hh // s), :-(-ww // s)]
+        # each feature goes straight from its own stride to s (no detour through the deepest one's)
+        out = self._embed(self._inputs(x, (x.shape[-2] // s, x.shape[-1] // s)))
+        return out[..., :-(-hh // s), :-(-ww // s)]
 
-    def _embed(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _embed(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         c4, c5, c6 = inputs
         f = torch.cat([F.elu(self.f8_3(c4)), F.elu(self.f8_4(c5)), F.elu(self.f8_5(c6))], dim=1)
         return F.elu(self.f9(f))
