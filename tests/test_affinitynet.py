@@ -360,7 +360,8 @@ def test_train_step_counts_pairs_and_overfits_a_batch():
     assert len(task._pairs) == 1  # one feature size -> pairs computed once
 
 
-def test_train_affinity_stage_end_to_end(tmp_path):
+def _stage_config(tmp_path, **train_affinity) -> tuple:
+    """A 4-image VOC-layout root with CGNet CAMs and a config for the train_affinity stage."""
     pytest.importorskip("pydensecrf")
     root, ids = _tiny_root(tmp_path, n=4)
     work = tmp_path / "work"
@@ -369,10 +370,15 @@ def test_train_affinity_stage_end_to_end(tmp_path):
         "work_dir": str(work), "device": "cpu",
         "data": {"dataset": "voc", "root": str(root), "num_workers": 0},
         "crf": {"workers": 1},
-        "train_affinity": {"net": {"backbone": "resnet38", "width": WIDTH}, "batch_size": 2, "epochs": 2,
-                           "max_steps": 3, "crop_size": 96, "resize_long": [96, 112], "lr": 0.01, "amp": False,
-                           "log_every": 1},
+        "train_affinity": {"batch_size": 2, "resize_long": [96, 112], "lr": 0.01, "amp": False, "log_every": 1,
+                           **train_affinity},
     })
+    return cfg, work, ids
+
+
+def test_train_affinity_stage_end_to_end(tmp_path):
+    cfg, work, ids = _stage_config(tmp_path, net={"backbone": "resnet38", "width": WIDTH}, epochs=2, max_steps=3,
+                                   crop_size=96)
     result = train_affinity.main(cfg)
     assert result.steps == 3
     for alpha in (4, 24):
@@ -393,18 +399,8 @@ def test_train_affinity_stage_end_to_end(tmp_path):
 def test_train_affinity_stage_at_a_finer_embed_stride(tmp_path):
     """train_affinity.embed_stride=2 on TinyCNN (stride 4): labels and pairs on the 2x finer grid,
     and the checkpoint rebuilds the same network for make_pseudo_labels."""
-    pytest.importorskip("pydensecrf")
-    root, ids = _tiny_root(tmp_path, n=4)
-    work = tmp_path / "work"
-    _write_cams(work / "cam_cgnet", root, ids)
-    cfg = config_from_dict({
-        "work_dir": str(work), "device": "cpu",
-        "data": {"dataset": "voc", "root": str(root), "num_workers": 0},
-        "crf": {"workers": 1},
-        "train_affinity": {"net": {"backbone": "tinycnn", "width": 0.25}, "head_channels": [4, 4, 8],
-                           "embed_stride": 2, "batch_size": 2, "epochs": 1, "max_steps": 2, "crop_size": 32,
-                           "resize_long": [96, 112], "lr": 0.01, "amp": False, "log_every": 1},
-    })
+    cfg, work, _ = _stage_config(tmp_path, net={"backbone": "tinycnn", "width": 0.25}, head_channels=[4, 4, 8],
+                                 embed_stride=2, epochs=1, max_steps=2, crop_size=32)
     result = train_affinity.main(cfg)
     records = [json.loads(line) for line in (work / "train_affinity" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["n_pairs"] == 2 * 34 * 12 * 8  # 32 crops -> 16x16 grid: rows 0..11, columns 4..11
