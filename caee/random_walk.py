@@ -58,12 +58,11 @@ class TransitionPattern:
     """The sparsity structure of ``T`` for one pair set and batch size: the same for every image
     of a grid size, so it is computed once (the sort is most of building ``T``).
 
-    rows, cols: the ``2P + n`` (per image) entries before sorting; order: their CSC order;
-    ccol, row_sorted: the CSC index arrays.
+    cols: the column of each of the ``2P + n`` (per image) entries before sorting; order: their
+    CSC order; ccol, row_sorted: the CSC index arrays.
     """
     n: int
     batch: int
-    rows: torch.Tensor
     cols: torch.Tensor
     order: torch.Tensor
     ccol: torch.Tensor
@@ -87,7 +86,7 @@ def transition_pattern(from_idx: torch.Tensor, to_idx: torch.Tensor, n: int, bat
     ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=big_n), 0)
     # int32 indices: the CPU sparse kernels (MKL) take them natively, measured ~30% faster per step
     idx_dtype = torch.int32 if rows.numel() < 2**31 else torch.long
-    return TransitionPattern(n, batch, rows, cols, order, ccol.to(idx_dtype), rows[order].to(idx_dtype))
+    return TransitionPattern(n, batch, cols, order, ccol.to(idx_dtype), rows[order].to(idx_dtype))
 
 
 def transition_matrix(aff: torch.Tensor, from_idx: torch.Tensor, to_idx: torch.Tensor, n: int,
