@@ -128,9 +128,9 @@ def test_embed_image_pads_to_the_stride():
 def test_pair_cache_reuses_and_bounds():
     cache = PairCache(5, False, max_entries=2)
     a = cache.get(6, 6, torch.device("cpu"))
-    pattern = cache.pattern(6, 6, torch.device("cpu"))
-    assert cache.get(6, 6, torch.device("cpu"))[0] is a[0] and cache.pattern(6, 6, torch.device("cpu")) is pattern
-    assert pattern.n == 36 and pattern.ccol[-1] == 2 * a[0].numel() + 36
+    again = cache.get(6, 6, torch.device("cpu"))
+    assert again[0] is a[0] and again[2] is a[2]
+    assert a[2].n == 36 and a[2].ccol[-1] == 2 * a[0].numel() + 36
     cache.get(7, 7, torch.device("cpu"))
     cache.get(8, 8, torch.device("cpu"))
     assert len(cache._store) == 2 and cache.get(6, 6, torch.device("cpu"))[0] is not a[0]

@@ -68,15 +68,9 @@ class PairCache:
         self.radius, self.psa_border, self.max_entries = radius, psa_border, max_entries
         self._store: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, TransitionPattern]] = OrderedDict()
 
-    def get(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(from_idx, to_idx)`` of the ``h x w`` grid."""
-        return self._entry(h, w, device)[:2]
-
-    def pattern(self, h: int, w: int, device: torch.device) -> TransitionPattern:
-        """The sparsity pattern of the grid's transition matrix (one image)."""
-        return self._entry(h, w, device)[2]
-
-    def _entry(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, TransitionPattern]:
+    def get(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, TransitionPattern]:
+        """``(from_idx, to_idx, pattern)`` of the ``h x w`` grid: its pairs and the sparsity pattern
+        of its transition matrix (one image)."""
         key = (h, w, str(device))
         if key in self._store:
             self._store.move_to_end(key)
@@ -120,9 +114,9 @@ def random_walk_scores(features: torch.Tensor, cams: torch.Tensor, params: WalkP
         raise CaeeError(f"the {hh}x{ww} CAMs pool to {tuple(scores.shape[-2:])} cells but the embeddings are "
                         f"{(h, w)}: are the CAMs from this image at its original size?")
     pairs = pairs or PairCache(params.radius, params.psa_border)
-    from_idx, to_idx = pairs.get(h, w, dev)
+    from_idx, to_idx, pattern = pairs.get(h, w, dev)
     aff = offset_affinity(features.unsqueeze(0), params.radius, params.psa_border)[0]
-    trans = transition_matrix(aff, from_idx, to_idx, h * w, params.beta, pairs.pattern(h, w, dev))
+    trans = transition_matrix(aff, from_idx, to_idx, h * w, params.beta, pattern)
     rw = random_walk(scores, trans, params.steps)
     up = F.interpolate(rw.unsqueeze(0), size=(h * stride, w * stride), mode="bilinear", align_corners=False)
     return up[0, :, :hh, :ww].float()
