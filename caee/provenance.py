@@ -1,0 +1,85 @@
+"""Which settings determine a stage's output, their fingerprint, and the refusal when they changed.
+
+Every stage records ``settings_of(cfg, stage)`` (flat ``{"section.key": value}``) and its
+``fingerprint`` with what it writes (``last.pth`` / ``model.pth`` / a completion marker). A re-run
+compares the record with the current config through :func:`check_same`: equal settings resume or
+skip, different ones stop with the differing keys and the two ways out.
+
+Keys that cannot change an output (workers, logging, checkpoint frequency, pictures, overwrite
+switches) are left out, so changing them never forces a re-run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping
+
+from caee.errors import CaeeError
+
+# The config sections that determine each stage's output (stage = the module in caee/stages/).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train_classifier": ("data", "train_classifier"),
+    "train_cgnet": ("data", "masking", "train_cgnet"),
+    "make_cam": ("data", "cam", "crf"),
+    "train_affinity": ("data", "train_affinity", "crf"),
+    "make_pseudo_labels": ("data", "pseudo_labels", "crf"),
+    "train_deeplab": ("data", "train_deeplab", "crf"),
+    "eval_miou": ("data", "eval"),
+}
+
+# Leaf names (in any section) that never change what a stage writes.
+NON_OUTPUT_KEYS = frozenset({
+    "num_workers", "workers", "log_every", "checkpoint_every", "overwrite", "pictures",
+    "keep_epochs", "tensorboard", "eval_only",
+})
+
+
+def _flatten(data: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            if k in NON_OUTPUT_KEYS:
+                continue
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = list(data) if isinstance(data, tuple) else data
+
+
+def settings_of(cfg: Any, stage: str) -> dict[str, Any]:
+    """The flat settings of ``cfg`` (a :class:`caee.config.Config`) that determine ``stage``'s output."""
+    if stage not in STAGE_SECTIONS:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_SECTIONS)}")
+    out: dict[str, Any] = {}
+    for section in STAGE_SECTIONS[stage]:
+        _flatten({section: dataclasses.asdict(getattr(cfg, section))}, "", out)
+    return out
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """A short canonical hash of flat settings (key order does not matter)."""
+    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ, or that exist on one side only, sorted."""
+    keys = set(recorded) | set(current)
+    return sorted(k for k in keys if recorded.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+def check_same(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], where: str, stage: str) -> None:
+    """Refuse to reuse ``where`` (a checkpoint or marker) made with other settings than ``current``.
+
+    ``recorded`` None (an output of an older version without a record) is refused as well: its
+    settings are unknown.
+    """
+    if recorded is None:
+        raise CaeeError(f"{where} records no settings, so it cannot be checked against this config; "
+                        f"use a new work_dir or re-run with {stage}.overwrite=true (or --overwrite) to start over")
+    diff = differing_keys(recorded, current)
+    if not diff:
+        return
+    shown = "; ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in diff[:8])
+    more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+    raise CaeeError(f"{where} was made with other settings ({shown}{more}); "
+                    f"use a new work_dir or re-run with {stage}.overwrite=true (or --overwrite) to start over")
