@@ -1,7 +1,7 @@
 """AffinityNet training labels from the low/high-alpha CRF labels of the CAMs (PSA, METHOD.md section 6).
 
-The CRF label PNGs live next to the CAM folder: ``crf_dir(cam_dir, alpha)/<id>.png`` (make_cam.py
-writes them when ``cam.crf_alphas`` lists the alphas). Missing ones are computed here from the
+The CRF label PNGs live in one folder per alpha next to the CAM folder (the stage names them;
+make_cam.py writes them when ``cam.crf_alphas`` lists the alphas). Missing ones are computed here from the
 CAMs with :func:`caee.crf.crf_cam_labels` and cached into those folders, so a second run (or the
 pseudo-label stage) reads them back.
 
@@ -11,10 +11,9 @@ Per training sample: both maps go through the same joint augmentation as the ima
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -22,28 +21,16 @@ from torch.utils.data import Dataset
 from caee import distributed
 from caee.affinity import confident_labels, downsample_labels
 from caee.config import CrfConfig
-from caee.crf import CrfParams, crf_cam_labels, run_pool
+from caee.crf import crf_cam_labels
 from caee.data import SegmentationDataset, SplitIndex
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_image, save_label_png
-from caee.stages.common import crf_dir
+from caee.parallel import run_pool, workers_for
 
 logger = logging.getLogger(__name__)
 
 
-def crf_params(crf_cfg: CrfConfig) -> CrfParams:
-    """The :class:`CrfParams` of the config's ``crf`` section."""
-    return CrfParams(iterations=crf_cfg.iterations, gaussian_sxy=crf_cfg.gaussian_sxy,
-                     gaussian_compat=crf_cfg.gaussian_compat, bilateral_sxy=crf_cfg.bilateral_sxy,
-                     bilateral_srgb=crf_cfg.bilateral_srgb, bilateral_compat=crf_cfg.bilateral_compat)
-
-
-def crf_workers(crf_cfg: CrfConfig) -> int | None:
-    """``crf.workers`` for :func:`caee.crf.run_pool` (0 = all cores -> None)."""
-    return None if crf_cfg.workers <= 0 else crf_cfg.workers
-
-
-def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfParams]) -> int:
+def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfConfig]) -> int:
     """One image: CRF labels at every missing alpha from one CAM load. Returns the files written."""
     image_path, cam_path, todo, params = job
     image = load_image(image_path)
@@ -56,22 +43,22 @@ def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfParams]) -> int:
     return len(todo)
 
 
-def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, alphas: Sequence[float], crf_cfg: CrfConfig,
+def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[float, Path], crf_cfg: CrfConfig,
                       workers: int | None = None) -> dict[float, Path]:
-    """Make sure ``crf_dir(cam_dir, a)/<id>.png`` exists for every image of ``index`` and alpha ``a``.
+    """Make sure ``crf_dirs[a]/<id>.png`` exists for every image of ``index`` and alpha ``a``
+    (the stage names the folders: next to the CAM folder).
 
     Missing PNGs are computed from ``<cam_dir>/<id>.npz`` in a process pool (``workers``: None =
     ``crf.workers``), each rank of a torchrun group taking its share; all ranks wait for each other
     at the end. Returns ``{alpha: folder}``.
     """
     cam_dir = Path(cam_dir)
-    dirs = {float(a): crf_dir(cam_dir, a) for a in alphas}
+    dirs = {float(a): Path(d) for a, d in crf_dirs.items()}
     jobs = []
-    params = crf_params(crf_cfg)
     for i, image_id in enumerate(index.ids):
         todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items() if not (d / f"{image_id}.png").is_file()]
         if todo:
-            jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, params))
+            jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg))
     if jobs:
         missing_cams = [j[1] for j in jobs if not Path(j[1]).is_file()]
         if missing_cams:
@@ -84,7 +71,7 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, alphas: Sequence[f
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         mine = distributed.shard(jobs)
-        run_pool(_crf_job, mine, workers if workers is not None else crf_workers(crf_cfg))
+        run_pool(_crf_job, mine, workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
     return dirs
 
@@ -110,19 +97,3 @@ class AffinityLabelDataset(Dataset):
         label = confident_labels(item["la"].to(torch.uint8), item["ha"].to(torch.uint8))
         return {"image": item["image"], "aff_label": downsample_labels(label, self.stride),
                 "idx": item["idx"], "id": item["id"]}
-
-
-@dataclasses.dataclass
-class LabelStats:
-    """Fractions of feature pixels per kind over a set of label maps (for the log)."""
-    background: float
-    foreground: float
-    unsure: float
-
-
-def label_stats(labels: torch.Tensor) -> LabelStats:
-    """labels: ``(..., h, w)`` affinity labels -> fractions of background / foreground / 255."""
-    n = max(labels.numel(), 1)
-    bg = int((labels == 0).sum())
-    unsure = int((labels == 255).sum())
-    return LabelStats(bg / n, (labels.numel() - bg - unsure) / n, unsure / n)

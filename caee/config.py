@@ -151,7 +151,8 @@ class CrfConfig:
     bilateral_sxy: float = 80
     bilateral_srgb: float = 13
     bilateral_compat: float = 10
-    workers: int = 0                # 0 = all cores
+    min_prob: float = 1e-8          # floor of the probabilities before -log (pydensecrf's unary_from_softmax clips at 1e-5)
+    workers: int = 0                # CRF processes; 0 = this machine's cores shared by its ranks
 
 
 @dataclasses.dataclass

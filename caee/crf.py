@@ -1,38 +1,21 @@
-"""Dense CRF refinement (pydensecrf) and a small process pool for running CPU jobs in parallel.
+"""Dense CRF refinement (pydensecrf).
 
 The CRF follows METHOD.md section 5: unary = -log(probabilities), 10 mean-field iterations, a
 Gaussian kernel (sxy 3, compat 3) and a bilateral kernel on the RGB image (sxy 80, srgb 13,
-compat 10). pydensecrf is imported lazily so that this module imports without it; calling a CRF
-function without it raises :class:`caee.errors.CaeeError`.
+compat 10): the config's ``crf`` section (:class:`caee.config.CrfConfig`) is passed as it is.
+pydensecrf is imported lazily so that this module imports without it; calling a CRF function
+without it raises :class:`caee.errors.CaeeError`.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
-import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from caee.config import CrfConfig
 from caee.errors import CaeeError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CrfParams:
-    """Dense CRF settings (defaults: PSA / OC-CSE). ``min_prob`` floors the probabilities before
-    the log (pydensecrf's own ``unary_from_softmax`` clips at 1e-5 instead)."""
-
-    iterations: int = 10
-    gaussian_sxy: float = 3
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 80
-    bilateral_srgb: float = 13
-    bilateral_compat: float = 10
-    min_prob: float = 1e-8
 
 
 def _densecrf():
@@ -43,7 +26,7 @@ def _densecrf():
     return dcrf
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = None) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfConfig | None = None) -> np.ndarray:
     """Mean-field posterior of a fully connected CRF.
 
     image: (H, W, 3) uint8 RGB. probs: (L, H, W) float, non-negative scores; they are floored at
@@ -51,7 +34,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = N
     Returns (L, H, W) float32 posterior probabilities.
     """
     dcrf = _densecrf()
-    params = params or CrfParams()
+    params = params or CrfConfig()
     probs = np.asarray(probs, dtype=np.float32)
     image = np.asarray(image)
     if probs.ndim != 3 or probs.shape[0] < 1:
@@ -73,7 +56,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = N
     return np.asarray(q, dtype=np.float32).reshape(n_labels, h, w)
 
 
-def crf_labels_from_scores(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = None,
+def crf_labels_from_scores(image: np.ndarray, probs: np.ndarray, params: CrfConfig | None = None,
                            label_values: np.ndarray | None = None) -> np.ndarray:
     """CRF on arbitrary (L, H, W) probability maps (e.g. DeepLab softmax), then argmax.
 
@@ -93,7 +76,7 @@ def crf_labels_from_scores(image: np.ndarray, probs: np.ndarray, params: CrfPara
 
 
 def crf_cam_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, alpha: float,
-                   params: CrfParams | None = None) -> np.ndarray:
+                   params: CrfConfig | None = None) -> np.ndarray:
     """PSA-style CRF labels from CAMs.
 
     image: (H, W, 3) uint8; keys: (K,) 0-based class ids; cams: (K, H, W) float in [0, 1].
@@ -113,52 +96,3 @@ def crf_cam_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, alpha:
     bg = np.power(1.0 - np.clip(cams.max(axis=0), 0.0, 1.0), alpha)[None]
     lut = np.concatenate([[0], keys + 1])
     return crf_labels_from_scores(image, np.concatenate([bg, cams], axis=0), params, lut)
-
-
-# ---------------------------------------------------------------- process pool
-
-_POOL_FN: Callable | None = None
-
-
-def _worker_init(fn: Callable) -> None:
-    global _POOL_FN
-    _POOL_FN = fn
-    # Each worker is one of many processes: intra-op threads would oversubscribe the cores.
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _worker_call(item: Any) -> Any:
-    return _POOL_FN(item)
-
-
-def available_cpus() -> int:
-    """Cores this process may run on (affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def run_pool(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | None = None,
-             chunksize: int | None = None) -> list:
-    """``[fn(x) for x in items]`` on a process pool, results in input order.
-
-    workers: None = all available cores; 1 (or a single item) runs inline in this process.
-    On Linux the pool forks, so ``fn`` may be a closure or lambda (it is inherited, not pickled);
-    items and results are pickled. Workers run torch single-threaded. Do not fork from a process
-    holding CUDA state if ``fn`` needs CUDA: this pool is meant for CPU jobs (CRF, file loading).
-    """
-    items = list(items)
-    n = available_cpus() if workers is None else int(workers)
-    if n < 1:
-        raise CaeeError(f"workers must be >= 1 (or None for all cores), got {workers}")
-    n = min(n, len(items))
-    if n <= 1:
-        return [fn(x) for x in items]
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else None)
-    if chunksize is None:
-        chunksize = max(1, len(items) // (n * 4))
-    with ctx.Pool(n, initializer=_worker_init, initargs=(fn,)) as pool:
-        return list(pool.imap(_worker_call, items, chunksize=chunksize))

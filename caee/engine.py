@@ -29,8 +29,8 @@ from tqdm import tqdm
 from caee import distributed
 from caee.config import TrainConfig
 from caee.errors import CaeeError
-from caee.io import atomic_write
 from caee.logs import MetricsWriter
+from caee.weights.checkpoints import read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -185,17 +185,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    if distributed.is_main():
-        with atomic_write(path) as f:
-            torch.save(payload, f)
-
-
 def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CaeeError(f"{path}: unreadable checkpoint ({e}); delete it to start the stage afresh") from None
+    return read_checkpoint(path, "delete it to start the stage afresh")
 
 
 # ---------------------------------------------------------------- the loop

@@ -12,6 +12,7 @@ from caee.cam import image_keys, multiscale_cam
 from caee.data import SplitIndex
 from caee.io import load_image, load_label_png
 from caee.metrics import ThresholdSweep
+from caee.weights.checkpoints import read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -43,11 +44,9 @@ class OracleSelector:
     def best(self) -> dict | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        return read_checkpoint(self.path, "delete it to restart the oracle selection")
 
     def update(self, model: torch.nn.Module, epoch: int) -> None:
-        from caee.engine import save_checkpoint
-
         miou = train_cam_miou(model, self.index, self.device)
         prev = self.best()
         logger.info("oracle: epoch %d CAM mIoU %.2f on %s (best so far %s)", epoch + 1, 100 * miou,

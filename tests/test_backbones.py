@@ -157,14 +157,6 @@ def test_edit_equals_manual_stages(name):
             assert not torch.allclose(got, plain), (name, d)
 
 
-def test_start_skips_earlier_stages():
-    net = _small("tinycnn")
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        f2 = net.forward_features(x, keep=[2])[2]
-        torch.testing.assert_close(net(f2, start=2), net(x), rtol=0, atol=0)
-
-
 def _frozen(net):
     return {n for n, p in net.named_parameters() if not p.requires_grad}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from caee.errors import CaeeError
+from caee.weights.checkpoints import load_resnet38_imagenet
 from caee.weights.mxnet_params import (
-    load_resnet38_imagenet,
     psa_resnet38_keys,
     read_mxnet_params,
     resnet38_mxnet_to_psa,

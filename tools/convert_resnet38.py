@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from caee.errors import CaeeError  # noqa: E402
 from caee.io import atomic_write  # noqa: E402
-from caee.weights.mxnet_params import load_resnet38_imagenet  # noqa: E402
+from caee.weights.checkpoints import load_resnet38_imagenet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,10 @@ class Backbone(nn.Module):
     out_channels: int
     frozen_prefixes: tuple[str, ...] = ()  # parameter-name prefixes never trained (besides BatchNorm)
     freeze_bn: bool = True                 # BatchNorm in eval mode, affine parameters frozen (PSA)
+    # the ImageNet file (net.pretrained): its format ("torch" state dict of our keys, or "resnet38":
+    # MXNet .params / PSA .pth) and the key prefixes it holds that the backbone lacks (its classifier)
+    imagenet_format: str = "torch"
+    imagenet_extra: tuple[str, ...] = ()
 
     def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         """Map the depth-``(depth-1)`` feature to the depth-``depth`` feature."""
@@ -31,16 +35,15 @@ class Backbone(nn.Module):
     def last_depth(self) -> int:
         return self.depths[-1]
 
-    def forward(self, x: torch.Tensor, edit: FeatureEdit | None = None,
-                start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edit: FeatureEdit | None = None) -> torch.Tensor:
         """(B, 3, H, W) image -> (B, out_channels, H/8, W/8) features.
 
         ``edit(depth, feat)`` may replace the feature at any depth (0 = the image) before the next
-        stage reads it. ``start > 0`` means ``x`` already is the depth-``start`` feature.
+        stage reads it.
         """
-        if edit is not None and start == 0:
+        if edit is not None:
             x = edit(0, x)
-        for d in range(start + 1, self.last_depth + 1):
+        for d in range(1, self.last_depth + 1):
             x = self.stage(d, x)
             if edit is not None:
                 x = edit(d, x)

@@ -29,6 +29,7 @@ from caee.models.backbone import Backbone
 
 class ResNet101(Backbone):
     """torchvision ResNet101 without ``avgpool``/``fc``, output stride 8. No width multiplier."""
+    imagenet_extra = ("fc.",)  # torchvision's ImageNet classifier
 
     depths = (0, 1, 2, 3, 4, 5)
     frozen_prefixes = ("conv1.", "bn1.")

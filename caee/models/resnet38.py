@@ -83,6 +83,7 @@ class ResNet38(Backbone):
 
     Frozen as in PSA's classifier: conv1a, b2, b2_1, b2_2 and every BatchNorm (see ``frozen_prefixes``).
     """
+    imagenet_format = "resnet38"  # MXNet .params or a .pth with PSA's keys (caee.weights.mxnet_params)
 
     depths = (0, 1, 2, 3, 4, 5, 6, 7)
     frozen_prefixes = ("conv1a.", "b2.", "b2_1.", "b2_2.")

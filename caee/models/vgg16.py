@@ -50,6 +50,7 @@ def _vgg16_features() -> nn.Sequential:
 
 class VGG16(Backbone):
     """torchvision VGG16 ``features``, output stride 8, conv5 dilated by 2. No width multiplier."""
+    imagenet_extra = ("classifier.",)  # torchvision's ImageNet classifier
 
     depths = (0, 1, 2, 3, 4, 5)
     frozen_prefixes = ("features.0.", "features.2.")

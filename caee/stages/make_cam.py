@@ -13,10 +13,8 @@ Under torchrun every rank does the images ``ids[rank::world]``; nothing is gathe
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -29,11 +27,12 @@ from tqdm import tqdm
 from caee import distributed
 from caee.cam import image_keys, multiscale_cams
 from caee.config import Config, CrfConfig, save_config, expand_work_dir
-from caee.crf import CrfParams, available_cpus, crf_cam_labels, run_pool
+from caee.crf import crf_cam_labels
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
 from caee.models.classifier import load_classifier
+from caee.parallel import ThreadWriter, run_pool, workers_for
 from caee.pictures import cam_grid, save_picture
 from caee.stages.common import crf_dir, default_path, start_stage
 
@@ -66,18 +65,6 @@ def pictures_dir(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}_pictures"
 
 
-def crf_params(crf_cfg: CrfConfig) -> CrfParams:
-    names = {f.name for f in dataclasses.fields(CrfParams)}
-    return CrfParams(**{k: v for k, v in dataclasses.asdict(crf_cfg).items() if k in names})
-
-
-def crf_workers(crf_cfg: CrfConfig) -> int:
-    """crf.workers, or (0) this machine's cores shared among the ranks running on it."""
-    if crf_cfg.workers > 0:
-        return crf_cfg.workers
-    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def _check_previous_settings(cfg: Config, out_dir: Path) -> None:
     """Refuse to add CAMs made with other settings to a folder that already holds some."""
     path = out_dir / "config.yaml"
@@ -97,27 +84,6 @@ def _check_previous_settings(cfg: Config, out_dir: Path) -> None:
 # ---------------------------------------------------------------- CAMs
 
 
-class _Saver:
-    """Writes npz files on a background thread so the next forward does not wait for the disk."""
-
-    def __init__(self, max_pending: int = 16):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1)
-        self.pending: list[concurrent.futures.Future] = []
-        self.max_pending = max_pending
-
-    def submit(self, fn, *args) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
-        while len(self.pending) > self.max_pending:
-            self.pending.pop(0).result()
-
-    def close(self) -> None:
-        try:
-            for f in self.pending:
-                f.result()
-        finally:
-            self.pool.shutdown()
-
-
 def compute_cams(model: torch.nn.Module, index: SplitIndex, todo: list[int], out_dir: Path, cfg: Config,
                  device: torch.device) -> None:
     """Write ``<out_dir>/<id>.npz`` for the images ``todo`` of ``index``."""
@@ -125,7 +91,7 @@ def compute_cams(model: torch.nn.Module, index: SplitIndex, todo: list[int], out
     loader = DataLoader(Subset(InferenceDataset(index), todo), batch_size=cc.batch_size, shuffle=False,
                         num_workers=cfg.data.num_workers, collate_fn=collate_list,
                         pin_memory=device.type == "cuda")
-    saver = _Saver()
+    saver = ThreadWriter()
     bar = tqdm(total=len(todo), desc=f"CAMs {out_dir.name}", unit="img", dynamic_ncols=True,
                disable=not distributed.is_main())
     try:
@@ -149,7 +115,7 @@ class _PostJob:
     index: SplitIndex
     out_dir: Path
     alphas: list[float]
-    params: CrfParams
+    params: CrfConfig
     picture_ids: set[int]
     recomputed: set[int]   # images whose CAM changed in this run: their outputs are redone
     overwrite: bool
@@ -237,8 +203,8 @@ def main(cfg: Config) -> MakeCamResult:
     seconds = time.perf_counter() - t0
 
     picture_ids = set(range(min(cc.pictures, len(index))))
-    job = _PostJob(index, out_dir, list(cc.crf_alphas), crf_params(cfg.crf), picture_ids, set(todo), cc.overwrite)
-    run_post(job, [i for i in mine if job.todo(i)], crf_workers(cfg.crf))
+    job = _PostJob(index, out_dir, list(cc.crf_alphas), cfg.crf, picture_ids, set(todo), cc.overwrite)
+    run_post(job, [i for i in mine if job.todo(i)], workers_for(cfg.crf.workers))
 
     distributed.barrier()
     if distributed.is_main():

@@ -15,7 +15,7 @@ from caee.data.transforms import build_train_transform
 from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
-from caee.stages.common import default_path, start_stage
+from caee.stages.common import crf_dir, default_path, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def main(cfg: Config) -> FitResult:
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
                         f"'{cfg.data.train_split}' first or set train_affinity.cam_dir")
-    dirs = ensure_crf_labels(index, cam_dir, [tc.la_alpha, tc.ha_alpha], cfg.crf)
+    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf)
     model = build_model(tc)
     stride = model.feature_stride
     if tc.crop_size <= 0 or tc.crop_size % stride:

@@ -12,14 +12,14 @@ from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee import distributed
-from caee.engine import FitResult, StepContext, TrainTask, fit, save_checkpoint
+from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
 from caee.stages.common import default_path, start_stage
 from caee.stages.train_classifier import multilabel_accuracy
-from caee.weights.checkpoints import load_model_weights
+from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

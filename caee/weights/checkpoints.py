@@ -20,12 +20,14 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from caee import distributed
 from caee.errors import CaeeError
+from caee.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,25 @@ _CLASSIFIER_LAYERS = ("fc8", "fc", "classifier")
 _SHOWN = 10  # keys listed per category in error messages
 
 
-# ---------------------------------------------------------------- reading files
+# ---------------------------------------------------------------- reading and writing files
+
+
+def read_checkpoint(path: str | os.PathLike, advice: str = "", mmap: bool = False) -> Any:
+    """``torch.load`` of ``path`` on the CPU with ``weights_only`` (no code runs from the file): the
+    one place a checkpoint file is read. An unreadable file raises CaeeError naming it, followed by
+    ``advice``. ``mmap``: map the file instead of reading it (for metadata only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and runtime errors all mean "unreadable"
+        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})"
+                        + (f"; {advice}" if advice else "")) from None
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write ``payload`` with ``torch.save`` atomically (temp file + rename), on rank 0 only."""
+    if distributed.is_main():
+        with atomic_write(path) as f:
+            torch.save(payload, f)
 
 
 def _not_found(path: Path, config_key: str) -> CaeeError:
@@ -69,12 +89,8 @@ def load_state_dict_file(path: str | os.PathLike, config_key: str = "") -> dict[
     path = Path(path)
     if not path.is_file():
         raise _not_found(path, config_key)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and runtime errors all mean "unreadable"
-        where = f" (from config key '{config_key}')" if config_key else ""
-        raise CaeeError(f"{path}{where}: unreadable PyTorch checkpoint ({type(e).__name__}: {e}); "
-                        "pass a .pth state dict saved with torch.save") from None
+    where = f"from config key '{config_key}': " if config_key else ""
+    obj = read_checkpoint(path, f"{where}pass a .pth state dict saved with torch.save")
     state = _unwrap(obj, path)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
@@ -85,10 +101,7 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise _not_found(path, "")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    obj = read_checkpoint(path, mmap=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return {k: v for k, v in obj.items() if k != "model"}
     return {}
@@ -255,38 +268,50 @@ def _describe_file(path: Path) -> str:
         return "not a PyTorch state dict (an MXNet .params file or unreadable)"
 
 
+def load_resnet38_imagenet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """ResNet38 ImageNet weights keyed as PSA's backbone (float32), from ``.params`` or ``.pth``.
+
+    The format is sniffed from the first 8 bytes (the MXNet list magic), not the suffix. Every
+    backbone key of :func:`caee.weights.mxnet_params.psa_resnet38_keys` must be present.
+    """
+    from caee.weights import mxnet_params as mx
+
+    path = str(path)
+    if mx.is_mxnet_file(path):
+        state = mx.resnet38_mxnet_to_psa(mx.read_mxnet_params(path))
+    else:
+        state = mx.resnet38_from_torch(read_checkpoint(path), path)
+    missing = [k for k in mx.psa_resnet38_keys() if k not in state]
+    if missing:
+        raise CaeeError(f"{path}: {len(missing)} ResNet38 backbone tensors missing, e.g. {missing[:5]}; "
+                        f"is this ilsvrc-cls_rna-a1_cls1000_ep-0001.params (resnet_38d.params)?")
+    return state
+
+
 def load_imagenet_weights(backbone: nn.Module, path: str | os.PathLike,
                           config_key: str = "net.pretrained") -> None:
     """Initialise ``backbone`` from its ImageNet file; every backbone key must be in the file.
 
-    ResNet38: MXNet ``.params`` or a ``.pth`` with PSA's keys (via
-    :func:`caee.weights.mxnet_params.load_resnet38_imagenet`). ResNet101 / VGG16: torchvision's
-    ``.pth`` (``fc.*`` / ``classifier.*`` dropped). Any other backbone: a state dict of its own keys.
+    The backbone declares the file: ``imagenet_format`` "resnet38" (MXNet ``.params`` or a ``.pth``
+    with PSA's keys, :func:`load_resnet38_imagenet`) or "torch" (a state dict of its keys), and
+    ``imagenet_extra``, the file's key prefixes it lacks (torchvision's ``fc.*`` / ``classifier.*``).
     """
-    from caee.models.resnet38 import ResNet38
-    from caee.models.resnet101 import ResNet101
-    from caee.models.vgg16 import VGG16
-
     path = Path(path)
     if not path.is_file():
         raise _not_found(path, config_key)
     name = type(backbone).__name__
     arch = f"{name} backbone ({getattr(backbone, 'out_channels', '?')} output channels)"
-    if isinstance(backbone, ResNet38):
-        from caee.weights.mxnet_params import load_resnet38_imagenet
+    fmt = getattr(backbone, "imagenet_format", "torch")
+    if fmt == "resnet38":
         try:
             state = load_resnet38_imagenet(path)
         except CaeeError as e:
             raise CaeeError(f"{e}\n  (loading into {arch}; the file looks like {_describe_file(path)})") from None
-        load_into(backbone, state, arch=arch, source=str(path))
-    elif isinstance(backbone, ResNet101):
+    elif fmt == "torch":
         state = load_state_dict_file(path, config_key)
-        load_into(backbone, state, arch=arch, source=str(path), ignore=("fc.",))
-    elif isinstance(backbone, VGG16):
-        state = load_state_dict_file(path, config_key)
-        load_into(backbone, state, arch=arch, source=str(path), ignore=("classifier.",))
     else:
-        load_into(backbone, load_state_dict_file(path, config_key), arch=arch, source=str(path))
+        raise CaeeError(f"{name} declares an unknown ImageNet file format {fmt!r}")
+    load_into(backbone, state, arch=arch, source=str(path), ignore=tuple(getattr(backbone, "imagenet_extra", ())))
     logger.info("loaded ImageNet weights for %s from %s", name, path)
 
 
@@ -309,7 +334,6 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, arch: str,
     logger.info("loaded %s weights from %s", arch, path)
 
 
-
 def init_weights_from(model: nn.Module, path: str | os.PathLike, arch: str, config_key: str = "") -> str:
     """Initialise ``model`` (a composition with ``.backbone``) from ``path``: the whole model when the
     file is a checkpoint of the same kind, else only ``backbone.*`` (e.g. a DeepLab or AffinityNet
@@ -329,5 +353,6 @@ def init_weights_from(model: nn.Module, path: str | os.PathLike, arch: str, conf
                 "initialisation)", arch, path, ", ".join(sorted(file_heads)))
     return "backbone"
 
-__all__ = ["checkpoint_meta", "init_weights_from", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture", "psa_to_caee",
-           "caee_to_psa", "load_imagenet_weights", "load_model_weights", "PSA_HEAD_KEYS"]
+__all__ = ["checkpoint_meta", "init_weights_from", "load_state_dict_file", "load_into", "LoadReport", "guess_architecture",
+           "psa_to_caee", "caee_to_psa", "load_imagenet_weights", "load_model_weights", "load_resnet38_imagenet",
+           "read_checkpoint", "save_checkpoint", "PSA_HEAD_KEYS"]

@@ -330,15 +330,25 @@ def resnet38_mxnet_to_psa(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tens
     return out
 
 
-# ---------------------------------------------------------------- loading either format
+# ---------------------------------------------------------------- the ResNet38 ImageNet file
 
-def _from_torch_file(path: str) -> dict[str, torch.Tensor]:
+
+def is_mxnet_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts with the MXNet list magic (the format is sniffed, not the suffix)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(8)
     except FileNotFoundError:
         raise CaeeError(f"ResNet38 weights not found: {path}") from None
-    except Exception as e:  # torch raises assorted types (pickle, zip, RuntimeError) for bad files
-        raise CaeeError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CaeeError(f"{path}: cannot read ResNet38 weights ({e})") from None
+    return head == struct.pack("<Q", LIST_MAGIC)
+
+
+
+def resnet38_from_torch(obj: object, path: str) -> dict[str, torch.Tensor]:
+    """ResNet38 backbone weights keyed as PSA's from what ``torch.load`` read out of ``path``:
+    PSA's keys, or MXNet names saved with torch."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -355,30 +365,5 @@ def _from_torch_file(path: str) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
 
 
-def load_resnet38_imagenet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """ResNet38 ImageNet weights keyed as PSA's backbone (float32), from ``.params`` or ``.pth``.
-
-    The format is sniffed from the first 8 bytes (the MXNet list magic), not the suffix. Every
-    backbone key of :func:`psa_resnet38_keys` must be present.
-    """
-    path = str(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise CaeeError(f"ResNet38 weights not found: {path}") from None
-    except OSError as e:
-        raise CaeeError(f"{path}: cannot read ResNet38 weights ({e})") from None
-    if head == struct.pack("<Q", LIST_MAGIC):
-        state = resnet38_mxnet_to_psa(read_mxnet_params(path))
-    else:
-        state = _from_torch_file(path)
-    missing = [k for k in psa_resnet38_keys() if k not in state]
-    if missing:
-        raise CaeeError(f"{path}: {len(missing)} ResNet38 backbone tensors missing, e.g. {missing[:5]}; "
-                        f"is this ilsvrc-cls_rna-a1_cls1000_ep-0001.params (resnet_38d.params)?")
-    return state
-
-
 __all__ = ["read_mxnet_params", "write_mxnet_params", "resnet38_mxnet_to_psa", "psa_resnet38_keys",
-           "load_resnet38_imagenet", "BLOCKS_PER_STAGE", "TYPE_FLAGS"]
+           "resnet38_from_torch", "is_mxnet_file", "BLOCKS_PER_STAGE", "TYPE_FLAGS"]
