@@ -24,8 +24,8 @@ from caee.config import AffinityTrainConfig  # noqa: E402
 from caee.engine import StepContext  # noqa: E402
 from caee.models import ResNet38  # noqa: E402
 from caee.models.affinitynet import AffinityNet  # noqa: E402
-from caee.stages.make_pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,  # noqa: E402
-                                            random_walk_scores)
+from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,  # noqa: E402
+                                random_walk_scores)
 from caee.stages.train_affinity import AffinityTask  # noqa: E402
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caee.crf import available_cpus, crf_cam_labels, run_pool  # noqa: E402
+from caee.crf import crf_cam_labels  # noqa: E402
+from caee.parallel import available_cpus, run_pool  # noqa: E402
 from caee.metrics import ThresholdSweep, cam_to_label, confusion_matrix  # noqa: E402
 
 NUM_CLASSES = 20

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from caee.affinity import pair_indices, pairwise_affinity  # noqa: E402
+from caee.affinity import offset_affinity, pair_indices  # noqa: E402
 from caee.random_walk import (cam_scores_with_background, dense_random_walk_reference,  # noqa: E402
                               random_walk, transition_matrix)
 
@@ -57,7 +57,7 @@ def make_inputs(device: str) -> tuple[torch.Tensor, ...]:
     feats = F.avg_pool2d(F.pad(feat_full, (0, h * STRIDE - IMG, 0, w * STRIDE - IMG))[None], STRIDE)
     feats = feats + 0.3 * torch.randn(feats.shape, generator=g)
     f, t = pair_indices(h, w, RADIUS, psa_border=True)
-    aff = pairwise_affinity(feats, f, t)[0]
+    aff = offset_affinity(feats, RADIUS, psa_border=True)[0]
     cams = 0.05 * torch.rand(N_FG, IMG, IMG, generator=g)
     for cls, lab in ((4, 1), (11, 2), (14, 3)):
         inside = (region == lab).float()

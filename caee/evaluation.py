@@ -26,7 +26,7 @@ from typing import Literal, Sequence
 import numpy as np
 import yaml
 
-from caee.crf import available_cpus, run_pool
+from caee.parallel import available_cpus, run_pool
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_label_png
 from caee.metrics import IGNORE, ThresholdSweep, confusion_matrix, iou_from_confusion

@@ -103,7 +103,9 @@ def labels_from_scores(scores: np.ndarray, keys: np.ndarray, image: np.ndarray |
     Without ``crf``: argmax (ties to the lower channel, background first). With ``crf`` (needs the
     uint8 ``image``): the scores, clipped at 0 and normalised per pixel, are the CRF's unary.
     """
-    lut = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
+    lut = np.concatenate([[0], np.asarray(keys, np.int64).reshape(-1) + 1]).astype(np.uint8)
+    if lut.shape[0] != scores.shape[0]:
+        raise CaeeError(f"{scores.shape[0]} score channels but {lut.shape[0] - 1} class keys + background")
     if crf is None:
         return lut[np.argmax(scores, axis=0)]
     probs = np.maximum(scores, 0.0)

@@ -212,34 +212,3 @@ def cam_scores_with_background(cams: torch.Tensor, alpha: float, stride: int = 8
     full = torch.cat([bg.unsqueeze(0), cams], 0)
     full = F.pad(full, (0, -ww % stride, 0, -hh % stride))
     return F.avg_pool2d(full.unsqueeze(0), stride, stride)[0]
-
-
-def propagate_labels(cams: torch.Tensor, keys: torch.Tensor, aff: torch.Tensor, from_idx: torch.Tensor,
-                     to_idx: torch.Tensor, alpha: float = 16.0, beta: float = 8.0, steps: int = 256,
-                     stride: int = 8) -> torch.Tensor:
-    """CAMs + AffinityNet affinities -> random-walk pseudo label map.
-
-    cams: ``(K, H, W)`` in [0, 1] of the image's present classes; keys: ``(K,)`` their 0-based
-    foreground class ids; aff: ``(P,)`` affinities of the pairs ``(from_idx, to_idx)`` on the
-    ``ceil(H/stride) x ceil(W/stride)`` feature grid. Steps: :func:`cam_scores_with_background`,
-    :func:`transition_matrix`, :func:`random_walk`, bilinear upsampling (``align_corners=False``)
-    to the padded size ``(h*stride, w*stride)`` then cropping to ``H x W`` (PSA's order, keeps
-    feature pixel i at the centre of its 8x8 cell), argmax over channels (first maximum wins, so
-    ties go to background). Runs on ``aff``'s device.
-    Returns ``(H, W) uint8`` with values in ``{0} ∪ (keys + 1)``, on ``aff``'s device.
-    """
-    k, hh, ww = cams.shape
-    keys = torch.as_tensor(keys).long().reshape(-1)
-    if keys.numel() != k:
-        raise CaeeError(f"{k} CAM channels but {keys.numel()} class keys; the CAM file is inconsistent")
-    if k and (int(keys.min()) < 0 or int(keys.max()) > 253):
-        raise CaeeError(f"class keys must be 0-based ids in 0..253, got {keys.tolist()}")
-    dev = aff.device
-    scores = cam_scores_with_background(cams.to(dev), alpha, stride)
-    _, h, w = scores.shape
-    trans = transition_matrix(aff, from_idx, to_idx, h * w, beta)
-    rw = random_walk(scores, trans, steps)
-    up = F.interpolate(rw.unsqueeze(0), size=(h * stride, w * stride), mode="bilinear",
-                       align_corners=False)[0, :, :hh, :ww]
-    lut = torch.cat([torch.zeros(1, dtype=torch.long), keys + 1]).to(device=dev, dtype=torch.uint8)
-    return lut[up.argmax(0)]

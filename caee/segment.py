@@ -1,7 +1,7 @@
 """DeepLab inference: multi-scale + flip prediction, optional dense CRF, prediction PNGs and mIoU.
 
-Used after training by :mod:`caee.stages.train_deeplab` and on its own (``train_deeplab.eval_only:
-true``) to re-evaluate a trained ``model.pth`` with other test settings::
+Used after training by :mod:`caee.stages.train_deeplab` and by its inference-only mode
+(``train_deeplab.eval_only: true``) to re-evaluate a trained ``model.pth`` with other test settings::
 
     python train_deeplab.py --config X train_deeplab.eval_only=true train_deeplab.test_scales=[0.5,1,1.5,2] \
         train_deeplab.test_flip=true train_deeplab.test_crf=true
@@ -35,16 +35,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caee import distributed
-from caee.config import Config, NetConfig, expand_work_dir
-from caee.crf import CrfParams, crf_labels_from_scores, dense_crf, run_pool
-from caee.data import InferenceDataset, SplitIndex, collate_list, load_split, normalize_image
+from caee.config import Config, CrfConfig, NetConfig
+from caee.crf import crf_labels_from_scores, dense_crf
+from caee.data import InferenceDataset, SplitIndex, collate_list, normalize_image
 from caee.errors import CaeeError
 from caee.evaluation import evaluate_label_dir, format_report, to_jsonable
 from caee.io import save_label_png, write_json
+from caee.models.deeplab import build_deeplab
+from caee.parallel import run_pool
+from caee.weights.checkpoints import checkpoint_meta, load_model_weights
 
 logger = logging.getLogger(__name__)
 
-STAGE = "train_deeplab"
 DONE = "DONE"  # JSON completion marker of a prediction folder, written last (removed at start)
 
 
@@ -91,7 +93,7 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
 class TestSettings:
     scales: list[float]
     flip: bool
-    crf: CrfParams | None       # None = no CRF
+    crf: CrfConfig | None       # None = no CRF
     amp: bool = True            # bf16 autocast on CUDA
     num_workers: int = 2        # DataLoader workers reading images
     crf_workers: int | None = None  # CRF processes; None = all cores
@@ -99,7 +101,7 @@ class TestSettings:
     allow_missing: bool = False      # images without ground truth are skipped (else an error)
 
 
-def _crf_job(crf_dir: Path, params: CrfParams):
+def _crf_job(crf_dir: Path, params: CrfConfig):
     def job(item: tuple[str, np.ndarray, np.ndarray]) -> None:
         image_id, image, probs = item
         save_label_png(crf_dir / f"{image_id}.png", crf_labels_from_scores(image, probs.astype(np.float32), params))
@@ -198,44 +200,19 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
 # ---------------------------------------------------------------- loading a trained model
 
 
-def _require_crf() -> None:
+def require_crf() -> None:
     """Fail now, not after training and inference, when the CRF is asked for but pydensecrf is missing."""
-    dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32), CrfParams(iterations=1))
-
-
-def settings_from_config(cfg: Config) -> TestSettings:
-    """The test settings of ``cfg.train_deeplab`` (+ ``cfg.crf``); checks pydensecrf when test_crf is on."""
-    tc = cfg.train_deeplab
-    if any(s <= 0 for s in tc.test_scales):
-        raise CaeeError(f"config key 'train_deeplab.test_scales' must be positive, got {tc.test_scales}")
-    c = cfg.crf
-    crf = CrfParams(c.iterations, c.gaussian_sxy, c.gaussian_compat, c.bilateral_sxy, c.bilateral_srgb,
-                    c.bilateral_compat) if tc.test_crf else None
-    if crf is not None:
-        _require_crf()
-    return TestSettings(list(tc.test_scales), tc.test_flip, crf, tc.amp, cfg.data.num_workers,
-                        c.workers or None, cfg.eval.workers or None, cfg.eval.allow_missing)
-
-
-def _read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CaeeError(f"DeepLab weights not found: {path}; train first (train_deeplab.py) or set "
-                        "train_deeplab.weights")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise CaeeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    return obj if isinstance(obj, dict) else {}
+    dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32), CrfConfig(iterations=1))
 
 
 def load_deeplab(path: str | Path, cfg: Config, num_classes: int) -> tuple[nn.Module, dict]:
     """A trained DeepLab from our ``model.pth``: the architecture recorded in the file wins over
     ``cfg.train_deeplab``. ``num_classes`` = C (foreground). Returns (model, the file's metadata)."""
-    from caee.models.deeplab import build_deeplab
-    from caee.weights.checkpoints import load_model_weights
-
     path = Path(path)
-    meta = {k: v for k, v in _read_checkpoint(path).items() if k != "model"}
+    if not path.is_file():
+        raise CaeeError(f"DeepLab weights not found: {path}; train first (train_deeplab.py) or set "
+                        "train_deeplab.weights")
+    meta = checkpoint_meta(path)
     tc = cfg.train_deeplab
     net = NetConfig(**meta["net"]) if "net" in meta else tc.net
     net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
@@ -245,31 +222,3 @@ def load_deeplab(path: str | Path, cfg: Config, num_classes: int) -> tuple[nn.Mo
                           meta.get("head_dilations", tc.head_dilations), meta.get("head_dropout", tc.head_dropout))
     load_model_weights(model, path, arch=f"deeplab/{net.backbone} ({model.head_name})", config_key="train_deeplab.weights")
     return model, meta
-
-
-def main(cfg: Config) -> dict | None:
-    """Inference only: segment ``eval_split`` with ``train_deeplab.weights`` and evaluate.
-
-    Leaves the training run's ``config.yaml`` alone; the test settings go into the results JSON.
-    """
-    cfg = expand_work_dir(cfg)
-    from caee.data import dataset_class_names, ensure_dataset
-    from caee.logs import setup_logging
-    from caee.stages.common import default_path
-
-    tc = cfg.train_deeplab
-    device = distributed.resolve_device(cfg.device)
-    distributed.init_distributed(device)
-    out_dir = Path(cfg.work_dir) / STAGE
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(out_dir)
-    ensure_dataset(cfg.data)
-    weights = default_path(tc.weights, cfg, STAGE, "model.pth")
-    names = dataset_class_names(cfg.data)
-    model, meta = load_deeplab(weights, cfg, len(names))
-    model.to(device)
-    index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
-    info = {"weights": str(weights), "init": meta.get("init", "unknown"),
-            "label_source": meta.get("label_source", "unknown"), "head": model.head_name,
-            "backbone": meta.get("net", {}).get("backbone", tc.net.backbone), "eval_only": True}
-    return segment_split(model, index, out_dir, settings_from_config(cfg), device, info)

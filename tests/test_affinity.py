@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from caee.affinity import (affinity_loss, confident_labels, downsample_labels, pair_indices,
-                           pair_label_targets, pair_offsets, pairwise_affinity)
+                           pair_label_targets, pair_offsets)
 from caee.errors import CaeeError
+from references import pairwise_affinity
 
 
 def test_offsets_radius5_count_order_and_shape():

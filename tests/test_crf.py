@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from caee import crf as crf_mod
-from caee.crf import CrfParams, crf_cam_labels, crf_labels_from_scores, dense_crf, run_pool
+from caee.config import CrfConfig
+from caee.crf import crf_cam_labels, crf_labels_from_scores, dense_crf
+from caee.parallel import run_pool
 from caee.errors import CaeeError
 
 H = W = 40
@@ -26,7 +28,7 @@ def _ramp(cross):
 
 
 def test_params_defaults():
-    p = CrfParams()
+    p = CrfConfig()
     assert (p.iterations, p.gaussian_sxy, p.gaussian_compat) == (10, 3, 3)
     assert (p.bilateral_sxy, p.bilateral_srgb, p.bilateral_compat) == (80, 13, 10)
 

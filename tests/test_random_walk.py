@@ -2,10 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caee.affinity import pair_indices, pairwise_affinity
+import numpy as np
+
+from caee.affinity import pair_indices
 from caee.errors import CaeeError
-from caee.random_walk import (cam_scores_with_background, dense_random_walk_reference, propagate_labels,
-                              random_walk, transition_matrix)
+from caee.pseudo_labels import WalkParams, labels_from_scores, random_walk_scores
+from caee.random_walk import cam_scores_with_background, dense_random_walk_reference, random_walk, transition_matrix
+from references import pairwise_affinity
 
 
 @pytest.fixture(autouse=True)
@@ -135,42 +138,41 @@ def test_cam_scores_background_uses_max_over_classes():
     assert empty[0, 0, 0].item() == 1.0 and empty[0, 1, 2].item() == pytest.approx(1 / 64)
 
 
-def test_propagate_labels_fills_region_and_stops_at_boundary():
-    hh, ww, _stride = 48, 64, 8
+def test_walk_fills_region_and_stops_at_boundary():
+    hh, ww = 48, 64
     h, w = 6, 8
-    feats = torch.zeros(1, 3, h, w)
-    feats[:, :, :, 4:] = 1.0  # left and right halves differ: affinity exp(-1) across, 1 within
-    f, t = pair_indices(h, w, psa_border=False)
-    aff = pairwise_affinity(feats, f, t)[0]
+    feats = torch.zeros(3, h, w)
+    feats[:, :, 4:] = 1.0  # left and right halves differ: affinity exp(-1) across, 1 within
     cams = torch.zeros(1, hh, ww)
     cams[0, :, :32] = 0.5
     cams[0, 8:16, 8:16] = 0.0  # holes in the object the walk should fill
     cams[0, 32:40, 16:24] = 0.0
-    lab = propagate_labels(cams, torch.tensor([6]), aff, f, t, alpha=16.0, beta=8.0, steps=256)
-    assert lab.dtype == torch.uint8 and lab.shape == (hh, ww)
+    scores = random_walk_scores(feats, cams, WalkParams(alpha=16.0, beta=8.0, steps=256, psa_border=False), 8)
+    lab = labels_from_scores(scores.numpy(), np.array([6]))
+    assert lab.dtype == np.uint8 and lab.shape == (hh, ww)
     assert (lab[:, :24] == 7).all()
     assert (lab[:, 40:] == 0).all()
-    assert set(lab.unique().tolist()) <= {0, 7}
+    assert set(np.unique(lab).tolist()) <= {0, 7}
 
 
-def test_propagate_labels_matches_dense_pipeline():
+def test_walk_labels_match_dense_pipeline():
     g = torch.Generator().manual_seed(7)
     hh, ww = 75, 98  # not multiples of 8: feature grid ceil -> 10 x 13
     h, w = 10, 13
     feats = torch.randn(1, 8, h, w, generator=g, dtype=torch.float64)
-    f, t = pair_indices(h, w)
+    f, t = pair_indices(h, w, 5, psa_border=True)
     aff = pairwise_affinity(feats, f, t)[0]
     cams = torch.rand(3, hh, ww, generator=g, dtype=torch.float64)
-    keys = torch.tensor([0, 4, 19])
-    lab = propagate_labels(cams, keys, aff, f, t, alpha=16.0, beta=8.0, steps=64)
-    scores = cam_scores_with_background(cams, 16.0, 8)
-    rw = dense_random_walk_reference(scores, aff, f, t, beta=8.0, steps=64)
+    keys = np.array([0, 4, 19])
+    scores = random_walk_scores(feats[0], cams, WalkParams(alpha=16.0, beta=8.0, steps=64, psa_border=True), 8)
+    lab = labels_from_scores(scores.numpy(), keys)
+    rw = dense_random_walk_reference(cam_scores_with_background(cams, 16.0, 8), aff, f, t, beta=8.0, steps=64)
     up = F.interpolate(rw[None], size=(80, 104), mode="bilinear", align_corners=False)[0, :, :hh, :ww]
-    expected = torch.tensor([0, 1, 5, 20])[up.argmax(0)].to(torch.uint8)
-    assert torch.equal(lab, expected)
-    assert set(lab.unique().tolist()) <= {0, 1, 5, 20}
+    expected = torch.tensor([0, 1, 5, 20])[up.argmax(0)].to(torch.uint8).numpy()
+    np.testing.assert_array_equal(lab, expected)
+    assert set(np.unique(lab).tolist()) <= {0, 1, 5, 20}
     with pytest.raises(CaeeError):
-        propagate_labels(cams, keys[:2], aff, f, t)
+        labels_from_scores(scores.numpy(), keys[:2])
 
 
 def test_cached_transition_pattern_gives_the_same_matrix():

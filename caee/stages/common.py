@@ -8,7 +8,7 @@ import torch
 
 from caee import distributed
 from caee.config import Config, save_config, stage_dir
-from caee.crf import available_cpus
+from caee.parallel import available_cpus
 from caee.logs import setup_logging
 
 

@@ -28,18 +28,20 @@ from PIL import Image
 
 from caee import distributed, segment
 from caee.config import Config, config_to_dict, expand_work_dir
-from caee.crf import available_cpus, run_pool
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee.engine import StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
+from caee.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
+from caee.parallel import available_cpus, run_pool, workers_for
 from caee.stages.common import default_path, start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
 
+STAGE = "train_deeplab"
 IGNORE = 255
 _SHOWN = 5  # bad files named in an error message
 
@@ -177,14 +179,49 @@ def resolve_inputs(cfg: Config) -> tuple[str, Path]:
     return split, label_dir
 
 
+def settings_from_config(cfg: Config) -> segment.TestSettings:
+    """The test settings of ``cfg.train_deeplab`` (+ ``cfg.crf``); checks pydensecrf when test_crf is on."""
+    tc = cfg.train_deeplab
+    if any(s <= 0 for s in tc.test_scales):
+        raise CaeeError(f"config key 'train_deeplab.test_scales' must be positive, got {tc.test_scales}")
+    crf = cfg.crf if tc.test_crf else None
+    if crf is not None:
+        segment.require_crf()
+    return segment.TestSettings(list(tc.test_scales), tc.test_flip, crf, tc.amp, cfg.data.num_workers,
+                                workers_for(cfg.crf.workers), cfg.eval.workers or None, cfg.eval.allow_missing)
+
+
+def evaluate_only(cfg: Config) -> dict | None:
+    """Inference only: segment ``eval_split`` with ``train_deeplab.weights`` and evaluate.
+
+    Leaves the training run's ``config.yaml`` alone; the test settings go into the results JSON.
+    """
+    tc = cfg.train_deeplab
+    device = distributed.resolve_device(cfg.device)
+    distributed.init_distributed(device)
+    out_dir = Path(cfg.work_dir) / STAGE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir)
+    ensure_dataset(cfg.data)
+    weights = default_path(tc.weights, cfg, STAGE, "model.pth")
+    names = dataset_class_names(cfg.data)
+    model, meta = segment.load_deeplab(weights, cfg, len(names))
+    model.to(device)
+    index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
+    info = {"weights": str(weights), "init": meta.get("init", "unknown"),
+            "label_source": meta.get("label_source", "unknown"), "head": model.head_name,
+            "backbone": meta.get("net", {}).get("backbone", tc.net.backbone), "eval_only": True}
+    return segment.segment_split(model, index, out_dir, settings_from_config(cfg), device, info)
+
+
 def main(cfg: Config) -> dict | None:
     """Train (unless ``eval_only``), then segment and evaluate; returns the results (rank 0)."""
     cfg = expand_work_dir(cfg)
     tc = cfg.train_deeplab
     if tc.eval_only:
-        return segment.main(cfg)
-    env = start_stage(cfg, segment.STAGE)
-    settings = segment.settings_from_config(cfg)  # bad test settings fail before training, not after
+        return evaluate_only(cfg)
+    env = start_stage(cfg, STAGE)
+    settings = settings_from_config(cfg)  # bad test settings fail before training, not after
     ensure_dataset(cfg.data)
     names = dataset_class_names(cfg.data)
     split, label_dir = resolve_inputs(cfg)
