@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.affinity_labels import AffinityLabelDataset, crf_params, ensure_crf_labels, label_stats
+from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
 from caee.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
 from caee.crf import crf_cam_labels
 from caee.data import load_split
@@ -254,8 +254,6 @@ def test_confident_labels_through_the_dataset(tmp_path):
     assert item["aff_label"].dtype == torch.uint8
     np.testing.assert_array_equal(item["aff_label"].numpy(), expected)
     assert item["image"].shape == (3, 16, 24)
-    stats = label_stats(item["aff_label"])
-    assert (stats.background, stats.foreground, stats.unsure) == pytest.approx((2 / 6, 2 / 6, 2 / 6))
 
     # with the training crop: padding counts as "no score" (255) and the grid is crop/8
     tc = TrainConfig(crop_size=32, resize_long=[0, 0], hflip=False, color_jitter=[0, 0, 0, 0])
@@ -276,7 +274,7 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     # one la file already exists (as make_cam would write it): it must be kept, not recomputed
     marker = np.full((96, 96), 6, np.uint8)
     save_label_png(crf_dir(cam_dir, 4) / f"{ids[1]}.png", marker)
-    dirs = ensure_crf_labels(index, cam_dir, [4, 24], CrfConfig(workers=2))
+    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
     assert dirs == {4.0: tmp_path / "work" / "cam_cgnet_crf_4", 24.0: tmp_path / "work" / "cam_cgnet_crf_24"}
     np.testing.assert_array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
     from caee.io import load_cam_npz, load_image
@@ -286,7 +284,7 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
         for alpha in (4.0, 24.0):
             if (alpha, i) == (4.0, 1):
                 continue
-            expected = crf_cam_labels(image, keys, cams, alpha, crf_params(CrfConfig()))
+            expected = crf_cam_labels(image, keys, cams, alpha, CrfConfig())
             np.testing.assert_array_equal(load_label_png(dirs[alpha] / f"{image_id}.png"), expected)
     # the 0.2 part: la (alpha 4, bg 0.41 > 0.2) says background, ha (alpha 24) says the class
     la = load_label_png(dirs[4.0] / f"{ids[0]}.png")
@@ -301,7 +299,8 @@ def test_missing_cams_are_reported(tmp_path):
     index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
     (tmp_path / "cams").mkdir()
     with pytest.raises(CaeeError, match="2 CAM files needed .* missing"):
-        ensure_crf_labels(index, tmp_path / "cams", [4, 24], CrfConfig(workers=1))
+        ensure_crf_labels(index, tmp_path / "cams", {a: crf_dir(tmp_path / "cams", a) for a in (4, 24)},
+                          CrfConfig(workers=1))
 
 
 # ---------------------------------------------------------------- training

@@ -32,13 +32,12 @@ from tqdm import tqdm
 
 from caee.config import DataConfig
 from caee.data.classes import COCO_CLASSES, VOC_CLASSES, synthetic_class_names
+from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.errors import CaeeError
-from caee.io import atomic_write, load_label_png
+from caee.io import load_label_png
 
 logger = logging.getLogger(__name__)
 
-SPLIT_DIR = "ImageSets/Segmentation"
-LABELS_CACHE = "cls_labels.npz"
 IMAGE_EXTS = (".jpg", ".png", ".jpeg", ".JPG", ".JPEG", ".PNG")
 _PREPARE_HINT = {
     "voc": "prepare it with tools/prepare_voc.py --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE",
@@ -279,13 +278,6 @@ def _labels_from_masks(root: Path, ids: list[str], num_classes: int, mask_dir: P
 def _user_cache_path(root: Path) -> Path:
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     return Path.home() / ".cache" / "caee" / f"cls_labels_{key}.npz"
-
-
-def save_labels_cache(path: str | os.PathLike, ids: list[str], labels: np.ndarray) -> None:
-    """Write ``ids`` (unicode array) and ``labels`` ((N, C) uint8) to an .npz (no pickle)."""
-    labels = np.asarray(labels, np.uint8).reshape(len(ids), -1)
-    with atomic_write(path) as f:
-        np.savez(f, ids=np.array(ids, dtype=np.str_), labels=labels)
 
 
 def read_labels_cache(path: str | os.PathLike, num_classes: int) -> dict[str, np.ndarray]:

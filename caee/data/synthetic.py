@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from caee.config import SyntheticConfig
 from caee.data.classes import synthetic_class_names
-from caee.data.splits import LABELS_CACHE, SPLIT_DIR, save_labels_cache
+from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.errors import CaeeError
 from caee.io import atomic_write, voc_palette, write_text
 
