@@ -10,17 +10,14 @@ Each CAM column shows the maximum over the image's classes as a jet overlay. Ima
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from caee.config import load_config  # noqa: E402
-from caee.data import ensure_dataset, load_split  # noqa: E402
-from caee.errors import CaeeError  # noqa: E402
-from caee.io import load_cam_npz, load_image, load_label_png  # noqa: E402
-from caee.pictures import compare_cams, save_picture  # noqa: E402
+from caee.config import load_config
+from caee.data import ensure_dataset, load_split
+from caee.errors import CaeeError
+from caee.io import load_cam_npz, load_image, load_label_png
+from caee.pictures import compare_cams, save_picture
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository's caee importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from caee.errors import CaeeError  # noqa: E402
-from caee.io import atomic_write  # noqa: E402
-from caee.weights.checkpoints import load_resnet38_imagenet  # noqa: E402
+from caee.errors import CaeeError
+from caee.io import atomic_write
+from caee.weights.checkpoints import load_resnet38_imagenet
 
 
 def main(argv: list[str] | None = None) -> int:

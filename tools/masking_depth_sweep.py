@@ -25,13 +25,10 @@ paper's. Key=value overrides apply after the caps.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from caee import reproduce  # noqa: E402
+from caee import reproduce
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

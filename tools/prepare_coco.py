@@ -27,16 +27,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from caee.cli import guarded  # noqa: E402
-from caee.data.classes import COCO_ID_TO_LABEL  # noqa: E402
-from caee.data.splits import LABELS_CACHE, SPLIT_DIR, labels_from_mask, save_labels_cache  # noqa: E402
-from caee.errors import CaeeError  # noqa: E402
-from caee.io import save_label_png, write_text  # noqa: E402
+from caee.cli import guarded
+from caee.data.classes import COCO_ID_TO_LABEL
+from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
+from caee.data.splits import labels_from_mask
+from caee.errors import CaeeError
+from caee.io import save_label_png, write_text
 
 logger = logging.getLogger("prepare_coco")
 _COCO = None  # the pycocotools COCO object of the split being converted (shared with forked workers)

@@ -24,16 +24,15 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from caee.cli import guarded  # noqa: E402
-from caee.config import DataConfig  # noqa: E402
-from caee.data.splits import LABELS_CACHE, SPLIT_DIR, check_label_values, load_split, read_split_file  # noqa: E402
-from caee.errors import CaeeError  # noqa: E402
-from caee.io import atomic_write, save_label_png, write_text  # noqa: E402
+from caee.cli import guarded
+from caee.config import DataConfig
+from caee.data.files import LABELS_CACHE, SPLIT_DIR
+from caee.data.splits import check_label_values, load_split, read_split_file
+from caee.errors import CaeeError
+from caee.io import atomic_write, save_label_png, write_text
 
 logger = logging.getLogger("prepare_voc")
 TRAIN_AUG_SIZE = 10582

@@ -26,13 +26,10 @@ paper's (no ImageNet weights, 4 steps, synthetic images). Key=value overrides ap
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from caee import reproduce  # noqa: E402
+from caee import reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
