@@ -5,20 +5,19 @@ import dataclasses
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee import distributed
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.engine import FitResult, StepContext, fit
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
 from caee.stages.common import default_path, start_stage
-from caee.stages.train_classifier import multilabel_accuracy
+from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -32,24 +31,16 @@ def freeze_module(module: nn.Module) -> nn.Module:
     return module
 
 
-class CGNetTask(TrainTask):
+class CGNetTask(ClassifierTask):
     def __init__(self, cgnet: CamClassifier, oc: CamClassifier, cfg: Config, class_names: list[str],
                  oracle: OracleSelector | None = None):
-        self.model = cgnet
+        super().__init__(cgnet, cfg.train_cgnet.net, class_names)
         self.oc = oc
         self.oracle = oracle
         self.masking = cfg.masking
-        self.net_cfg = cfg.train_cgnet.net
-        self.class_names = class_names
-
-    def head_modules(self):
-        return [self.model.fc8]
 
     def train_step(self, model, batch, ctx: StepContext):
-        images = ctx.to_device(batch["image"], image=True)
-        labels = ctx.to_device(batch["label"])
-        logits, maps = model(images)
-        loss_cls = F.multilabel_soft_margin_loss(logits.float(), labels)
+        images, labels, logits, maps, loss_cls = self.classify(model, batch, ctx)
         w = cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)
         metrics = {"loss_cls": float(loss_cls.detach()), "w": w, "acc": multilabel_accuracy(logits.detach(), labels)}
         if w == 0.0:  # the no-erasing control: the OC pass would not change a single gradient
@@ -68,9 +59,7 @@ class CGNetTask(TrainTask):
         distributed.barrier()
 
     def export(self) -> dict:
-        return {"arch": "classifier", "net": dataclasses.asdict(self.net_cfg),
-                "num_classes": len(self.class_names), "class_names": self.class_names,
-                "masking": dataclasses.asdict(self.masking)}
+        return {**super().export(), "masking": dataclasses.asdict(self.masking)}
 
 
 def _erased_accuracy(oc_logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> float:

@@ -32,12 +32,16 @@ class ClassifierTask(TrainTask):
     def head_modules(self):
         return [self.model.fc8]
 
-    def train_step(self, model, batch, ctx: StepContext):
+    def classify(self, model, batch, ctx: StepContext) -> tuple[torch.Tensor, ...]:
+        """(images, labels, logits, CAM maps, classification loss) of one batch."""
         images = ctx.to_device(batch["image"], image=True)
         labels = ctx.to_device(batch["label"])
-        logits, _ = model(images)
+        logits, maps = model(images)
         # multi-label soft margin = mean BCE-with-logits over classes
-        loss = F.multilabel_soft_margin_loss(logits.float(), labels)
+        return images, labels, logits, maps, F.multilabel_soft_margin_loss(logits.float(), labels)
+
+    def train_step(self, model, batch, ctx: StepContext):
+        _, labels, logits, _, loss = self.classify(model, batch, ctx)
         return loss, {"acc": multilabel_accuracy(logits.detach(), labels)}
 
     def export(self) -> dict:
