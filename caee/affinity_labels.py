@@ -1,4 +1,4 @@
-"""AffinityNet training labels from the low/high-alpha CRF labels of the CAMs (PSA, METHOD.md section 6).
+"""AffinityNet training labels from the low/high-alpha CRF labels of the CAMs (PSA, docs/METHOD.md §6).
 
 The CRF label PNGs live in one folder per alpha next to the CAM folder (the stage names them;
 make_cam.py writes them when ``cam.crf_alphas`` lists the alphas). Missing ones are computed here from the

@@ -1,4 +1,4 @@
-"""Multi-scale + flip CAM inference (METHOD.md section 4).
+"""Multi-scale + flip CAM inference (docs/METHOD.md §4).
 
 For every pass (scale ``s``, optionally its horizontal flip) the normalised image is resized to
 ``round(H*s) x round(W*s)`` (bilinear, align_corners=False) and run through the classifier; the

@@ -36,7 +36,7 @@ class SyntheticConfig:
     stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
     stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle (stripe_angles)
     stripe_jitter_deg: float = 10.0
-    # class angle of the stripes: "full" = pi * c / C (METHOD.md section 10); there classes c and
+    # class angle of the stripes: "full" = pi * c / C (docs/METHOD.md §10); there classes c and
     # C - c are mirror images, so horizontal-flip augmentation makes their stripes identical.
     # "mirror_free" = (pi / 2) * c / (C - 1): angles in [0, 90] degrees, distinct under flips.
     stripe_angles: Literal["full", "mirror_free"] = "full"
@@ -108,7 +108,7 @@ class ClassifierTrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class MaskingConfig:
-    """Class-specific erasing (METHOD.md section 3)."""
+    """Class-specific erasing (docs/METHOD.md §3)."""
     depth: int = 0                  # 0 = erase the image; d >= 1 = mask the OC's feature map at depth d
     normalization: Literal["batch", "per_image"] = "batch"  # official: max over the whole batch
     cse_init: float = 0.3           # w(epoch) = cse_init + cse_slope * epoch
@@ -128,7 +128,7 @@ class CGNetTrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class CamConfig:
-    """Multi-scale CAM inference (make_cam.py, METHOD.md section 4)."""
+    """Multi-scale CAM inference (make_cam.py, docs/METHOD.md §4)."""
     source: Literal["cgnet", "classifier"] = "cgnet"
     weights: str = ""               # "" = <work_dir>/train_<source>/model.pth
     out_dir: str = ""               # "" = <work_dir>/cam_<source>
@@ -169,7 +169,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class AffinityTrainConfig(TrainConfig):
-    """AffinityNet training (METHOD.md section 6); defaults are PSA's train_aff settings."""
+    """AffinityNet training (docs/METHOD.md §6); defaults are PSA's train_aff settings."""
     # PSA: batch 8, 8 epochs, lr 0.1 (heads 10x), wd 5e-4, long side in [448, 768], crop 448.
     # PSA's SGD gets weight_decay as its positional momentum argument, so its momentum is 5e-4,
     # i.e. none: 0 here (with 0.9 the effective lr is ~10x higher; lower lr accordingly).
@@ -213,7 +213,7 @@ class DeeplabTrainConfig(TrainConfig):
     test_scales: list[float] = dataclasses.field(default_factory=lambda: [1.0])
     test_flip: bool = False
     test_crf: bool = False
-    # DeepLab-v1 / ResNet38 recipe (METHOD.md section 7): batch 10, lr 1e-3, ~20k iterations on
+    # DeepLab-v1 / ResNet38 recipe (docs/METHOD.md §7): batch 10, lr 1e-3, ~20k iterations on
     # train_aug (20 epochs x 1,058 steps); no colour jitter (scale + crop + flip only)
     batch_size: int = 10
     epochs: int = 20

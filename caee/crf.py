@@ -1,6 +1,6 @@
 """Dense CRF refinement (pydensecrf).
 
-The CRF follows METHOD.md section 5: unary = -log(probabilities), 10 mean-field iterations, a
+The CRF follows docs/METHOD.md §5: unary = -log(probabilities), 10 mean-field iterations, a
 Gaussian kernel (sxy 3, compat 3) and a bilateral kernel on the RGB image (sxy 80, srgb 13,
 compat 10): the config's ``crf`` section (:class:`caee.config.CrfConfig`) is passed as it is.
 pydensecrf is imported lazily so that this module imports without it; calling a CRF function

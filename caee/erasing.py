@@ -1,4 +1,4 @@
-"""Class-specific adversarial erasing (OC-CSE, METHOD.md section 3).
+"""Class-specific adversarial erasing (OC-CSE, docs/METHOD.md §3).
 
 For each image one present class k is drawn; its CAM from the CGNet becomes a soft mask M that
 erases the image (depth 0) or the ordinary classifier's feature map at depth d; the frozen OC must

@@ -1,6 +1,6 @@
 """mIoU of a folder of CAMs (background-threshold sweep) or of label PNGs against the ground truth.
 
-METHOD.md section 8: one confusion matrix accumulated over all images of a split, C + 1 classes,
+docs/METHOD.md §8: one confusion matrix accumulated over all images of a split, C + 1 classes,
 ground truth 255 ignored. CAM folders are scored at every threshold of a sweep in ONE pass over the
 files (:class:`caee.metrics.ThresholdSweep`); the best threshold (an oracle) and the value at a
 threshold fixed in advance are both reported. Label folders (CRF labels, pseudo labels, network

@@ -3,7 +3,7 @@
 :func:`embed_image` gives AffinityNet's embeddings of the padded image, :func:`random_walk_scores`
 propagates the background + CAM scores with the transition matrix of :mod:`caee.random_walk`
 and upsamples them, :func:`labels_from_scores` takes the argmax (or a dense CRF). Order and
-padding follow PSA (docs/METHOD.md, "Random walk").
+padding follow PSA (docs/METHOD.md §6).
 """
 from __future__ import annotations
 

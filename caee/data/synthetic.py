@@ -1,4 +1,4 @@
-"""The built-in synthetic dataset (METHOD.md section 10): whole objects, discriminative parts.
+"""The built-in synthetic dataset (docs/METHOD.md §10): whole objects, discriminative parts.
 
 Every object is an irregular blob whose ground truth is the whole blob. Its *body* carries weak
 class evidence (a low-saturation class tint and stripes at a class-specific angle, see :func:`class_angle`);

@@ -1,4 +1,4 @@
-"""AffinityNet (PSA, METHOD.md section 6): a backbone plus four 1x1 layers giving pixel embeddings.
+"""AffinityNet (PSA, docs/METHOD.md §6): a backbone plus four 1x1 layers giving pixel embeddings.
 
 Layers, named as in PSA so that ``res38_aff.pth`` loads key for key (after
 ``psa_to_caee(state, head_keys=AffinityNet.HEAD_KEYS)``, which :func:`load_affinitynet` applies)::

@@ -2,7 +2,7 @@
 
 Depth 0 is the input image; the output of stage ``d`` is the feature map at depth ``d``; the last
 depth is the feature map the heads read (output stride 8). Class-specific erasing at depth ``d``
-(METHOD.md section 3) multiplies that map by ``1 - M`` and lets the remaining stages run on the
+(docs/METHOD.md §3) multiplies that map by ``1 - M`` and lets the remaining stages run on the
 result, which :meth:`Backbone.forward` supports through ``edit``.
 """
 from __future__ import annotations

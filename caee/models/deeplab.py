@@ -1,4 +1,4 @@
-"""DeepLab segmentation network: any backbone + a LargeFOV (v1) or ASPP (v2) head (METHOD.md section 7).
+"""DeepLab segmentation network: any backbone + a LargeFOV (v1) or ASPP (v2) head (docs/METHOD.md §7).
 
     logits = head(backbone(image))        (B, C+1, H/s, W/s), s = the backbone's output stride
 

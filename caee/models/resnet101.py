@@ -2,7 +2,7 @@
 
 Built from ``torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True,
 True])``: layer3 runs at dilation 2 and layer4 at dilation 4 instead of striding, so the output is
-H/8 (METHOD.md section 1, Table I of the supplementary). The modules keep torchvision's names
+H/8 (docs/METHOD.md §1, Table I of the supplementary). The modules keep torchvision's names
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ...), so torchvision's ImageNet file ``resnet101-*.pth``
 loads key for key once its ``fc.*`` classifier is dropped (dilation does not change any shape).
 

@@ -3,7 +3,7 @@
 Pre-activation residual blocks, output stride 8. Module names match PSA's PyTorch state dicts
 (``conv1a``, ``b2``, ``b2_1``, ..., ``b7``, ``bn7``), so released checkpoints load key for key.
 The network is a sequence of stages; the output of stage ``d`` is the feature at masking depth
-``d`` (METHOD.md section 2):
+``d`` (docs/METHOD.md §2):
 
     d  after                                channels  resolution
     1  conv1a                               64        H

@@ -1,4 +1,4 @@
-"""TinyCNN: a small plain CNN for CPU demos on the synthetic dataset (METHOD.md section 10).
+"""TinyCNN: a small plain CNN for CPU demos on the synthetic dataset (docs/METHOD.md §10).
 
 Four stages, each one 3x3 conv (padding 1, no bias) + BatchNorm + ReLU; channels 16/32/48/64
 times ``width``; strides 1, 2, 1, 2, so the output stride is 4:
@@ -14,8 +14,8 @@ Receptive field: r = 1 + sum_i (k_i - 1) * j_i, where j_i is the product of the 
 conv i (the input spacing it samples): j = 1, 1, 2, 2 and k_i = 3, so
 r = 1 + 2 * (1 + 1 + 2 + 2) = 13 px. Output pixel (i, j) sees input rows 4i-6 .. 4i+6 and
 columns 4j-6 .. 4j+6 (centred on pixel (4i, 4j)). Placing the strides later (1, 1, 2, 2) would
-give 11 px, earlier (2, 1, 1, 2) 15 px; 13 px against 30-40 px objects is what METHOD.md measured
-to make the ordinary CAM focus on the small discriminative part.
+give 11 px, earlier (2, 1, 1, 2) 15 px; 13 px against 30-40 px objects is what the synthetic set needs
+(docs/METHOD.md §10) to make the ordinary CAM focus on the small discriminative part.
 
 Unlike the ImageNet backbones nothing is frozen and BatchNorm trains normally (it is trained from
 scratch); note its output stride is 4, not 8.

@@ -1,6 +1,6 @@
 """VGG16 at output stride 8: torchvision's ``vgg16().features`` without pool4/pool5, conv5 dilated.
 
-As METHOD.md section 1 asks: pool1..pool3 are kept, pool4 and pool5 are replaced by ``nn.Identity``
+As docs/METHOD.md §1 asks: pool1..pool3 are kept, pool4 and pool5 are replaced by ``nn.Identity``
 (so the remaining layers keep their indices) and the three conv5 layers use dilation 2 with
 padding 2, which keeps their field of view in input pixels while the map stays at H/8. Parameter
 names are torchvision's (``features.0.weight`` ... ``features.28.bias``), so ``vgg16-*.pth`` loads

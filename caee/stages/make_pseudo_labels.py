@@ -1,4 +1,4 @@
-"""Stage 5: pseudo labels by random walk of the CAMs with AffinityNet's affinities (PSA, METHOD.md section 6).
+"""Stage 5: pseudo labels by random walk of the CAMs with AffinityNet's affinities (PSA, docs/METHOD.md §6).
 
 Per image of ``pseudo_labels.split`` (default ``data.cam_split``):
 

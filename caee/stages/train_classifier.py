@@ -1,4 +1,4 @@
-"""Stage 1: train the ordinary classifier (OC) with multi-label soft-margin loss (METHOD.md section 1)."""
+"""Stage 1: train the ordinary classifier (OC) with multi-label soft-margin loss (docs/METHOD.md §1)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Stage 6: train DeepLab (LargeFOV or ASPP) on pseudo labels, then segment and evaluate (METHOD.md 7, 8).
+"""Stage 6: train DeepLab (LargeFOV or ASPP) on pseudo labels, then segment and evaluate (docs/METHOD.md §7, §8).
 
 Training images: every image of ``train_deeplab.split`` ("" = ``pseudo_labels.split``, itself
 defaulting to ``data.cam_split``: the images the pseudo labels were made for). The label folder
