@@ -13,7 +13,7 @@ from caee.errors import CaeeError
 from caee.models import ResNet38, ResNet101, build_backbone
 from caee.weights.checkpoints import (caee_to_psa, guess_architecture, load_imagenet_weights, load_into,
                                       load_model_weights, load_state_dict_file, psa_to_caee)
-from caee.weights.mxnet_params import write_mxnet_params
+from writers import write_mxnet_params
 from conftest import randomise_bn
 
 

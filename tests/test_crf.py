@@ -6,7 +6,6 @@ import pytest
 from caee import crf as crf_mod
 from caee.config import CrfConfig
 from caee.crf import crf_cam_labels, crf_labels_from_scores, dense_crf
-from caee.parallel import run_pool
 from caee.errors import CaeeError
 
 H = W = 40
@@ -105,24 +104,3 @@ def test_missing_pydensecrf_raises_lazily(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(CaeeError, match="pip install pydensecrf2"):
         crf_mod.dense_crf(_red_blue(), _ramp(20))
-
-
-def _crf_job(seed):
-    rng = np.random.default_rng(seed)
-    img = (rng.random((24, 30, 3)) * 255).astype(np.uint8)
-    cams = rng.random((2, 24, 30)).astype(np.float32)
-    return crf_cam_labels(img, np.array([0, 5]), cams, alpha=4)
-
-
-def test_run_pool_matches_inline():
-    seeds = list(range(6))
-    inline = run_pool(_crf_job, seeds, workers=1)
-    pooled = run_pool(_crf_job, seeds, workers=2)
-    assert len(pooled) == 6
-    for a, b in zip(inline, pooled):
-        np.testing.assert_array_equal(a, b)
-    # Closures work (fork inherits fn) and order is kept.
-    offset = 10
-    assert run_pool(lambda x: x * x + offset, range(9), workers=2, chunksize=2) == [x * x + offset for x in range(9)]
-    with pytest.raises(CaeeError):
-        run_pool(_crf_job, seeds, workers=0)

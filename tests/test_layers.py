@@ -149,3 +149,15 @@ def test_cycle_finder(graph, expected):
 def test_layer_of_a_module_inside_a_package():
     assert LAYERS[_layer("caee.stages.make_cam")][0] == "stages"
     assert _layer("caee.weights.checkpoints") < _layer("caee.models.resnet38") < _layer("caee.segment")
+
+
+def test_checkpoint_files_are_read_in_one_module():
+    """torch.load / torch.save of checkpoint files happen in caee/weights/checkpoints.py only."""
+    allowed = PACKAGE / "weights" / "checkpoints.py"
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "save") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "torch" and path != allowed:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} torch.{node.attr}")
+    assert not found, "checkpoint files read or written outside caee/weights/checkpoints.py:\n  " + "\n  ".join(found)

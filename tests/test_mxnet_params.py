@@ -15,8 +15,8 @@ from caee.weights.mxnet_params import (
     psa_resnet38_keys,
     read_mxnet_params,
     resnet38_mxnet_to_psa,
-    write_mxnet_params,
 )
+from writers import write_mxnet_params
 
 REPO = Path(__file__).resolve().parents[1]
 

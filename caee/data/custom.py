@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from caee.errors import CaeeError
-from caee.io import write_text
 
 
 def read_labels_csv(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -59,16 +58,3 @@ def read_labels_csv(path: str | os.PathLike) -> tuple[list[str], dict[str, np.nd
             raise CaeeError(f"{path} line {line_no}: image {image_id!r} is listed twice")
         table[image_id] = np.array([v == "1" for v in values], np.uint8)
     return names, table
-
-
-def write_labels_csv(path: str | os.PathLike, class_names: list[str], ids: list[str], labels: np.ndarray) -> None:
-    """Write ``labels`` ((N, C) 0/1) for ``ids`` in the format :func:`read_labels_csv` reads."""
-    labels = np.asarray(labels)
-    if labels.shape != (len(ids), len(class_names)):
-        raise ValueError(f"labels must be (N, C) = ({len(ids)}, {len(class_names)}), got {labels.shape}")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image_id", *class_names])
-    for image_id, row in zip(ids, labels):
-        writer.writerow([image_id, *(int(v > 0) for v in row)])
-    write_text(path, buf.getvalue())

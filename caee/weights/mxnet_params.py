@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from caee.errors import CaeeError
-from caee.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -185,58 +184,6 @@ def read_mxnet_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(zip(keys, arrays))
 
 
-# ---------------------------------------------------------------- writing
-
-def _array_bytes(value, version: str, name: str) -> bytes:
-    """Serialise one dense array on the CPU context; written straight from the layout above."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value, order="C")  # not ascontiguousarray: that turns 0-d into 1-d
-    flag = next((f for f, dt in TYPE_FLAGS.items() if dt == arr.dtype.newbyteorder("<")), None)
-    if flag is None:
-        raise ValueError(f"{name}: dtype {arr.dtype} has no MXNet type flag")
-    if arr.ndim == 0 and version != "v3":
-        raise ValueError(f"{name}: a 0-d array is the 'none' marker in {version} files; "
-                         "write it as shape (1,) or use version='v3'")
-    if version == "legacy":
-        if max(arr.shape) >= 2 ** 32:
-            raise ValueError(f"{name}: dim too large for a legacy uint32 shape")
-        head = struct.pack(f"<I{arr.ndim}I", arr.ndim, *arr.shape)
-    else:
-        shape = struct.pack(f"<i{arr.ndim}q", arr.ndim, *arr.shape)
-        head = {"v1": struct.pack("<I", V1_MAGIC) + shape,
-                "v2": struct.pack("<Ii", V2_MAGIC, _DENSE_STORAGE) + shape,
-                "v3": struct.pack("<Ii", V3_MAGIC, _DENSE_STORAGE) + shape}[version]
-    ctx_and_type = struct.pack("<iii", _CPU_DEVICE, 0, flag)
-    return head + ctx_and_type + arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def _prefixed(name: str) -> str:
-    if name.startswith(("arg:", "aux:")):
-        return name
-    return ("aux:" if name.endswith(("moving_mean", "moving_var")) else "arg:") + name
-
-
-def write_mxnet_params(path: str | os.PathLike, arrays: dict, version: str = "v2") -> None:
-    """Write ``{name: array}`` as an MXNet NDArray-list file (atomically).
-
-    version: "legacy", "v1", "v2" or "v3" (array header layout). Names get ``aux:`` when they end
-    in ``moving_mean``/``moving_var``, else ``arg:`` (names already prefixed are kept). 0-d arrays
-    need "v3": the older layouts use ndim 0 to mean "no array".
-    """
-    if version not in ("legacy", "v1", "v2", "v3"):
-        raise ValueError(f"version must be 'legacy', 'v1', 'v2' or 'v3', got {version!r}")
-    chunks = [struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays))]
-    chunks += [_array_bytes(v, version, k) for k, v in arrays.items()]
-    chunks.append(struct.pack("<Q", len(arrays)))
-    for name in arrays:
-        raw = _prefixed(name).encode("utf-8")
-        chunks.append(struct.pack("<Q", len(raw)) + raw)
-    with atomic_write(path) as f:
-        for chunk in chunks:
-            f.write(chunk)
-
-
 # ---------------------------------------------------------------- ResNet38 name mapping
 
 # PSA's ResNet38 (model A1): residual units per stage; stages 6 and 7 are bottlenecks.
@@ -365,5 +312,5 @@ def resnet38_from_torch(obj: object, path: str) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
 
 
-__all__ = ["read_mxnet_params", "write_mxnet_params", "resnet38_mxnet_to_psa", "psa_resnet38_keys",
+__all__ = ["read_mxnet_params", "resnet38_mxnet_to_psa", "psa_resnet38_keys",
            "resnet38_from_torch", "is_mxnet_file", "BLOCKS_PER_STAGE", "TYPE_FLAGS"]
