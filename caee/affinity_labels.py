@@ -26,7 +26,7 @@ from caee.crf import CrfParams, crf_cam_labels, run_pool
 from caee.data import SegmentationDataset, SplitIndex
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_image, save_label_png
-from caee.stages.common import crf_dir
+from caee.layout import crf_dir
 
 logger = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from caee.data import InferenceDataset, SplitIndex, collate_list, load_split, no
 from caee.errors import CaeeError
 from caee.evaluation import evaluate_label_dir, format_report, to_jsonable
 from caee.io import save_label_png, write_json
+from caee.layout import Layout, predictions_name, results_name
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +162,8 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
     rank 0, None on the other ranks.
     """
     split = index.split
-    name = Path(split).stem if split.endswith(".txt") else split  # a split given as a list file
-    pred_dir = out_dir / f"pred_{name}"
-    crf_dir = out_dir / f"pred_{name}_crf" if settings.crf is not None else None
+    pred_dir = out_dir / predictions_name(split)
+    crf_dir = out_dir / predictions_name(split, crf=True) if settings.crf is not None else None
     logger.info("segmenting %d images of %s: scales %s, flip %s, CRF %s", len(index), split, settings.scales,
                 settings.flip, "on" if crf_dir else "off")
     dirs = [d for d in (pred_dir, crf_dir) if d is not None]
@@ -186,7 +186,7 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
         results["with_crf"] = evaluate_predictions(index, crf_dir, settings.eval_workers, settings.allow_missing)
         results["crf_params"] = dataclasses.asdict(settings.crf)
     results["miou"] = results["with_crf" if crf_dir else "without_crf"]["miou"]
-    write_json(out_dir / f"results_{name}.json", results)
+    write_json(out_dir / results_name(split), results)
     ms = "multi-scale " + str(settings.scales) if results["multi_scale"] else "single-scale"
     pct = lambda r: "n/a" if r["miou"] is None else f"{100 * r['miou']:.2f}"  # noqa: E731
     logger.info("DeepLab on %s (%d images, %d evaluated), %s, flip %s: mIoU %s without CRF%s",
@@ -255,16 +255,15 @@ def main(cfg: Config) -> dict | None:
     cfg = expand_work_dir(cfg)
     from caee.data import dataset_class_names, ensure_dataset
     from caee.logs import setup_logging
-    from caee.stages.common import default_path
 
     tc = cfg.train_deeplab
     device = distributed.resolve_device(cfg.device)
     distributed.init_distributed(device)
-    out_dir = Path(cfg.work_dir) / STAGE
+    out_dir = Layout(cfg).stage_dir(STAGE)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
     ensure_dataset(cfg.data)
-    weights = default_path(tc.weights, cfg, STAGE, "model.pth")
+    weights = Layout(cfg).deeplab_weights()
     names = dataset_class_names(cfg.data)
     model, meta = load_deeplab(weights, cfg, len(names))
     model.to(device)

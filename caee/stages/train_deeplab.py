@@ -35,7 +35,8 @@ from caee.engine import StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.models.deeplab import DeepLab, build_deeplab
-from caee.stages.common import default_path, start_stage
+from caee.layout import Layout
+from caee.stages.common import start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def resolve_inputs(cfg: Config) -> tuple[str, Path]:
     """(training split, label folder) after applying the defaults."""
     tc = cfg.train_deeplab
     split = tc.split or cfg.pseudo_labels.split or cfg.data.cam_split
-    label_dir = Path(tc.label_dir) if tc.label_dir else default_path(cfg.pseudo_labels.out_dir, cfg, "pseudo_labels")
+    label_dir = Layout(cfg).deeplab_labels()
     return split, label_dir
 
 
