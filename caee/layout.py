@@ -68,16 +68,20 @@ def results_name(split: str) -> str:
     return f"results_{split_name(split)}.json"
 
 
-def _or(value: str, default: Path) -> Path:
-    return Path(value) if value else default
-
-
 class Layout:
-    """The paths of the experiment described by ``cfg`` (nothing is created or checked)."""
+    """The paths of the experiment described by ``cfg`` (nothing is created or checked).
 
-    def __init__(self, cfg: Config):
+    derived_only: ignore the config's path keys and derive every path from ``work_dir`` (a run
+    that lives inside another one, such as the control run, must not share the outer run's
+    explicit folders)."""
+
+    def __init__(self, cfg: Config, derived_only: bool = False):
         self.cfg = cfg
         self.work = Path(cfg.work_dir)
+        self.derived_only = derived_only
+
+    def _or(self, value: str, default: Path) -> Path:
+        return Path(value) if value and not self.derived_only else default
 
     # ------------------------------------------------------------ stage folders and checkpoints
 
@@ -100,13 +104,13 @@ class Layout:
         ``<work_dir>/cam_<source>``."""
         source = source or self.cfg.cam.source
         default = self.work / f"cam_{source}"
-        return _or(self.cfg.cam.out_dir, default) if source == self.cfg.cam.source else default
+        return self._or(self.cfg.cam.out_dir, default) if source == self.cfg.cam.source else default
 
     def cam_weights(self, source: str | None = None) -> Path:
         """The network make_cam reads for ``source``: cam.weights for cam.source, else the trainer's model."""
         source = source or self.cfg.cam.source
         default = self.model(f"train_{source}")
-        return _or(self.cfg.cam.weights, default) if source == self.cfg.cam.source else default
+        return self._or(self.cfg.cam.weights, default) if source == self.cfg.cam.source else default
 
     def crf_dir(self, alpha: float, source: str = "cgnet") -> Path:
         """The CRF labels of ``source``'s CAMs at background alpha ``alpha``."""
@@ -116,31 +120,31 @@ class Layout:
 
     def oc_weights(self) -> Path:
         """The frozen OC of the CGNet: train_cgnet.oc_weights, else the classifier's model.pth."""
-        return _or(self.cfg.train_cgnet.oc_weights, self.model("train_classifier"))
+        return self._or(self.cfg.train_cgnet.oc_weights, self.model("train_classifier"))
 
     def affinity_cam_dir(self) -> Path:
         """CAMs AffinityNet learns from: train_affinity.cam_dir, else the CGNet CAMs."""
-        return _or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))
+        return self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))
 
     def pseudo_label_cam_dir(self) -> Path:
         """CAMs the random walk propagates: pseudo_labels.cam_dir, else the CGNet CAMs."""
-        return _or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))
+        return self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))
 
     def affinity_weights(self) -> Path:
         """The AffinityNet of the random walk: pseudo_labels.weights, else train_affinity's model.pth."""
-        return _or(self.cfg.pseudo_labels.weights, self.model("train_affinity"))
+        return self._or(self.cfg.pseudo_labels.weights, self.model("train_affinity"))
 
     def pseudo_labels(self) -> Path:
         """The pseudo labels (and the stage's log / config): pseudo_labels.out_dir or <work_dir>/pseudo_labels."""
-        return _or(self.cfg.pseudo_labels.out_dir, self.work / "pseudo_labels")
+        return self._or(self.cfg.pseudo_labels.out_dir, self.work / "pseudo_labels")
 
     def deeplab_labels(self) -> Path:
         """What DeepLab trains on: train_deeplab.label_dir, else the pseudo labels."""
-        return _or(self.cfg.train_deeplab.label_dir, self.pseudo_labels())
+        return self._or(self.cfg.train_deeplab.label_dir, self.pseudo_labels())
 
     def deeplab_weights(self) -> Path:
         """The DeepLab that eval_only segments: train_deeplab.weights, else its model.pth."""
-        return _or(self.cfg.train_deeplab.weights, self.model("train_deeplab"))
+        return self._or(self.cfg.train_deeplab.weights, self.model("train_deeplab"))
 
     # ------------------------------------------------------------ predictions and evaluation
 
@@ -160,7 +164,7 @@ class Layout:
 
     def eval_dir(self) -> Path:
         """The folder eval_miou.py scores: eval.dir, else the CAMs of cam.source."""
-        return _or(self.cfg.eval.dir, self.cam_dir())
+        return self._or(self.cfg.eval.dir, self.cam_dir())
 
     def eval_out(self, folder: Path | None = None, split: str | None = None) -> Path:
         """eval.out, else ``<work_dir>/eval/<folder name>_<split>.json`` (folder default :meth:`eval_dir`)."""
