@@ -161,10 +161,11 @@ def _elapsed(t0: float) -> str:
 
 
 def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool = False, nproc: int = 1,
-             summary: Summary | None = None, t0: float | None = None) -> Summary:
+             summary: Summary | None = None, t0: float | None = None, where: str = "") -> Summary:
     """Run (or skip) ``jobs`` in order. ``context``: every job of the experiment (upstream steps are
     looked up there; default ``jobs``). Progress is logged as ``stage i / N: <name>`` with the time
-    since ``t0`` (default: now). ``summary`` is filled as the jobs finish (kept when one fails)."""
+    since ``t0`` (default: now). ``summary`` is filled as the jobs finish (kept when one fails).
+    where: names the experiment in errors (``variant 'x'`` -> "variant 'x' failed at stage 'y': ...")."""
     from caee import distributed
 
     summary = summary if summary is not None else Summary()
@@ -184,7 +185,16 @@ def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool =
         if distributed.is_main():
             markers.write_started(job.marker, record)
         start = time.perf_counter()
-        results = [_call_stage(job, call, k, nproc) for k, call in enumerate(job.calls)]
+        try:
+            results = [_call_stage(job, call, k, nproc) for k, call in enumerate(job.calls)]
+        except CaeeError as e:
+            if not where:
+                raise
+            raise CaeeError(f"{where} failed at stage '{job.step.name}': {e}") from None
+        except Exception as e:
+            e.add_note(f"while running stage '{job.step.name}'{f' of {where}' if where else ''} "
+                       f"(work_dir {job.cfg.work_dir})")
+            raise
         seconds = time.perf_counter() - start
         distributed.barrier()
         if distributed.is_main():
