@@ -90,8 +90,8 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def upstream_of(job: Job, context: Sequence[Job]) -> list[Job]:
     """The jobs before ``job`` in ``context`` (the experiment's jobs in run order) whose outputs it reads."""
-    before = [j for j in context[:next((i for i, j in enumerate(context) if j.marker == job.marker), len(context))]]
-    return [j for j in before if any(_inside(r, w) for r in job.reads for w in j.writes)]
+    position = next((i for i, j in enumerate(context) if j.marker == job.marker), len(context))
+    return [j for j in context[:position] if any(_inside(r, w) for r in job.reads for w in j.writes)]
 
 
 @dataclass
