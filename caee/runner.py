@@ -14,7 +14,9 @@ paths: a step reads what another step of the experiment writes). Then:
 - a marker without a record (older version) or an unreadable one stops with a message; with
   ``overwrite`` every selected step starts over.
 
-The marker is written only after the stage returned; ``<step>.started`` meanwhile.
+The marker is written only after the stage returned; ``<step>.started`` meanwhile. The outputs
+removed before a redo are the folders the step owns by the layout (caee/layout.py), a folder named
+by a path key included: the marker proves this work_dir's runs wrote it.
 """
 from __future__ import annotations
 
