@@ -6,7 +6,7 @@ Input:  data.root (images of pseudo_labels.split, default data.cam_split); the C
         the AffinityNet <work_dir>/train_affinity/model.pth (or pseudo_labels.weights, e.g. PSA's
         res38_aff.pth, whose architecture is then train_affinity.net).
 Output: <out_dir>/<id>.png palette label maps (default <work_dir>/pseudo_labels) and
-        <out_dir>/DONE once all are written; log and config in <work_dir>/make_pseudo_labels/.
+        <out_dir>/DONE once all are written; log.txt and config.yaml in <out_dir> too.
         Existing PNGs are kept unless pseudo_labels.overwrite=true.
 
     python make_pseudo_labels.py --config configs/voc/r38.yaml data.root=/data/VOC2012

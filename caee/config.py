@@ -393,7 +393,3 @@ def save_config(cfg: Config, directory: str | Path) -> Path:
     write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
-
-def stage_dir(cfg: Config, stage: str) -> Path:
-    """``<work_dir>/<stage>``: where a stage writes its outputs."""
-    return Path(cfg.work_dir) / stage

@@ -9,12 +9,14 @@ import json
 import logging
 from pathlib import Path
 
+from caee import markers
 from caee.config import Config
 from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_cam_dir, evaluate_label_dir
 from caee.io import load_cam_npz, load_image, load_label_png, write_json, write_text
+from caee.layout import Layout, crf_dir
 from caee.pictures import compare_cams, compare_labels, save_picture
-from caee.stages.common import crf_dir, default_path
+from caee.steps import control_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,7 @@ def _label_row(name: str, folder: Path, index, cfg: Config, how: str) -> dict | 
 
 
 def _deeplab_row(cfg: Config) -> dict | None:
-    split = cfg.train_deeplab.eval_split or cfg.data.val_split
-    path = Path(cfg.work_dir) / "train_deeplab" / f"results_{Path(split).stem}.json"
+    path = Layout(cfg).deeplab_results()
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
@@ -55,25 +56,24 @@ def _deeplab_row(cfg: Config) -> dict | None:
 
 def measure(cfg: Config) -> list[dict]:
     """Evaluate every output the pipeline wrote (missing ones are left out)."""
-    work = Path(cfg.work_dir)
-    split = cfg.eval.split or cfg.data.cam_split
-    index = load_split(cfg.data, split)
+    layout = Layout(cfg)
+    index = load_split(cfg.data, layout.eval_split())
     cams = f"scales {cfg.cam.scales}, flip {'on' if cfg.cam.flip else 'off'}; background threshold sweep"
-    cgnet_cams = work / "cam_cgnet"
+    cgnet_cams = layout.cam_dir("cgnet")
     rows = [
-        _cam_row("OC CAM", work / "cam_classifier", index, cfg,
+        _cam_row("OC CAM", layout.cam_dir("classifier"), index, cfg,
                  f"ordinary classifier ({cfg.train_classifier.net.backbone}); {cams}"),
         _cam_row("CGNet CAM", cgnet_cams, index, cfg,
                  f"CGNet ({cfg.train_cgnet.net.backbone}), masking depth {cfg.masking.depth}, "
                  f"w = {cfg.masking.cse_init} + {cfg.masking.cse_slope} * epoch; {cams}"),
-        _cam_row("control CAM (w = 0)", work / "control" / "cam_cgnet", index, cfg,
+        _cam_row("control CAM (w = 0)", Layout(control_config(cfg), derived_only=True).cam_dir("cgnet"), index, cfg,
                  f"the same CGNet trained without the erasing loss; {cams}"),
     ]
     for alpha in cfg.cam.crf_alphas:
         rows.append(_label_row(f"CGNet CAM + CRF (alpha {alpha:g})", crf_dir(cgnet_cams, alpha), index, cfg,
                                f"dense CRF of the CGNet CAMs, background (1 - max)^{alpha:g}"))
     pl = cfg.pseudo_labels
-    rows.append(_label_row("pseudo labels", default_path(pl.out_dir, cfg, "pseudo_labels"), index, cfg,
+    rows.append(_label_row("pseudo labels", layout.pseudo_labels(), index, cfg,
                            f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, "
                            f"alpha {pl.alpha:g}{_grid(cfg)}){', + CRF' if pl.crf else ''}"))
     rows.append(_deeplab_row(cfg))
@@ -86,23 +86,49 @@ def _grid(cfg: Config) -> str:
     return f", grid stride {s}" if s else ""
 
 
-def markdown(rows: list[dict], seconds: dict[str, float]) -> str:
+def _stage_label(step: str, cfg: Config) -> str:
+    """``cam_cgnet (+ 2 CRFs)`` when the step also made CRF labels."""
+    n = len(cfg.cam.crf_alphas) if step == "cam_cgnet" else 0
+    return f"{step} (+ {n} CRF{'s' if n > 1 else ''})" if n else step
+
+
+def _speed_cell(record: dict) -> str:
+    """Training images/s of a trainer; ``(N images/s)`` of an inference step; blank when unknown."""
+    ips = record.get("images_per_s")
+    if ips is None:
+        return ""
+    return f"{ips:.0f}" if record.get("speed") == "train" else f"({ips:.0f} images/s)"
+
+
+def stage_table(cfg: Config, steps: list[str]) -> list[dict]:
+    """``[{"step", "stage" (its label), "seconds", "images_per_s", "speed"}]`` of the finished steps, from their markers."""
+    layout, out = Layout(cfg), []
+    for step in steps:
+        record = markers.read(layout.marker(step))
+        if record is not None and record.get("seconds") is not None:
+            out.append({"step": step, "stage": _stage_label(step, cfg), "seconds": record["seconds"],
+                        "images_per_s": record.get("images_per_s"), "speed": record.get("speed", "")})
+    return out
+
+
+def markdown(rows: list[dict], stages: list[dict]) -> str:
     lines = ["| output | mIoU (%) | at fixed threshold | split | images | how it was produced |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         fixed = (f"{_pct(r['miou_at_threshold'])} (t = {r['threshold']:g}; best t = {r['best_threshold']:g})"
                  if "miou_at_threshold" in r else "")
         lines.append(f"| {r['output']} | {_pct(r['miou'])} | {fixed} | {r['split']} | {r['num_images']} | {r['how']} |")
-    if seconds:
-        lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
-        lines.append(f"| total | {sum(seconds.values()):.0f} |")
+    if stages:
+        lines += ["", "| stage | seconds | training images/s |", "|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.0f} | {_speed_cell(s)} |" for s in stages]
+        lines.append(f"| total | {sum(s['seconds'] for s in stages):.0f} | |")
     return "\n".join(lines) + "\n"
 
 
 def _fig3(cfg: Config, n: int) -> Path | None:
-    work = Path(cfg.work_dir)
-    a, b = work / "cam_classifier", work / "cam_cgnet"
-    index = load_split(cfg.data, cfg.eval.split or cfg.data.cam_split)
+    layout = Layout(cfg)
+    a, b = layout.cam_dir("classifier"), layout.cam_dir("cgnet")
+    index = load_split(cfg.data, layout.eval_split())
     rows = []
     for i, image_id in enumerate(index.ids):
         if len(rows) == n:
@@ -113,15 +139,15 @@ def _fig3(cfg: Config, n: int) -> Path | None:
                          load_cam_npz(pa)[1], load_cam_npz(pb)[1]))
     if not rows:
         return None
-    path = work / "fig3_cams.png"
+    path = layout.figure("fig3_cams")
     save_picture(path, compare_cams(rows))
     return path
 
 
 def _fig4(cfg: Config, n: int) -> Path | None:
-    work = Path(cfg.work_dir)
-    split = cfg.train_deeplab.eval_split or cfg.data.val_split
-    pred_dir = work / "train_deeplab" / f"pred_{Path(split).stem}"
+    layout = Layout(cfg)
+    split = layout.deeplab_eval_split()
+    pred_dir = layout.predictions(split)
     if not pred_dir.is_dir():
         return None
     index = load_split(cfg.data, split)
@@ -133,28 +159,25 @@ def _fig4(cfg: Config, n: int) -> Path | None:
                          load_label_png(pred)))
     if not rows:
         return None
-    path = work / "fig4_segmentation.png"
+    path = layout.figure("fig4_segmentation")
     save_picture(path, compare_labels(rows, titles=("image", "ground truth", "DeepLab")))
     return path
 
 
-def write_results(cfg: Config, marker_dir: Path) -> dict:
-    """Measure, print and write results.md / results.json (+ pictures); returns the JSON dict."""
-    from caee.pipeline import stage_seconds
-
+def write_results(cfg: Config, steps: list[str]) -> dict:
+    """Measure and write results.md / results.json (+ pictures); ``steps``: the pipeline's step
+    names, whose markers give the stage table. Returns the JSON dict (``markdown``: the text)."""
     ensure_dataset(cfg.data)
-    from caee.pipeline import stages
-
+    layout = Layout(cfg)
     rows = measure(cfg)
-    done = stage_seconds(marker_dir)
-    seconds = {s.name: done[s.name] for s in stages(cfg) if s.name in done}
+    stages = stage_table(cfg, steps)
     pictures = [p for p in (_fig3(cfg, cfg.pipeline.pictures), _fig4(cfg, cfg.pipeline.pictures)) if p]
-    md = markdown(rows, seconds)
+    md = markdown(rows, stages)
     if pictures:
         md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pictures) + "\n"
-    work = Path(cfg.work_dir)
-    result = {"rows": rows, "stage_seconds": seconds, "pictures": [str(p) for p in pictures]}
-    write_text(work / "results.md", md)
-    write_json(work / "results.json", result)
-    print(md)
-    return result
+    result = {"rows": rows, "stages": stages, "stage_seconds": {s["step"]: s["seconds"] for s in stages},
+              "pictures": [str(p) for p in pictures]}
+    write_text(layout.results_md(), md)
+    write_json(layout.results_json(), result)
+    logger.info("results: %s, %s", layout.results_md(), layout.results_json())
+    return {**result, "markdown": md}

@@ -44,6 +44,7 @@ from caee.io import save_label_png, write_json
 from caee.models.deeplab import build_deeplab
 from caee.parallel import run_pool
 from caee.weights.checkpoints import checkpoint_meta, load_model_weights
+from caee.layout import Layout, predictions_name, results_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +164,8 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
     rank 0, None on the other ranks.
     """
     split = index.split
-    name = Path(split).stem if split.endswith(".txt") else split  # a split given as a list file
-    pred_dir = out_dir / f"pred_{name}"
-    crf_dir = out_dir / f"pred_{name}_crf" if settings.crf is not None else None
+    pred_dir = out_dir / predictions_name(split)
+    crf_dir = out_dir / predictions_name(split, crf=True) if settings.crf is not None else None
     logger.info("segmenting %d images of %s: scales %s, flip %s, CRF %s", len(index), split, settings.scales,
                 settings.flip, "on" if crf_dir else "off")
     dirs = [d for d in (pred_dir, crf_dir) if d is not None]
@@ -188,7 +188,7 @@ def segment_split(model: nn.Module, index: SplitIndex, out_dir: Path, settings: 
         results["with_crf"] = evaluate_predictions(index, crf_dir, settings.eval_workers, settings.allow_missing)
         results["crf_params"] = dataclasses.asdict(settings.crf)
     results["miou"] = results["with_crf" if crf_dir else "without_crf"]["miou"]
-    write_json(out_dir / f"results_{name}.json", results)
+    write_json(out_dir / results_name(split), results)
     ms = "multi-scale " + str(settings.scales) if results["multi_scale"] else "single-scale"
     pct = lambda r: "n/a" if r["miou"] is None else f"{100 * r['miou']:.2f}"  # noqa: E731
     logger.info("DeepLab on %s (%d images, %d evaluated), %s, flip %s: mIoU %s without CRF%s",

@@ -22,7 +22,7 @@ from caee.models import ResNet38, TinyCNN
 from caee.models.affinitynet import AffinityNet, init_affinitynet_from, load_affinitynet
 from caee.models.classifier import CamClassifier
 from caee.stages import train_affinity
-from caee.stages.common import crf_dir
+from caee.layout import crf_dir
 from caee.stages.train_affinity import AffinityTask
 from caee.weights.checkpoints import load_model_weights, psa_to_caee
 from conftest import randomise_bn

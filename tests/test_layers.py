@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caee"
 LAYERS: list[tuple[str, set[str]]] = [
     ("base: config, io, metrics, errors and plumbing", {
         "caee", "caee.errors", "caee.io", "caee.config", "caee.metrics", "caee.provenance", "caee.distributed",
-        "caee.logs", "caee.parallel"}),
+        "caee.logs", "caee.parallel", "caee.layout", "caee.markers"}),
     ("weight files", {"caee.weights"}),
     ("models, data, engine", {"caee.models", "caee.data", "caee.engine", "caee.evaluation", "caee.pictures"}),
     ("method", {"caee.affinity", "caee.affinity_labels", "caee.cam", "caee.crf", "caee.erasing", "caee.oracle",
                 "caee.pseudo_labels", "caee.random_walk", "caee.segment"}),
     ("stages", {"caee.stages"}),
-    ("drivers", {"caee.pipeline", "caee.reproduce", "caee.results", "caee.cli", "caee.__main__", "caee.layout"}),
+    ("drivers", {"caee.pipeline", "caee.steps", "caee.runner", "caee.variants", "caee.reports", "caee.results",
+                 "caee.cli", "caee.__main__"}),
 ]
 
 

@@ -1,6 +1,7 @@
 """run_pipeline.py on a miniature synthetic experiment: every artifact, kill-and-resume, results table."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,17 @@ def test_miniature_pipeline_writes_every_artifact_and_a_parsable_table(tmp_path)
         assert 0.0 <= j["miou"] <= 1.0
     assert {r["split"] for r in rows} == {"train", "val"}
     assert json.loads((work / "results.json").read_text())["rows"][0]["num_images"] == 48
+    # the stage table has the README's columns; trainers give training images/s, inference (N images/s)
+    stages = _parse_markdown_table((work / "results.md").read_text().split("\n\n")[1])
+    assert list(stages[0]) == ["stage", "seconds", "training images/s"]
+    by_stage = {r["stage"]: r for r in stages}
+    assert [r["stage"] for r in stages][:5] == ["train_classifier", "train_cgnet", "train_control", "cam_classifier",
+                                                "cam_cgnet (+ 2 CRFs)"]
+    assert float(by_stage["train_classifier"]["training images/s"]) > 0
+    assert re.fullmatch(r"\(\d+ images/s\)", by_stage["pseudo_labels"]["training images/s"])
+    assert by_stage["total"]["seconds"] == f"{sum(result['stage_seconds'].values()):.0f}"
+    # one folder per stage: the pseudo-label stage logs where it writes
+    assert (work / "pseudo_labels" / "log.txt").is_file() and not (work / "make_pseudo_labels").exists()
 
 
 def test_interrupted_pipeline_resumes_and_skips_finished_stages(tmp_path):

@@ -1,4 +1,4 @@
-"""The reproduction drivers (caee/reproduce.py, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
+"""The reproduction drivers (caee/variants.py, caee/reports/, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
 on the miniature synthetic experiment: tables that parse and agree with the evaluation files, the
 chart, markers that make a second run skip finished work, and failures that name their variant."""
 import importlib.util
@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from caee import reproduce
+from caee import variants as var
+from caee.reports import common, masking_depth, table1
+from caee.runner import jobs_of
 from caee.config import save_config
 from caee.errors import CaeeError
 from conftest import mini_config
@@ -51,45 +53,45 @@ def _percent_values(row: dict) -> list[float]:
 
 def test_overrides_sections_and_depths():
     cfg = mini_config(Path("/nonexistent"))
-    new = reproduce.with_overrides(cfg, {"masking.depth": 3, "train_cgnet": {"lr": 0.5}})
+    new = var.with_overrides(cfg, {"masking.depth": 3, "train_cgnet": {"lr": 0.5}})
     assert (new.masking.depth, new.train_cgnet.lr, cfg.masking.depth) == (3, 0.5, 0)
     with pytest.raises(CaeeError, match="masking.dpth.*did you mean 'masking.depth'"):
-        reproduce.with_overrides(cfg, {"masking.dpth": 3})
-    assert reproduce.section_overrides(REPO / "configs/voc/r101_oc.yaml", "train_classifier") == {
+        var.with_overrides(cfg, {"masking.dpth": 3})
+    assert var.section_overrides(REPO / "configs/voc/r101_oc.yaml", "train_classifier") == {
         "train_classifier.net.backbone": "resnet101", "train_classifier.net.pretrained":
         "weights/resnet101-63fe2227.pth", "train_classifier.net.dropout": 0.5}
-    vgg = reproduce.section_overrides(REPO / "configs/voc/vgg16_oc.yaml", "train_classifier")
+    vgg = var.section_overrides(REPO / "configs/voc/vgg16_oc.yaml", "train_classifier")
     assert vgg["train_classifier.net.backbone"] == "vgg16" and vgg["train_classifier.lr"] == 0.1
-    assert reproduce.check_depths(None, "resnet38") == list(range(8))
-    assert reproduce.check_depths(None, "tinycnn") == [0, 1, 2, 3, 4]
-    assert reproduce.check_depths([2, 0, 2], "vgg16") == [2, 0]
+    assert masking_depth.check_depths(None, "resnet38") == list(range(8))
+    assert masking_depth.check_depths(None, "tinycnn") == [0, 1, 2, 3, 4]
+    assert masking_depth.check_depths([2, 0, 2], "vgg16") == [2, 0]
     with pytest.raises(CaeeError, match=r"\[9\] are not depths of the tinycnn OC; valid: 0, 1, 2, 3, 4"):
-        reproduce.check_depths([0, 9], "tinycnn")
-    assert reproduce.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
+        masking_depth.check_depths([0, 9], "tinycnn")
+    assert common.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
     # what a marker records: the recipe of the stage, not speed / logging settings or other stages
-    fp = reproduce.stage_fingerprint(new, "train_cgnet")
+    fp = jobs_of(new, ["train_cgnet"])[0].settings[0]
     assert fp["train_cgnet.lr"] == 0.5 and fp["masking.depth"] == 3 and fp["train_cgnet.batch_size"] == 8
-    assert fp["train_classifier.net.backbone"] == "tinycnn" and "train_classifier.lr" not in fp
+    assert not any(k.startswith("train_classifier.") for k in fp)  # the OC is recorded as an upstream run
     assert not any(k.endswith(("num_workers", "log_every", "checkpoint_every")) for k in fp)
 
 
 def test_demo_configs_build_valid_variants(tmp_path):
     demo = REPO / "configs" / "demo.yaml"
-    cfg = reproduce.load_experiment_config(demo, [], reproduce.TABLE1_DEMO_CAPS)
+    cfg = var.load_experiment_config(demo, [], table1.TABLE1_DEMO_CAPS)
     assert cfg.work_dir == "work_dirs/reproduce_demo"  # not the pipeline demo's folder
-    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}"], reproduce.TABLE1_DEMO_CAPS)
-    variants = reproduce.table1_variants(cfg, reproduce.TABLE1_DEMO_OCS)
+    cfg = var.load_experiment_config(demo, [f"work_dir={tmp_path}"], table1.TABLE1_DEMO_CAPS)
+    variants = table1.table1_variants(cfg, table1.TABLE1_DEMO_OCS)
     assert [v.cfg.train_classifier.net.backbone for v in variants] == ["resnet38", "resnet101", "vgg16"]
     assert all(v.cfg.train_cgnet.net.backbone == "tinycnn" and v.cfg.data.synthetic.num_train == 32 for v in variants)
     assert [v.dir for v in variants] == [tmp_path / "table1" / n for n in ("resnet38", "resnet101", "vgg16")]
-    cfg = reproduce.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"],
-                                           reproduce.DEPTH_DEMO_CAPS)
+    cfg = var.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"],
+                                           masking_depth.DEPTH_DEMO_CAPS)
     assert cfg.train_cgnet.epochs == 1 and cfg.train_affinity.net.backbone == "tinycnn"  # overrides after caps
-    variants = reproduce.depth_variants(cfg, reproduce.check_depths(None, "tinycnn"), full=True)
+    variants = masking_depth.depth_variants(cfg, masking_depth.check_depths(None, "tinycnn"), full=True)
     assert [v.name for v in variants] == ["oc", "depth_0", "depth_1", "depth_2", "depth_3", "depth_4"]
     assert variants[3].cfg.masking.depth == 2 and variants[3].after == ("oc",)
     assert variants[3].cfg.train_cgnet.oc_weights == str(tmp_path / "masking_depth/oc/train_classifier/model.pth")
-    assert variants[3].stages == ("train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels")
+    assert variants[3].steps == ("train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels")
 
 
 # ---------------------------------------------------------------- masking-depth sweep
@@ -97,7 +99,7 @@ def test_demo_configs_build_valid_variants(tmp_path):
 
 def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
     cfg = mini_config(tmp_path, **FAST)
-    report = reproduce.run_depth_sweep(cfg, [0, 2])
+    report = masking_depth.run_depth_sweep(cfg, [0, 2])
     root = tmp_path / "work" / "masking_depth"
     assert report.failures == [] and sorted(p.name for p in report.files) == [
         "masking_depth.json", "masking_depth.md", "masking_depth.png"]
@@ -124,31 +126,40 @@ def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
                               f"{r['cam_best_threshold']:.2f}"]
     with Image.open(root / "masking_depth.png") as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert all((root / v / f".done_{s}").is_file()
+    assert all((root / v / "pipeline" / f"{s}.done").is_file()
                for v in ("depth_0", "depth_2") for s in ("train_cgnet", "cam_cgnet"))
 
     before = _mtimes(root)
     assert len(before) == 3  # the OC and two CGNets
-    again = reproduce.run_depth_sweep(cfg, [0, 2])
+    again = masking_depth.run_depth_sweep(cfg, [0, 2])
     assert _mtimes(root) == before
     assert all(r["ran"] == [] and r["skipped"] == ["train_cgnet", "cam_cgnet"] for r in again.data["rows"])
     assert again.data["oc"]["skipped"] == ["train_classifier", "cam_classifier"]
     assert [r["cam_miou"] for r in again.data["rows"]] == [r["cam_miou"] for r in data["rows"]]
 
-    # a stage without its marker runs again, and everything that reads its output is redone
-    (root / "oc" / ".done_cam_classifier").unlink()
-    third = reproduce.run_depth_sweep(cfg, [0, 2])
+    # a stage without its marker runs again; the CGNets do not read the OC's CAMs, so they stay
+    (root / "oc" / "pipeline" / "cam_classifier.done").unlink()
+    third = masking_depth.run_depth_sweep(cfg, [0, 2])
     assert third.data["oc"]["ran"] == ["cam_classifier"]
-    assert third.data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
+    assert all(r["ran"] == [] for r in third.data["rows"]) and _mtimes(root) == before
+
+    # a changed CGNet key re-runs exactly the CGNets and their CAMs, not the OC
+    fourth = masking_depth.run_depth_sweep(var.with_overrides(cfg, {"train_cgnet.lr": 0.02}), [0, 2])
+    assert fourth.data["oc"]["ran"] == [] and all(r["ran"] == ["train_cgnet", "cam_cgnet"] for r in fourth.data["rows"])
     after = _mtimes(root)
     assert after["oc/train_classifier/model.pth"] == before["oc/train_classifier/model.pth"]
     assert after["depth_0/train_cgnet/model.pth"] != before["depth_0/train_cgnet/model.pth"]
+    # a re-run OC (the CGNets' upstream) re-runs every CGNet
+    fifth = masking_depth.run_depth_sweep(var.with_overrides(cfg, {"train_cgnet.lr": 0.02,
+                                                                       "train_classifier.lr": 0.02}), [0, 2])
+    assert fifth.data["oc"]["ran"] == ["train_classifier", "cam_classifier"]
+    assert all(r["ran"] == ["train_cgnet", "cam_cgnet"] for r in fifth.data["rows"])
 
 
 def test_depth_sweep_with_pseudo_labels(tmp_path):
     pytest.importorskip("pydensecrf")
     cfg = mini_config(tmp_path, **FAST, **{"train_affinity.max_steps": 2, "pseudo_labels.steps": 4})
-    report = reproduce.run_depth_sweep(cfg, [1], full=True)
+    report = masking_depth.run_depth_sweep(cfg, [1], full=True)
     assert report.failures == []
     row = report.data["rows"][0]
     root = tmp_path / "work" / "masking_depth" / "depth_1"
@@ -167,10 +178,12 @@ def test_depth_sweep_cli_and_changed_settings_are_refused(tmp_path, capsys):
     assert "| 0 | image |" in out and "| 1 | feature |" in out and "masking_depth.png" in out
     data = json.loads((tmp_path / "work" / "masking_depth" / "masking_depth.json").read_text())
     assert [r["depth"] for r in data["rows"]] == [0, 1] and data["failures"] == []
-    # a changed training setting does not silently reuse the finished CGNets
-    assert tool.main(["--config", str(path), "--depths", "0", "train_cgnet.max_steps=1", "train_cgnet.lr=0.5"]) == 1
-    err = capsys.readouterr().err
-    assert "variant 'depth_0'" in err and "train_cgnet.lr: 0.01 -> 0.5" in err
+    # a changed training setting does not silently reuse the finished CGNets: they run again with it
+    assert tool.main(["--config", str(path), "--depths", "0", "train_cgnet.max_steps=1", "train_cgnet.lr=0.5"]) == 0
+    data = json.loads((tmp_path / "work" / "masking_depth" / "masking_depth.json").read_text())
+    assert data["oc"]["ran"] == [] and data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
+    marker = json.loads((tmp_path / "work/masking_depth/depth_0/pipeline/train_cgnet.done").read_text())
+    assert marker["settings"][0]["train_cgnet.lr"] == 0.5
     assert tool.main(["--config", str(path), "--depths", "7"]) == 2
     assert "not depths of the tinycnn OC" in capsys.readouterr().err
 
@@ -182,7 +195,7 @@ def test_table1_layout_numbers_and_skip(tmp_path):
     cfg = mini_config(tmp_path, **FAST)
     ocs = {"resnet38": {"train_classifier.net.backbone": "tinycnn"},
            "vgg16": {"train_classifier.net.backbone": "tinycnn", "train_classifier.net.width": 0.25}}
-    report = reproduce.run_table1(cfg, ocs, notes=["test"])
+    report = table1.run_table1(cfg, ocs, notes=["test"])
     root = tmp_path / "work" / "table1"
     assert report.failures == []
     data = json.loads((root / "table1.json").read_text())
@@ -207,7 +220,7 @@ def test_table1_layout_numbers_and_skip(tmp_path):
 
     before = _mtimes(root)
     assert len(before) == 4
-    again = reproduce.run_table1(cfg, ocs)
+    again = table1.run_table1(cfg, ocs)
     assert _mtimes(root) == before and all(r["ran"] == [] for r in again.data["rows"])
     assert [r["cgnet_miou"] for r in again.data["rows"]] == [r["cgnet_miou"] for r in data["rows"]]
 
@@ -215,17 +228,17 @@ def test_table1_layout_numbers_and_skip(tmp_path):
 def test_failing_variant_is_named_and_the_others_go_on(tmp_path):
     cfg = mini_config(tmp_path, **FAST)
     ocs = {"good": {}, "broken": {"train_classifier.net.pretrained": str(tmp_path / "missing.pth")}}
-    report = reproduce.run_table1(cfg, ocs)
+    report = table1.run_table1(cfg, ocs)
     assert len(report.failures) == 1
     assert re.match(r"variant 'broken' failed at stage 'train_classifier': .*missing\.pth", report.failures[0])
     good, broken = report.data["rows"]
     assert good["status"] == "ok" and good["cgnet_miou"] is not None
     assert broken["status"] == "failed" and broken["oc_miou"] is None and broken["error"] == report.failures[0]
-    assert not (tmp_path / "work/table1/broken/.done_train_classifier").exists()
+    assert not (tmp_path / "work/table1/broken/pipeline/train_classifier.done").exists()
     assert "| failed |" in report.markdown and "- variant 'broken' failed" in report.markdown
     # in the depth sweep, the CGNets that need a failed OC are not run, each saying why
     bad = mini_config(tmp_path, **FAST, **{"train_classifier.net.pretrained": str(tmp_path / "missing.pth")})
-    sweep = reproduce.run_depth_sweep(bad, [0])
+    sweep = masking_depth.run_depth_sweep(bad, [0])
     assert sweep.failures[0].startswith("variant 'oc' failed at stage 'train_classifier'")
     assert sweep.failures[1] == "variant 'depth_0' not run: variant(s) ['oc'] it needs failed"
     assert (tmp_path / "work/masking_depth/masking_depth.png").is_file()
@@ -245,3 +258,12 @@ def test_table1_cli_reads_the_voc_oc_configs_and_reports_failures(tmp_path, caps
                                                         "VGG16"]
     assert [r[1] for r in rows[3:]] == ["failed", "failed"] and rows[2][1].endswith("%")
     assert os.path.isfile(tmp_path / "work" / "table1" / "table1.json")
+
+
+def test_a_path_key_shared_by_every_variant_is_refused(tmp_path):
+    cfg = mini_config(tmp_path, **FAST, **{"cam.out_dir": str(tmp_path / "cams")})
+    with pytest.raises(CaeeError, match=r"cam.out_dir=.*shared by every variant.*\{work_dir\}"):
+        table1.table1_variants(cfg, {"a": {}})
+    cfg = mini_config(tmp_path, **FAST, **{"cam.out_dir": "{work_dir}/my_cams"})  # follows each variant
+    (v,) = table1.table1_variants(cfg, {"a": {}})
+    assert v.cfg.cam.out_dir == "{work_dir}/my_cams" and v.cfg.cam.crf_alphas == [] and v.cfg.cam.split == ""

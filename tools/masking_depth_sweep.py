@@ -10,13 +10,13 @@ the pseudo labels' mIoU (what Fig. II plots).
     python tools/masking_depth_sweep.py --config configs/voc/r38.yaml [--full] [--depths 0 3 7] [key=value ...]
     python tools/masking_depth_sweep.py --demo [--full]
 
-Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages; .done_<stage> markers: a
-second run skips finished stages) and <work_dir>/masking_depth/masking_depth.{md,json,png} (mIoU
+Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages; pipeline/<stage>.done markers:
+a second run skips finished stages and re-runs those whose settings changed) and <work_dir>/masking_depth/masking_depth.{md,json,png} (mIoU
 in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN OC and CGNets, depths 0..4) with capped work
-(caee.reproduce.DEPTH_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its
+(caee.reports.masking_depth.DEPTH_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its
 masking_depth/), data.root=data/synthetic_depth_demo with 1,000 training images (demo.yaml:
 2,000), OC as in demo.yaml (6 epochs), each CGNet 3 epochs (demo.yaml: 5); --full adds
 demo.yaml's TinyCNN AffinityNet and random walk per depth. Demo numbers are NOT comparable to the
@@ -28,7 +28,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from caee import reproduce
+from caee.reports.common import run_guarded
+from caee.reports.masking_depth import DEPTH_DEMO_CAPS, run_depth_sweep
+from caee.variants import caps_note, load_experiment_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--demo", action="store_true", help="the synthetic CPU demo with capped work (see above)")
     ap.add_argument("--full", action="store_true", help="also AffinityNet + pseudo labels per depth")
     ap.add_argument("--depths", nargs="+", help="masking depths (default: all of the OC backbone)")
+    ap.add_argument("--overwrite", action="store_true", help="start every stage over (outputs removed)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. device=cuda")
     return ap
 
@@ -60,11 +63,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    caps = reproduce.DEPTH_DEMO_CAPS if args.demo else None
-    notes = [f"demo caps: {reproduce.caps_note(caps)}. Demo numbers are NOT comparable to the paper's."] if caps else []
-    return reproduce.run_driver(lambda: reproduce.run_depth_sweep(
-        reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
-        notes))
+    caps = DEPTH_DEMO_CAPS if args.demo else None
+    notes = [f"demo caps: {caps_note(caps)}. Demo numbers are NOT comparable to the paper's."] if caps else []
+    return print_report(*run_guarded(lambda: run_depth_sweep(
+        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
+        notes, args.overwrite)))
+
+
+def print_report(rc: int, report, seconds: float) -> int:
+    """Print the table, its files and the failures; returns the exit code."""
+    if report is None:
+        return rc
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ prints the table next to the paper's numbers (47.8 -> 56.0, 46.8 -> 52.4, 48.9 -
     python tools/reproduce_table1.py --config configs/voc/r38.yaml [key=value ...]
     python tools/reproduce_table1.py --demo            # synthetic set, CPU, a few minutes
 
-Output: <work_dir>/table1/{resnet38,resnet101,vgg16}/ (each variant's stages; .done_<stage>
-markers: a second run skips finished stages) and <work_dir>/table1/table1.{md,json} (mIoU in %).
+Output: <work_dir>/table1/{resnet38,resnet101,vgg16}/ (each variant's stages; pipeline/<stage>.done
+markers: a second run skips finished stages and re-runs those whose settings changed) and <work_dir>/table1/table1.{md,json} (mIoU in %).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN CGNet) with the OC backbone swapped to ResNet38 / ResNet101 /
 VGG16 at full size, from random initialisation, on a separate small synthetic set. Those
 backbones cost 2-4 s per 96 x 96 training image on 2 CPU cores, so the work is capped
-(caee.reproduce.TABLE1_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its table1/),
+(caee.reports.table1.TABLE1_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its table1/),
 data.root=data/synthetic_table1_demo with 32 training images, OC and CGNet 1 epoch each at
 batch 8 (4 steps), CAMs at scale 1.0 without flip, no DataLoader worker. The demo checks that
 every backbone runs through the whole Table I pipeline; its numbers are NOT comparable to the
@@ -29,7 +29,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from caee import reproduce
+from caee.reports.common import run_guarded
+from caee.reports.table1 import TABLE1_DEMO_CAPS, TABLE1_DEMO_OCS, run_table1
+from caee.variants import caps_note, load_experiment_config, section_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", "-c", help="experiment YAML (its OC is the ResNet38 row); with --demo: "
                                            "configs/demo.yaml unless given")
     ap.add_argument("--demo", action="store_true", help="the synthetic CPU demo with capped work (see above)")
+    ap.add_argument("--overwrite", action="store_true", help="start every stage over (outputs removed)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. device=cuda")
     return ap
 
@@ -50,9 +53,9 @@ def oc_variants(demo: bool) -> dict[str, dict]:
     """``{row name: overrides}``: the demo's backbone swaps, or the keys that configs/voc/*_oc.yaml set in
     train_classifier (width 1.0 unless they set it: ResNet101 / VGG16 have no width multiplier)."""
     if demo:
-        return reproduce.TABLE1_DEMO_OCS
+        return TABLE1_DEMO_OCS
     return {"resnet38": {}, **{name: {"train_classifier.net.width": 1.0,
-                                      **reproduce.section_overrides(path, "train_classifier")}
+                                      **section_overrides(path, "train_classifier")}
                                for name, path in OC_CONFIGS.items()}}
 
 
@@ -61,12 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.config and not args.demo:
         ap.error("--config is required (or use --demo)")
-    caps = reproduce.TABLE1_DEMO_CAPS if args.demo else None
-    notes = ([f"demo caps: {reproduce.caps_note(caps)}; OCs from random initialisation. Demo numbers are NOT "
+    caps = TABLE1_DEMO_CAPS if args.demo else None
+    notes = ([f"demo caps: {caps_note(caps)}; OCs from random initialisation. Demo numbers are NOT "
               "comparable to the paper's."] if caps else [])
-    return reproduce.run_driver(lambda: reproduce.run_table1(
-        reproduce.load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), oc_variants(args.demo),
-        notes))
+    return print_report(*run_guarded(lambda: run_table1(
+        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), oc_variants(args.demo),
+        notes, args.overwrite)))
+
+
+def print_report(rc: int, report, seconds: float) -> int:
+    """Print the table, its files and the failures; returns the exit code."""
+    if report is None:
+        return rc
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from caee import distributed
-from caee.config import Config, save_config, stage_dir
+from caee.config import Config, save_config
+from caee.layout import Layout
 from caee.parallel import available_cpus
 from caee.logs import setup_logging
 
@@ -39,20 +40,10 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
         workers = cfg.data.num_workers if loader_workers is None else loader_workers
         per_rank = available_cpus() // distributed.world_size()
         torch.set_num_threads(max(1, min(_START_THREADS, per_rank - workers)))
-    out_dir = out_dir or stage_dir(cfg, name)
+    out_dir = out_dir or Layout(cfg).stage_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
     if distributed.is_main():
         save_config(cfg, out_dir)
     return StageEnv(device, out_dir)
 
-
-def default_path(value: str, cfg: Config, *parts: str) -> Path:
-    """``value`` when set, else ``<work_dir>/<parts...>`` (how stages find the previous stage's output)."""
-    return Path(value) if value else Path(cfg.work_dir).joinpath(*parts)
-
-
-def crf_dir(cam_dir: Path, alpha: float) -> Path:
-    """Where the dense-CRF labels of the CAMs in ``cam_dir`` with background alpha live:
-    ``<work_dir>/cam_cgnet`` -> ``<work_dir>/cam_cgnet_crf_4`` (alpha 4)."""
-    return cam_dir.parent / f"{cam_dir.name}_crf_{alpha:g}"

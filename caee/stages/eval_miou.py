@@ -9,18 +9,16 @@ from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_dir, format_report
 from caee.io import write_json
 from caee.stages.common import start_stage
-from caee.stages.make_cam import cam_out_dir
+from caee.layout import Layout
 
 logger = logging.getLogger(__name__)
 
 
 def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
     """(folder to evaluate, split, result JSON path) from the eval section and its defaults."""
-    ec = cfg.eval
-    folder = Path(ec.dir) if ec.dir else cam_out_dir(cfg)
-    split = ec.split or cfg.data.cam_split
-    out = Path(ec.out) if ec.out else Path(cfg.work_dir) / "eval" / f"{folder.name}_{Path(split).stem}.json"
-    return folder, split, out
+    layout = Layout(cfg)
+    folder, split = layout.eval_dir(), layout.eval_split()
+    return folder, split, layout.eval_out(folder, split)
 
 
 def main(cfg: Config) -> dict:

@@ -34,7 +34,8 @@ from caee.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save
 from caee.models.classifier import load_classifier
 from caee.parallel import ThreadWriter, run_pool, workers_for
 from caee.pictures import cam_grid, save_picture
-from caee.stages.common import crf_dir, default_path, start_stage
+from caee.layout import Layout, crf_dir, pictures_dir
+from caee.stages.common import start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ class MakeCamResult:
     images_per_s: float    # computed CAMs per second (forward + saving)
 
 
-def cam_out_dir(cfg: Config) -> Path:
-    """Where the CAMs of ``cam.source`` are: cam.out_dir or ``<work_dir>/cam_<source>``."""
-    return default_path(cfg.cam.out_dir, cfg, f"cam_{cfg.cam.source}")
-
-
-def cam_weights(cfg: Config) -> Path:
-    return default_path(cfg.cam.weights, cfg, f"train_{cfg.cam.source}", "model.pth")
-
-
-def pictures_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f"{out_dir.name}_pictures"
 
 
 def _check_previous_settings(cfg: Config, out_dir: Path) -> None:
@@ -171,7 +161,7 @@ def run_post(job: _PostJob, items: list[int], workers: int) -> None:
 def main(cfg: Config) -> MakeCamResult:
     cfg = expand_work_dir(cfg)
     cc = cfg.cam
-    out_dir = cam_out_dir(cfg)
+    out_dir = Layout(cfg).cam_dir()
     _check_previous_settings(cfg, out_dir)
     env = start_stage(cfg, out_dir.name, out_dir=out_dir)
     if distributed.is_main():
@@ -190,7 +180,7 @@ def main(cfg: Config) -> MakeCamResult:
 
     t0 = time.perf_counter()
     if todo:
-        weights = cam_weights(cfg)
+        weights = Layout(cfg).cam_weights()
         if not weights.is_file():
             raise CaeeError(f"{cc.source} weights not found: {weights}; run train_{cc.source}.py first or set "
                             "cam.weights")

@@ -37,7 +37,8 @@ from caee.models.affinitynet import load_affinitynet
 from caee.parallel import ProcessWriter, workers_for
 from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
                                 write_crf_labels)
-from caee.stages.common import default_path, start_stage
+from caee.layout import Layout
+from caee.stages.common import start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ def _walk_params(cfg: Config) -> WalkParams:
 
 def main(cfg: Config) -> Path:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "make_pseudo_labels", loader_workers=0)
+    layout = Layout(cfg)
+    out_dir = layout.pseudo_labels()
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0)  # one folder: labels, log, config
     pc = cfg.pseudo_labels
     ensure_dataset(cfg.data)
     split = pc.split or cfg.data.cam_split
     index = load_split(cfg.data, split)
-    cam_dir = default_path(pc.cam_dir, cfg, "cam_cgnet")
-    out_dir = default_path(pc.out_dir, cfg, "pseudo_labels")
-    weights = default_path(pc.weights, cfg, "train_affinity", "model.pth")
+    cam_dir, weights = layout.pseudo_label_cam_dir(), layout.affinity_weights()
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split '{split}' or set "
                         "pseudo_labels.cam_dir")

@@ -15,7 +15,8 @@ from caee.data.transforms import build_train_transform
 from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
-from caee.stages.common import crf_dir, default_path, start_stage
+from caee.layout import Layout, crf_dir
+from caee.stages.common import start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def main(cfg: Config) -> FitResult:
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
     names = dataset_class_names(cfg.data)
-    cam_dir = default_path(tc.cam_dir, cfg, "cam_cgnet")
+    cam_dir = Layout(cfg).affinity_cam_dir()
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
                         f"'{cfg.data.train_split}' first or set train_affinity.cam_dir")

@@ -16,7 +16,8 @@ from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, samp
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
-from caee.stages.common import default_path, start_stage
+from caee.layout import Layout
+from caee.stages.common import start_stage
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
@@ -84,7 +85,7 @@ def main(cfg: Config) -> FitResult:
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
     names = dataset_class_names(cfg.data)
-    oc_path = default_path(tc.oc_weights, cfg, "train_classifier", "model.pth")
+    oc_path = Layout(cfg).oc_weights()
     if not oc_path.exists():
         raise CaeeError(f"OC weights not found: {oc_path}; run train_classifier.py first or set train_cgnet.oc_weights")
     oc = freeze_module(load_classifier(oc_path, cfg.train_classifier.net, len(names))).to(env.device)

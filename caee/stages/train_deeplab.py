@@ -35,8 +35,9 @@ from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
+from caee.layout import Layout
 from caee.parallel import available_cpus, run_pool, workers_for
-from caee.stages.common import default_path, start_stage
+from caee.stages.common import start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def resolve_inputs(cfg: Config) -> tuple[str, Path]:
     """(training split, label folder) after applying the defaults."""
     tc = cfg.train_deeplab
     split = tc.split or cfg.pseudo_labels.split or cfg.data.cam_split
-    label_dir = Path(tc.label_dir) if tc.label_dir else default_path(cfg.pseudo_labels.out_dir, cfg, "pseudo_labels")
+    label_dir = Layout(cfg).deeplab_labels()
     return split, label_dir
 
 
@@ -199,11 +200,11 @@ def evaluate_only(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     device = distributed.resolve_device(cfg.device)
     distributed.init_distributed(device)
-    out_dir = Path(cfg.work_dir) / STAGE
+    out_dir = Layout(cfg).stage_dir(STAGE)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
     ensure_dataset(cfg.data)
-    weights = default_path(tc.weights, cfg, STAGE, "model.pth")
+    weights = Layout(cfg).deeplab_weights()
     names = dataset_class_names(cfg.data)
     model, meta = segment.load_deeplab(weights, cfg, len(names))
     model.to(device)

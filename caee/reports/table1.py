@@ -1,0 +1,88 @@
+"""Supplementary Table I: a CGNet trained against ordinary classifiers (OCs) with different backbones."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from caee.config import Config
+from caee.layout import Layout
+from caee.logs import setup_logging
+from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
+                                 fmt_threshold, footer, markdown_table, settings_line, write_report)
+from caee.variants import Outcome, Variant, make_variant, run_variants
+
+
+TABLE1_STAGES = ("train_classifier", "cam_classifier", "train_cgnet", "cam_cgnet")
+# supplementary Table I, VOC 2012 train CAM mIoU (%): OC -> CGNet (CGNet always ResNet38)
+TABLE1_PAPER = {"resnet38": (47.8, 56.0), "resnet101": (46.8, 52.4), "vgg16": (48.9, 52.3)}
+DISPLAY = {"resnet38": "ResNet38", "resnet101": "ResNet101", "vgg16": "VGG16", "tinycnn": "TinyCNN"}
+# the demo OCs: the paper's three backbones from scratch (the synthetic set has no ImageNet weights)
+TABLE1_DEMO_OCS = {name: {"train_classifier.net.backbone": name, "train_classifier.net.width": 1.0,
+                          "train_classifier.net.pretrained": ""} for name in ("resnet38", "resnet101", "vgg16")}
+# demo caps: full-size ResNet38 / ResNet101 take 2-4 s per 96 x 96 training image and ResNet38 ~3 s per
+# CAM on 2 busy CPU cores (measured); no DataLoader worker, so the stages keep both cores for compute
+TABLE1_DEMO_CAPS = {
+    "work_dir": DEMO_WORK_DIR, "data.root": "data/synthetic_table1_demo", "data.num_workers": 0,
+    "data.synthetic.num_train": 32, "data.synthetic.num_val": 8,
+    "train_classifier.batch_size": 8, "train_classifier.epochs": 1,
+    "train_cgnet.batch_size": 8, "train_cgnet.epochs": 1,
+    "cam.scales": [1.0], "cam.flip": False,
+}
+
+
+def table1_variants(base: Config, ocs: Mapping[str, Mapping[str, Any]]) -> list[Variant]:
+    """One variant per OC: ``{name: overrides}`` (e.g. ``{"resnet101": {"train_classifier.net.backbone":
+    "resnet101", ...}}``); each trains its OC and a CGNet (``base``'s train_cgnet) against it."""
+    root = Layout(base).experiment_root("table1")
+    return [make_variant(base, root, name, ov, TABLE1_STAGES, meta={"oc": name}) for name, ov in ocs.items()]
+
+
+def table1_row(variant: Variant, outcome: Outcome) -> dict:
+    """One JSON row: backbones, OC / CGNet CAM mIoU (percent, best and fixed), paper numbers, status."""
+    oc, cg = cam_scores(outcome.scores.get("cam_classifier")), cam_scores(outcome.scores.get("cam_cgnet"))
+    paper = TABLE1_PAPER.get(variant.name, (None, None))
+    return {"variant": variant.name, "oc_backbone": variant.cfg.train_classifier.net.backbone,
+            "cgnet_backbone": variant.cfg.train_cgnet.net.backbone,
+            **{f"oc_{k}": v for k, v in oc.items()}, **{f"cgnet_{k}": v for k, v in cg.items()},
+            "paper_oc_miou": paper[0], "paper_cgnet_miou": paper[1],
+            "status": "failed" if outcome.error else "ok", "error": outcome.error,
+            "ran": outcome.ran, "skipped": outcome.skipped, "seconds": outcome.seconds}
+
+
+def _row_label(row: dict) -> str:
+    name = DISPLAY.get(row["variant"], row["variant"])
+    ran = "" if row["oc_backbone"] == row["variant"] else f" [ran {row['oc_backbone']}]"
+    return f"{name}{ran} ({fmt_pct(row['oc_miou'])})"
+
+
+def table1_markdown(data: dict) -> str:
+    """The supplementary's layout (OC (mIoU) | Ours (mIoU)) with the paper's numbers and the
+    fixed-threshold values beside it."""
+    t = data["eval"]["threshold"]
+    header = ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)", "Paper: OC -> Ours",
+              f"Fixed t={t:g}: OC -> Ours", "Best t: OC / Ours"]
+    rows = []
+    for r in data["rows"]:
+        paper = (f"{fmt_pct(r['paper_oc_miou'])} -> {fmt_pct(r['paper_cgnet_miou'])}"
+                 if r["paper_oc_miou"] is not None else "-")
+        best_t = " / ".join(fmt_threshold(x) for x in (r["oc_best_threshold"], r["cgnet_best_threshold"]))
+        rows.append([_row_label(r), "failed" if r["status"] == "failed" else fmt_pct(r["cgnet_miou"]), paper,
+                     f"{fmt_pct(r['oc_miou_at_threshold'])} -> {fmt_pct(r['cgnet_miou_at_threshold'])}", best_t])
+    cgnets = sorted({DISPLAY.get(r["cgnet_backbone"], r["cgnet_backbone"]) for r in data["rows"]})
+    lines = [f"Table I (supplementary): CGNet ({', '.join(cgnets)}) trained against ordinary classifiers "
+             "with different backbones.", settings_line(data["eval"]), "", markdown_table(header, rows)]
+    return "\n".join(lines + footer(data["notes"], data["failures"]))
+
+
+def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequence[str] = (),
+               overwrite: bool = False) -> Report:
+    """Train / evaluate every OC variant and its CGNet; write ``<work_dir>/table1/table1.{md,json}``."""
+    variants = table1_variants(base, ocs)
+    root = Layout(base).experiment_root("table1")
+    setup_logging(root)
+    outcomes = run_variants(variants, root, overwrite)
+    failures = failure_lines(outcomes)
+    data = {"experiment": "table1", "unit": "percent", "eval": eval_settings(outcomes, base),
+            "notes": list(notes), "failures": failures,
+            "rows": [table1_row(v, o) for v, o in zip(variants, outcomes)]}
+    markdown = table1_markdown(data)
+    return Report(markdown, data, write_report(root, "table1", markdown, data), failures)

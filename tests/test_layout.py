@@ -1,0 +1,103 @@
+"""caee/layout.py: every path key set alone is honoured by every later stage and the results table."""
+import json
+from pathlib import Path
+
+import pytest
+
+from caee import pipeline
+from caee.layout import Layout, crf_dir
+from caee.runner import jobs_of, upstream_of
+from caee.steps import control_config
+from conftest import mini_config
+
+X = "/elsewhere/x"
+
+# key -> the Layout answers that must become X (every other answer keeps its default)
+HONOURED = {
+    "cam.out_dir": ["cam_dir", "affinity_cam_dir", "pseudo_label_cam_dir", "eval_dir"],
+    "cam.weights": ["cam_weights"],
+    "train_cgnet.oc_weights": ["oc_weights"],
+    "train_affinity.cam_dir": ["affinity_cam_dir"],
+    "pseudo_labels.cam_dir": ["pseudo_label_cam_dir"],
+    "pseudo_labels.weights": ["affinity_weights"],
+    "pseudo_labels.out_dir": ["pseudo_labels", "deeplab_labels"],
+    "train_deeplab.label_dir": ["deeplab_labels"],
+    "train_deeplab.weights": ["deeplab_weights"],
+    "eval.dir": ["eval_dir"],
+    "eval.out": ["eval_out"],
+}
+QUESTIONS = sorted({q for qs in HONOURED.values() for q in qs})
+
+
+def _answers(layout: Layout) -> dict[str, Path]:
+    return {q: getattr(layout, q)() for q in QUESTIONS}
+
+
+@pytest.mark.parametrize("key", sorted(HONOURED))
+def test_each_path_key_alone_changes_exactly_its_paths(tmp_path, key):
+    default = _answers(Layout(mini_config(tmp_path)))
+    cfg = mini_config(tmp_path, **{key: X})
+    now = _answers(Layout(cfg))
+    follows_folder = ["eval_out"] if "eval_dir" in HONOURED[key] else []  # named after the evaluated folder
+    assert {q for q in QUESTIONS if now[q] != default[q]} == set(HONOURED[key] + follows_folder)
+    assert all(now[q] == Path(X) for q in HONOURED[key])
+    if follows_folder:
+        assert now["eval_out"] == Path(cfg.work_dir) / "eval" / "x_train.json"
+    # the control run and the OC CAMs never take the main run's explicit folders
+    control = Layout(control_config(cfg), derived_only=True)
+    assert control.cam_dir("cgnet") == Path(cfg.work_dir) / "control" / "cam_cgnet"
+    assert Layout(cfg).cam_dir("classifier") == Path(cfg.work_dir) / "cam_classifier"
+
+
+def test_defaults_follow_work_dir(tmp_path):
+    layout = Layout(mini_config(tmp_path))
+    work = Path(layout.cfg.work_dir)
+    assert layout.cam_dir() == work / "cam_cgnet" and layout.crf_dir(4) == work / "cam_cgnet_crf_4"
+    assert crf_dir(work / "cam_cgnet", 24.0) == work / "cam_cgnet_crf_24"
+    assert layout.cam_weights("classifier") == work / "train_classifier" / "model.pth"
+    assert layout.pseudo_labels() == work / "pseudo_labels" == layout.deeplab_labels()
+    assert layout.predictions("val") == work / "train_deeplab" / "pred_val"
+    assert layout.predictions("lists/my.txt", crf=True) == work / "train_deeplab" / "pred_my_crf"
+    assert layout.deeplab_results() == work / "train_deeplab" / "results_val.json"
+    assert layout.eval_out() == work / "eval" / "cam_cgnet_train.json"
+    assert layout.marker("cam_cgnet") == work / "pipeline" / "cam_cgnet.done"
+
+
+def test_the_steps_read_and_write_what_the_layout_says(tmp_path):
+    """A CAM folder set by cam.out_dir is what the CGNet CAM step writes and what AffinityNet and
+    the random walk read, so they are its downstream steps."""
+    cams, labels = tmp_path / "my_cams", tmp_path / "my_labels"
+    cfg = mini_config(tmp_path, **{"cam.out_dir": str(cams), "pseudo_labels.out_dir": str(labels)})
+    jobs = {j.step.name: j for j in jobs_of(cfg, pipeline.plan(cfg))}
+    assert cams in jobs["cam_cgnet"].writes and cams not in jobs["cam_classifier"].writes
+    assert [c.cam.out_dir for c in jobs["cam_control"].calls] == [str(Path(cfg.work_dir) / "control" / "cam_cgnet")]
+    context = list(jobs.values())
+    assert [j.step.name for j in upstream_of(jobs["train_affinity"], context)] == ["cam_cgnet"]
+    assert [j.step.name for j in upstream_of(jobs["pseudo_labels"], context)] == ["cam_cgnet", "train_affinity"]
+    assert [j.step.name for j in upstream_of(jobs["train_deeplab"], context)] == ["pseudo_labels"]
+    # an init path in the config ({work_dir} expanded) makes the step it names an upstream step
+    cfg = mini_config(tmp_path, **{"train_deeplab.init": "{work_dir}/train_cgnet/model.pth"})
+    context = jobs_of(cfg, pipeline.plan(cfg))
+    assert [j.step.name for j in upstream_of(context[-1], context)] == ["train_cgnet", "pseudo_labels"]
+
+
+def test_a_pipeline_with_cam_out_dir_and_pseudo_labels_out_dir_set_uses_them_everywhere(tmp_path):
+    pytest.importorskip("pydensecrf")
+    cams, labels = tmp_path / "my_cams", tmp_path / "my_labels"
+    fast = {f"{s}.max_steps": 2 for s in ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")}
+    cfg = mini_config(tmp_path, **fast, **{"cam.out_dir": str(cams), "pseudo_labels.out_dir": str(labels),
+                                           "cam.crf_alphas": [4], "pipeline.control": False,
+                                           "pipeline.pictures": 0, "pseudo_labels.steps": 4})
+    result = pipeline.run(cfg)
+    work = Path(cfg.work_dir)
+    assert len(list(cams.glob("*.npz"))) == 48 and (cams / "DONE").is_file()
+    assert not (work / "cam_cgnet").exists() and (work / "cam_classifier" / "DONE").is_file()
+    # AffinityNet made its la / ha CRF labels next to the CAM folder it read
+    assert (tmp_path / "my_cams_crf_24").is_dir() and not (work / "cam_cgnet_crf_24").exists()
+    assert (labels / "DONE").is_file() and (labels / "log.txt").is_file() and not (work / "pseudo_labels").exists()
+    hist = json.loads((work / "train_deeplab" / "label_histogram.json").read_text())
+    assert hist["label_dir"] == str(labels)
+    folders = {r["output"]: r["folder"] for r in result["rows"]}
+    assert folders["CGNet CAM"] == str(cams) and folders["pseudo labels"] == str(labels)
+    assert folders["CGNet CAM + CRF (alpha 4)"] == str(crf_dir(cams, 4))
+    assert folders["OC CAM"] == str(work / "cam_classifier")
