@@ -9,6 +9,8 @@ import torch
 from caee import distributed
 from caee.config import Config, save_config, stage_dir
 from caee.crf import available_cpus
+from caee.errors import CaeeError
+from caee.io import StageLock, remove_stale_temps
 from caee.logs import setup_logging
 
 
@@ -40,7 +42,7 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
         per_rank = available_cpus() // distributed.world_size()
         torch.set_num_threads(max(1, min(_START_THREADS, per_rank - workers)))
     out_dir = out_dir or stage_dir(cfg, name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir)
     setup_logging(out_dir)
     if distributed.is_main():
         save_config(cfg, out_dir)
@@ -56,3 +58,23 @@ def crf_dir(cam_dir: Path, alpha: float) -> Path:
     """Where the dense-CRF labels of the CAMs in ``cam_dir`` with background alpha live:
     ``<work_dir>/cam_cgnet`` -> ``<work_dir>/cam_cgnet_crf_4`` (alpha 4)."""
     return cam_dir.parent / f"{cam_dir.name}_crf_{alpha:g}"
+
+
+_HELD: dict[Path, StageLock] = {}  # folders this process has claimed (kept until it exits)
+
+
+def claim_folder(folder: Path) -> None:
+    """Create ``folder``, lock it for this process (a second run on it refuses while this one lives;
+    the kernel frees the lock of a killed run) and remove temp files a killed run left there.
+    Only rank 0 claims: the ranks of one torchrun group share their stage folders."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise CaeeError(f"cannot create {folder}: permission denied (choose a writable work_dir)") from None
+    if not distributed.is_main():
+        return
+    key = folder.resolve()
+    if key not in _HELD:
+        _HELD[key] = StageLock(folder).acquire()
+        remove_stale_temps(folder)

@@ -9,6 +9,7 @@ from torch import nn
 
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee import provenance
 from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
 from caee.data import dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
@@ -85,7 +86,7 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
 
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_affinity")
+    env = start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed)  # the heads' initial weights
     tc = cfg.train_affinity
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
@@ -108,4 +109,5 @@ def main(cfg: Config) -> FitResult:
     dataset = AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
                                    build_train_transform(tc), stride)
     return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers)
+               config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_affinity"),
+               "train_affinity")

@@ -7,6 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from caee import provenance
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
@@ -60,4 +61,5 @@ def main(cfg: Config) -> FitResult:
                 tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     return fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers)
+               config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_classifier"),
+               "train_classifier")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee import distributed, segment
+from caee import distributed, provenance, segment
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.crf import available_cpus, run_pool
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
@@ -214,7 +214,7 @@ def main(cfg: Config) -> dict | None:
                 meta["init"], len(index), split, label_dir, tc.batch_size, tc.epochs, tc.lr)
     dataset = SegmentationDataset(index, label_dir, build_train_transform(tc))
     fitted = fit(DeeplabTask(model, meta), dataset, tc, env.out_dir, env.device, config_to_dict(cfg),
-                 cfg.data.num_workers)
+                 cfg.data.num_workers, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab")
 
     eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
     info = {"weights": str(fitted.model_path), "init": meta["init"], "label_source": label_source,
