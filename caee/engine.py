@@ -251,6 +251,22 @@ def _start_over(out_dir: Path) -> None:
     distributed.barrier()
 
 
+def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) -> None:
+    """The settings check of :func:`fit`, run by the stage before it writes anything (config.yaml):
+    a refused re-run leaves the folder as it was. Memory-maps the files: cheap for big checkpoints."""
+    if overwrite:
+        return
+    for path in (out_dir / "last.pth", out_dir / "model.pth"):
+        if path.is_file():
+            try:
+                recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001
+                raise CaeeError(f"{path}: unreadable checkpoint ({e}); delete it or set {stage}.overwrite=true") from None
+            provenance.check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings,
+                                  str(path), stage)
+            return
+
+
 def _previous_run(out_dir: Path, settings: dict | None, stage: str) -> dict | None:
     """The checkpoint to resume (None: start afresh) after checking its settings and values.
 

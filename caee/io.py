@@ -173,11 +173,27 @@ def load_label_png(path: str | os.PathLike) -> np.ndarray:
         raise CaeeError(f"{path}: unreadable label PNG ({e})") from None
 
 
+def _to_rgb(img: Image.Image, path) -> np.ndarray:
+    """(H, W, 3) uint8 from any 8/16-bit PIL mode; PIL's convert("RGB") clips 16-bit grey to white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.array(img)
+        if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
+            raise CaeeError(f"{path}: {img.mode} image values {grey.min()}..{grey.max()} are not 16-bit; "
+                            "convert it to 8-bit RGB")
+        grey = (grey.astype(np.uint32) >> 8).astype(np.uint8)  # 16 -> 8 bit: the high byte
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("F",):
+        raise CaeeError(f"{path}: floating-point image (mode F) is not supported; convert it to 8-bit RGB")
+    if img.mode in ("PA", "P") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.array(img.convert("RGB"))  # RGB(A), L(A), P, CMYK, YCbCr, 1: PIL's colour conversion
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an RGB image as (H, W, 3) uint8."""
+    """Read an RGB image as (H, W, 3) uint8 (16-bit grey scaled down, palette / CMYK / LA / 1 converted)."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
+            return _to_rgb(img, path)
     except FileNotFoundError:
         raise CaeeError(f"image not found: {path}") from None
     except (OSError, SyntaxError) as e:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,11 +25,12 @@ class StageEnv:
 
 
 def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path | None = None,
-                loader_workers: int | None = None) -> StageEnv:
+                loader_workers: int | None = None, before_write: Callable[[Path], None] | None = None) -> StageEnv:
     """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` (or ``out_dir``) with
     log and config; seed the global RNG first so that network initialisation is reproducible.
     loader_workers: DataLoader worker processes the stage runs (None = ``data.num_workers``); on
-    the CPU the stage computes with the cores they leave."""
+    the CPU the stage computes with the cores they leave. before_write(out_dir): checks that may
+    refuse the run, done once the folder is locked and before config.yaml / log.txt change."""
     if seed is not None:
         torch.manual_seed(seed)
     device = distributed.resolve_device(cfg.device)
@@ -43,6 +45,8 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
         torch.set_num_threads(max(1, min(_START_THREADS, per_rank - workers)))
     out_dir = out_dir or stage_dir(cfg, name)
     claim_folder(out_dir)
+    if before_write is not None and distributed.is_main():
+        before_write(out_dir)
     setup_logging(out_dir)
     if distributed.is_main():
         save_config(cfg, out_dir)

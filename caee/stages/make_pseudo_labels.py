@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from caee import distributed
+from caee import distributed, provenance
 from caee.affinity import offset_affinity, pair_indices
 from caee.affinity_labels import crf_params, crf_workers
 from caee.config import Config, expand_work_dir
@@ -44,7 +44,7 @@ from caee.io import load_cam_npz, load_image, save_label_png, write_json
 from caee.models.affinitynet import load_affinitynet
 from caee.random_walk import (TransitionPattern, cam_scores_with_background, random_walk, transition_matrix,
                               transition_pattern)
-from caee.stages.common import default_path, start_stage
+from caee.stages.common import claim_folder, default_path, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +194,12 @@ def main(cfg: Config) -> Path:
     if not weights.is_file():
         raise CaeeError(f"AffinityNet weights not found: {weights}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir)
     if distributed.is_main():
+        settings = provenance.without(provenance.settings_of(cfg, "make_pseudo_labels"), "pseudo_labels.split",
+                                      "pseudo_labels.out_dir", "data.train_split", "data.cam_split", "data.val_split")
+        provenance.check_folder(out_dir, settings, "pseudo_labels", pc.overwrite,
+                                next(out_dir.glob("*.png"), None) is not None)
         (out_dir / DONE).unlink(missing_ok=True)
     distributed.barrier()
 
@@ -239,7 +243,7 @@ def _one_image(model: nn.Module, index, i: int, cam_dir: Path, out_dir: Path, pa
     image_id = index.ids[i]
     out_path = out_dir / f"{image_id}.png"
     image = load_image(index.image_path(i))
-    keys, cams = load_cam_npz(cam_dir / f"{image_id}.npz")
+    keys, cams = load_cam_npz(cam_dir / f"{image_id}.npz", index.num_classes)
     if cams.shape[1:] != image.shape[:2]:
         raise CaeeError(f"{cam_dir / image_id}.npz: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image "
                         f"{index.image_path(i)} is {image.shape[1]}x{image.shape[0]}; regenerate the CAMs")

@@ -13,7 +13,7 @@ from caee import provenance
 from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
 from caee.data import dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.stages.common import default_path, start_stage
@@ -84,9 +84,16 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     return model
 
 
+def _checked(cfg: Config):
+    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_affinity"), "train_affinity",
+                                           cfg.train_affinity.overwrite)
+
+
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed)  # the heads' initial weights
+    # seeded like the other trainers: the heads' initial weights (a resumed pipeline must match)
+    env = start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed, before_write=_checked(cfg))
     tc = cfg.train_affinity
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)

@@ -12,7 +12,8 @@ from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
 from caee import distributed, provenance
-from caee.engine import FitResult, StepContext, TrainTask, fit, save_checkpoint, settings_record
+from caee.engine import (FitResult, StepContext, TrainTask, check_resumable, fit, save_checkpoint,
+                         settings_record)
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
@@ -88,9 +89,15 @@ def check_depth(depth: int, oc: CamClassifier) -> None:
                         f"valid depths: {', '.join(map(str, depths))}")
 
 
+def _checked(cfg: Config):
+    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_cgnet"), "train_cgnet",
+                                           cfg.train_cgnet.overwrite)
+
+
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed)
+    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed, before_write=_checked(cfg))
     tc = cfg.train_cgnet
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)

@@ -31,7 +31,7 @@ from caee.config import Config, config_to_dict, expand_work_dir
 from caee.crf import available_cpus, run_pool
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import StepContext, TrainTask, fit
+from caee.engine import check_resumable, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.models.deeplab import DeepLab, build_deeplab
@@ -183,7 +183,8 @@ def main(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     if tc.eval_only:
         return segment.main(cfg)
-    env = start_stage(cfg, segment.STAGE)
+    env = start_stage(cfg, segment.STAGE, before_write=lambda d: check_resumable(
+        d, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab", tc.overwrite))
     settings = segment.settings_from_config(cfg)  # bad test settings fail before training, not after
     ensure_dataset(cfg.data)
     names = dataset_class_names(cfg.data)
@@ -219,5 +220,6 @@ def main(cfg: Config) -> dict | None:
     eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
     info = {"weights": str(fitted.model_path), "init": meta["init"], "label_source": label_source,
             "train_split": split, "head": tc.head, "backbone": tc.net.backbone, "steps": fitted.steps,
-            "train_images_per_s": fitted.images_per_s, "eval_only": False}
+            "train_images_per_s": fitted.images_per_s, "eval_only": False,
+            "settings": provenance.settings_of(cfg, "train_deeplab")}
     return segment.segment_split(model, eval_index, env.out_dir, settings, env.device, info)
