@@ -207,9 +207,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             torch.save(payload, f)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise CaeeError(f"{path}: unreadable checkpoint ({e}); delete it to start the stage afresh") from None
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "rng"} <= set(ckpt):
@@ -256,7 +256,11 @@ def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) 
     a refused re-run leaves the folder as it was. Memory-maps the files: cheap for big checkpoints."""
     if overwrite:
         return
-    for path in (out_dir / "last.pth", out_dir / "model.pth"):
+    last_path = out_dir / "last.pth"
+    if last_path.is_file():
+        provenance.check_same(load_checkpoint(last_path, mmap=True).get("settings"), settings, str(last_path), stage)
+        return
+    for path in (out_dir / "model.pth",):
         if path.is_file():
             try:
                 recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
