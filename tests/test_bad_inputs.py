@@ -15,7 +15,7 @@ from caee.cli import run_stage
 from caee.config import config_to_dict
 from caee.io import save_cam_npz
 from caee.stages import eval_miou, train_classifier
-from tests.conftest import mini_config
+from conftest import mini_config
 
 # ---------------------------------------------------------------- helpers
 
