@@ -251,6 +251,17 @@ def _start_over(out_dir: Path) -> None:
     distributed.barrier()
 
 
+def _resume_view(settings: dict) -> dict:
+    """Settings compared on resume: ``max_steps`` only says where to stop on the same trajectory
+    (the schedule spans ``epochs``), so a run may be continued with a larger one."""
+    return {k: v for k, v in settings.items() if not k.endswith(".max_steps")}
+
+
+def _check_same(recorded: dict | None, settings: dict, where: Path, stage: str) -> None:
+    provenance.check_same(None if recorded is None else _resume_view(recorded), _resume_view(settings),
+                          str(where), stage)
+
+
 def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) -> None:
     """The settings check of :func:`fit`, run by the stage before it writes anything (config.yaml):
     a refused re-run leaves the folder as it was. Memory-maps the files: cheap for big checkpoints."""
@@ -258,7 +269,7 @@ def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) 
         return
     last_path = out_dir / "last.pth"
     if last_path.is_file():
-        provenance.check_same(load_checkpoint(last_path, mmap=True).get("settings"), settings, str(last_path), stage)
+        _check_same(load_checkpoint(last_path, mmap=True).get("settings"), settings, last_path, stage)
         return
     for path in (out_dir / "model.pth",):
         if path.is_file():
@@ -266,8 +277,7 @@ def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) 
                 recorded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001
                 raise CaeeError(f"{path}: unreadable checkpoint ({e}); delete it or set {stage}.overwrite=true") from None
-            provenance.check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings,
-                                  str(path), stage)
+            _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, path, stage)
             return
 
 
@@ -280,15 +290,14 @@ def _previous_run(out_dir: Path, settings: dict | None, stage: str) -> dict | No
     if last_path.is_file():
         ckpt = load_checkpoint(last_path)
         if settings is not None:
-            provenance.check_same(ckpt.get("settings"), settings, str(last_path), stage)
+            _check_same(ckpt.get("settings"), settings, last_path, stage)
         return ckpt
     if settings is not None and model_path.is_file():
         try:
             recorded = torch.load(model_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CaeeError(f"{model_path}: unreadable checkpoint ({e}); delete it or set {stage}.overwrite=true") from None
-        provenance.check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings,
-                              str(model_path), stage)
+        _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, model_path, stage)
     return None
 
 
@@ -360,6 +369,9 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
             raise CaeeError(f"{last_path} does not fit this model / optimiser ({str(e).splitlines()[0]}); "
                             f"use a new work_dir or set {stage}.overwrite=true to start over") from None
         step = int(ckpt["step"])
+        if step > stop_at:
+            raise CaeeError(f"{last_path} is at step {step}, beyond this run's last step {stop_at} (max_steps); "
+                            f"use a new work_dir or set {stage}.overwrite=true to start over")
         _set_rng_state(ckpt["rng"])
         logger.info("resumed from %s at step %d / %d", last_path, step, stop_at)
     else:

@@ -73,7 +73,7 @@ def _outputs(work: Path) -> dict[str, object]:
         elif p.suffix == ".png" and "pictures" not in rel:
             out[rel] = np.asarray(Image.open(p))
         elif p.suffix == ".json" and p.parent.name == "eval":
-            out[rel] = json.loads(p.read_text())
+            out[rel] = json.loads(p.read_text().replace(str(work), "<work>"))  # paths name the run
     return out
 
 
