@@ -79,8 +79,8 @@ RULES: dict[str, Range] = {
     "poly_power": POSITIVE,
     "head_lr_mult": POSITIVE,
     "bias_lr_mult": POSITIVE,
-    "crop_size": AT_LEAST_ONE,
-    "resize_long": AT_LEAST_ONE,
+    "crop_size": NON_NEGATIVE,                # 0 = no crop
+    "resize_long": NON_NEGATIVE,              # [0, 0] = no resize
     "color_jitter": NON_NEGATIVE,
     "checkpoint_every": AT_LEAST_ONE,
     "log_every": AT_LEAST_ONE,
