@@ -194,10 +194,10 @@ def main(cfg: Config) -> MakeCamResult:
     cfg = expand_work_dir(cfg)
     cc = cfg.cam
     out_dir = cam_out_dir(cfg)
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir)
+    # CAMs made with other settings are refused before config.yaml / log.txt change
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: provenance.check_folder(
+        d, cam_file_settings(cfg), "cam", cc.overwrite, next(d.glob("*.npz"), None) is not None))
     if distributed.is_main():
-        provenance.check_folder(out_dir, cam_file_settings(cfg), "cam", cc.overwrite,
-                                next(out_dir.glob("*.npz"), None) is not None)
         (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
             claim_folder(crf_dir(out_dir, alpha))
