@@ -283,3 +283,16 @@ def test_atomic_writes_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_inference_folder_refuses_outputs_made_with_other_settings(tmp_path):
+    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=False)
+    (tmp_path / "a.npz").write_bytes(b"")
+    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=True)  # same
+    with pytest.raises(CaeeError, match=r"cam.scales: \[1.0\] -> \[0.5\].*cam.overwrite=true"):
+        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
+    provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=True, has_outputs=True)
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"] == {"cam.scales": [0.5]}
+    (tmp_path / "settings.json").unlink()  # outputs of unknown settings
+    with pytest.raises(CaeeError, match="records no settings"):
+        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
