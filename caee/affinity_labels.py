@@ -26,7 +26,6 @@ from caee.data import SegmentationDataset, SplitIndex
 from caee.errors import CaeeError
 from caee.io import load_cam_npz, load_image, save_label_png
 from caee.parallel import run_pool, workers_for
-from caee.layout import crf_dir
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,8 +16,21 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from caee import config_rules
 from caee.errors import CaeeError
 from caee.io import write_text
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """safe_load plus YAML 1.2 floats: ``1e-3`` / ``5E-4`` (no dot) are numbers, not strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _safe_load(text) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 # ---------------------------------------------------------------- sections
 
@@ -99,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
     log_every: int = 20
     init: str = ""                  # start from these weights instead of ImageNet (our model.pth or PSA .pth)
+    overwrite: bool = False         # start over: delete this trainer's last.pth / model.pth / metrics.jsonl first
 
 
 @dataclasses.dataclass
@@ -298,7 +313,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise CaeeError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if cls is Config:
+        config_rules.check(built)
+    return built
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -314,11 +332,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise CaeeError(f"config 'base' chain loops back to {path}")
     if not path.is_file():
         raise CaeeError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise CaeeError(f"{path}: invalid YAML ({e})") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CaeeError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise CaeeError(f"{path}: cannot read the config ({e.strerror})") from None
+    try:
+        data = _safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise CaeeError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise CaeeError(f"{path}: a config file must hold a mapping at the top level")
     base = data.pop("base", None)
@@ -346,7 +369,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise CaeeError(f"override '{item}' must look like section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
@@ -357,7 +380,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read ``path`` (following ``base:``), apply dotted overrides and build a checked :class:`Config`."""
     data = _read_yaml(Path(path)) if path else {}
     data = _deep_merge(data, parse_overrides(overrides or []))
-    return _build(Config, data)
+    cfg = _build(Config, data)
+    check_device(cfg.device)
+    return cfg
+
+
+def check_device(name: str) -> None:
+    """``device`` must name a device this machine has (torch is imported only for a CUDA request)."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if m is None:
+        raise CaeeError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(m.group(1) or 0)
+        if index >= count:
+            have = f"{count} CUDA devices" if count else "no CUDA GPU"
+            raise CaeeError(f"config key 'device' is {name!r} but this machine has {have}; use device=cpu or auto")
 
 
 def expand_work_dir(cfg: Config) -> Config:

@@ -26,11 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from caee import distributed
+from caee import distributed, provenance
 from caee.config import TrainConfig
 from caee.errors import CaeeError
+from caee.io import write_text
 from caee.logs import MetricsWriter
-from caee.weights.checkpoints import read_checkpoint, save_checkpoint
+from caee.weights.checkpoints import nonfinite_tensors, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +186,103 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path) -> dict:
-    return read_checkpoint(path, "delete it to start the stage afresh")
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    ckpt = read_checkpoint(path, "delete it to start the stage afresh", mmap=mmap)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "rng"} <= set(ckpt):
+        raise CaeeError(f"{path}: not a training checkpoint of this engine; delete it to start the stage afresh")
+    bad = nonfinite_tensors(ckpt)
+    if bad:
+        raise CaeeError(f"{path}: holds {len(bad)} non-finite tensors (first: {bad[0]}), it cannot be resumed; "
+                        "delete it to start the stage afresh")
+    return ckpt
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    """One device sync: every floating parameter and buffer (BN statistics) is finite."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the ``metrics.jsonl`` lines up to ``step`` (those after it are trained again)."""
+    if not path.is_file() or not distributed.is_main():
+        return
+    import json
+
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    write_text(path, "".join(kept))
+
+
+def _start_over(out_dir: Path) -> None:
+    """``overwrite=true``: remove this trainer's previous outputs (atomic replacements come later)."""
+    if distributed.is_main():
+        for name in ("last.pth", "model.pth", "metrics.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+    distributed.barrier()
+
+
+def _resume_view(settings: dict) -> dict:
+    """Settings compared on resume: ``max_steps`` only says where to stop on the same trajectory
+    (the schedule spans ``epochs``), so a run may be continued with a larger one."""
+    return {k: v for k, v in settings.items() if not k.endswith(".max_steps")}
+
+
+def _check_same(recorded: dict | None, settings: dict, where: Path, stage: str) -> None:
+    provenance.check_same(None if recorded is None else _resume_view(recorded), _resume_view(settings),
+                          str(where), stage)
+
+
+def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) -> None:
+    """The settings check of :func:`fit`, run by the stage before it writes anything (config.yaml):
+    a refused re-run leaves the folder as it was. Memory-maps the files: cheap for big checkpoints."""
+    if overwrite:
+        return
+    last_path = out_dir / "last.pth"
+    if last_path.is_file():
+        _check_same(load_checkpoint(last_path, mmap=True).get("settings"), settings, last_path, stage)
+        return
+    for path in (out_dir / "model.pth",):
+        if path.is_file():
+            recorded = read_checkpoint(path, f"delete it or set {stage}.overwrite=true", mmap=True)
+            _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, path, stage)
+            return
+
+
+def _previous_run(out_dir: Path, settings: dict | None, stage: str) -> dict | None:
+    """The checkpoint to resume (None: start afresh) after checking its settings and values.
+
+    A ``last.pth`` or ``model.pth`` made with other settings is refused (``provenance.check_same``)
+    before any of its tensors is loaded, so a changed optimiser or width never meets a stale file."""
+    last_path, model_path = out_dir / "last.pth", out_dir / "model.pth"
+    if last_path.is_file():
+        ckpt = load_checkpoint(last_path)
+        if settings is not None:
+            _check_same(ckpt.get("settings"), settings, last_path, stage)
+        return ckpt
+    if settings is not None and model_path.is_file():
+        recorded = read_checkpoint(model_path, f"delete it or set {stage}.overwrite=true", mmap=True)
+        _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, model_path, stage)
+    return None
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def settings_record(settings: dict | None) -> dict:
+    """What ``last.pth`` / ``model.pth`` store about the settings that made them."""
+    return {} if settings is None else {"settings": dict(settings), "fingerprint": provenance.fingerprint(settings)}
+
+
+def _diverged(out_dir: Path, what: str, step: int, epoch: int, last_path: Path) -> None:
+    kept = f"the last finite checkpoint {last_path} is kept" if last_path.is_file() else "no checkpoint was written"
+    raise CaeeError(f"{out_dir.name}: {what} at step {step} (epoch {epoch}); training stopped, {kept}. "
+                    "Lower the learning rate or check the inputs.")
 
 
 @dataclass
@@ -204,11 +297,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, device: torch.device,
-        full_config: dict | None = None, num_workers: int = 0) -> FitResult:
+        full_config: dict | None = None, num_workers: int = 0, settings: dict | None = None,
+        stage: str = "") -> FitResult:
     """Train ``task.model`` on ``dataset``; resume from ``out_dir/last.pth`` when it exists.
 
-    Writes ``last.pth`` (model, optimiser, step, RNG, config) every ``checkpoint_every`` steps and
-    at each epoch end, ``metrics.jsonl``, and finally ``model.pth`` = {"model": weights, **export}.
+    Writes ``last.pth`` (model, optimiser, step, RNG, config, settings) every ``checkpoint_every``
+    steps and at each epoch end, ``metrics.jsonl``, and finally ``model.pth`` = {"model": weights,
+    **export, settings}. ``settings`` (``provenance.settings_of(cfg, stage)``) is recorded in both
+    files; a re-run with other settings is refused unless ``cfg.overwrite``. Only finite tensors are
+    ever written: a non-finite loss or weight stops the run (CaeeError), the last checkpoint stays.
     """
     out_dir = Path(out_dir)
     world = distributed.world_size()
@@ -222,28 +319,41 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     use_cuda = device.type == "cuda"
     channels_last = cfg.channels_last and use_cuda
 
+    stage = stage or out_dir.name
+    record = settings_record(settings)
+    if getattr(cfg, "overwrite", False):
+        _start_over(out_dir)
+    ckpt = _previous_run(out_dir, settings, stage)
+
     model = task.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(parameter_groups(model, task.head_modules(), cfg), cfg)
     step = 0
     last_path = out_dir / "last.pth"
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CaeeError(f"{last_path} does not fit this model / optimiser ({str(e).splitlines()[0]}); "
+                            f"use a new work_dir or set {stage}.overwrite=true to start over") from None
         step = int(ckpt["step"])
+        if step > stop_at:
+            raise CaeeError(f"{last_path} is at step {step}, beyond this run's last step {stop_at} (max_steps); "
+                            f"use a new work_dir or set {stage}.overwrite=true to start over")
         _set_rng_state(ckpt["rng"])
         logger.info("resumed from %s at step %d / %d", last_path, step, stop_at)
     else:
         torch.manual_seed(cfg.seed)
+    _truncate_metrics(out_dir / "metrics.jsonl", step)
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
 
     def checkpoint() -> None:
         save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step, "rng": _rng_state(), "config": full_config or {}})
+                                    "step": step, "rng": _rng_state(), "config": full_config or {}, **record})
 
     metrics_log = MetricsWriter(out_dir / "metrics.jsonl")
     samples = SeededSamples(dataset, cfg.seed)
@@ -267,12 +377,12 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
             with autocast:
                 loss, metrics = task.train_step(ddp_model, batch, ctx)
             if not torch.isfinite(loss):
-                raise CaeeError(f"{out_dir.name}: loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                f"training stopped, the last good checkpoint {last_path} is kept. "
-                                f"Lower the learning rate or check the inputs.")
+                _diverged(out_dir, f"loss became {loss.item()}", step, epoch, last_path)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not _weights_finite(model):
+                _diverged(out_dir, "weights became non-finite", step, epoch, last_path)
             step += 1
             n_log += cfg.batch_size
             n_images += cfg.batch_size
@@ -295,7 +405,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     elapsed = time.perf_counter() - t_start
     ips = n_images / elapsed if n_images else 0.0
     model_path = out_dir / "model.pth"
-    save_checkpoint(model_path, {"model": _unwrap(model).state_dict(), **task.export()})
+    save_checkpoint(model_path, {"model": _unwrap(model).state_dict(), **task.export(), **record})
     distributed.barrier()
     logger.info("%s: %d steps, %.1f images/s; weights in %s", out_dir.name, step, ips, model_path)
     return FitResult(model_path, step, ips)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,17 +25,96 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file next to ``path``; on success rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError:
+        raise CaeeError(f"cannot write in {path.parent}: permission denied (choose a writable work_dir)") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask like open() would
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _fault_point()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_WRITES = 0
+
+
+def _fault_point() -> None:
+    """Tests' kill -9 stand-in: with ``CAEE_KILL_AT_WRITE=N`` the process dies at once (no clean-up,
+    like SIGKILL) when its N-th atomic write is complete but not yet renamed into place."""
+    global _WRITES
+    at = os.environ.get("CAEE_KILL_AT_WRITE")
+    if at:
+        _WRITES += 1
+        if _WRITES == int(at):
+            os._exit(137)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete ``.*.tmp`` files left in ``folder`` by atomic writes of a killed run; return how many.
+
+    Call only while holding the folder's :class:`StageLock` (a live writer's temp file looks the same)."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
+    return n
+
+
+class StageLock:
+    """``<folder>/.lock`` held with ``fcntl.flock`` while a stage writes into ``folder``.
+
+    The kernel releases the lock when its process dies, so a lock left by a killed run is taken
+    over; the file also records pid and host to name the holder in the refusal."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "StageLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise CaeeError(f"cannot write in {self.path.parent}: permission denied (choose a writable work_dir)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CaeeError(f"{self.path.parent} is in use by a running stage ({holder}); wait for it to finish "
+                            "or use another work_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "StageLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -93,11 +173,27 @@ def load_label_png(path: str | os.PathLike) -> np.ndarray:
         raise CaeeError(f"{path}: unreadable label PNG ({e})") from None
 
 
+def _to_rgb(img: Image.Image, path) -> np.ndarray:
+    """(H, W, 3) uint8 from any 8/16-bit PIL mode; PIL's convert("RGB") clips 16-bit grey to white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.array(img)
+        if grey.min(initial=0) < 0 or grey.max(initial=0) > 65535:
+            raise CaeeError(f"{path}: {img.mode} image values {grey.min()}..{grey.max()} are not 16-bit; "
+                            "convert it to 8-bit RGB")
+        grey = (grey.astype(np.uint32) >> 8).astype(np.uint8)  # 16 -> 8 bit: the high byte
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("F",):
+        raise CaeeError(f"{path}: floating-point image (mode F) is not supported; convert it to 8-bit RGB")
+    if img.mode in ("PA", "P") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.array(img.convert("RGB"))  # RGB(A), L(A), P, CMYK, YCbCr, 1: PIL's colour conversion
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an RGB image as (H, W, 3) uint8."""
+    """Read an RGB image as (H, W, 3) uint8 (16-bit grey scaled down, palette / CMYK / LA / 1 converted)."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
+            return _to_rgb(img, path)
     except FileNotFoundError:
         raise CaeeError(f"image not found: {path}") from None
     except (OSError, SyntaxError) as e:
@@ -120,8 +216,11 @@ def save_cam_npz(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray) ->
         np.savez(f, keys=keys, cams=cams)
 
 
-def load_cam_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Load ``(keys (K,) int64, cams (K, H, W) float32)`` written by :func:`save_cam_npz`."""
+def load_cam_npz(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load ``(keys (K,) int64, cams (K, H, W) float32)`` written by :func:`save_cam_npz`.
+
+    Refuses CAMs that are not finite or outside [0, 1], and (with ``num_classes``) keys outside
+    ``0..num_classes-1``: such a file would silently become wrong labels downstream."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = z["keys"].astype(np.int64)
@@ -132,4 +231,12 @@ def load_cam_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise CaeeError(f"{path}: unreadable or truncated CAM file ({e}); delete it and re-run make_cam.py") from None
     if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
         raise CaeeError(f"{path}: expected cams (K, H, W) with K = len(keys), got {cams.shape} and {keys.shape}")
+    if not np.isfinite(cams).all():
+        raise CaeeError(f"{path}: CAM values are not all finite (NaN / inf); delete it and re-run make_cam.py")
+    if cams.size and (cams.min() < 0 or cams.max() > 1):
+        raise CaeeError(f"{path}: CAM values must lie in [0, 1], got {cams.min():g}..{cams.max():g}; "
+                        "delete it and re-run make_cam.py")
+    if num_classes is not None and keys.size and (keys.min() < 0 or keys.max() >= num_classes):
+        raise CaeeError(f"{path}: CAM class keys must lie in 0..{num_classes - 1}, got {keys.tolist()}; "
+                        "delete it and re-run make_cam.py")
     return keys, cams

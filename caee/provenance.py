@@ -83,3 +83,34 @@ def check_same(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], w
     more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
     raise CaeeError(f"{where} was made with other settings ({shown}{more}); "
                     f"use a new work_dir or re-run with {stage}.overwrite=true (or --overwrite) to start over")
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def without(settings: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """``settings`` minus ``keys`` (those that only choose which files an inference stage writes)."""
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
+def check_folder(folder: Any, settings: Mapping[str, Any], section: str, overwrite: bool, has_outputs: bool) -> None:
+    """An inference stage's output folder: refuse to add to outputs made with other settings, then
+    record ``settings`` in ``<folder>/settings.json`` (before any output is written).
+
+    ``overwrite`` (the stage recomputes every file) replaces the record; ``has_outputs`` False (an
+    empty folder) accepts any settings."""
+    import json
+    from pathlib import Path
+
+    from caee.io import write_json
+
+    path = Path(folder) / SETTINGS_FILE
+    if not overwrite and has_outputs:
+        recorded = None
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                recorded = None
+        check_same(recorded, settings, str(folder), section)
+    write_json(path, {"settings": dict(settings), "fingerprint": fingerprint(settings)})

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -145,22 +146,47 @@ def split_file(data_cfg: DataConfig, split: str) -> Path:
     return root / SPLIT_DIR / f"{split}.txt"
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
 def read_split_file(path: str | os.PathLike) -> list[str]:
-    """Image ids listed in ``path`` (first token of each non-empty line, file stem, '#' comments skipped)."""
+    """Image ids listed in ``path``, '#' comments skipped.
+
+    A line is an id, used verbatim (``train_00007.v2`` stays that id), or PSA's
+    ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` whose first path's file name without its
+    image extension is the id. Anything else (spaces inside an id, folders, '..') is refused."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CaeeError(f"split list not found: {path}; check data.root and the split name (expected "
                         f"<root>/{SPLIT_DIR}/<split>.txt)") from None
+    except UnicodeDecodeError as e:
+        raise CaeeError(f"{path}: not UTF-8 text (byte {e.start}); save the split list as UTF-8") from None
     ids = []
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            ids.append(Path(line.split()[0]).stem)
+            ids.append(_line_id(line, path, n))
     if not ids:
         raise CaeeError(f"split list {path} is empty")
     return ids
+
+
+def _line_id(line: str, path: Path, n: int) -> str:
+    tokens = line.split()
+    if "/" in tokens[0] and len(tokens) <= 2:  # PSA style: image path [mask path]
+        name = tokens[0].rsplit("/", 1)[-1]
+        stem, dot, ext = name.rpartition(".")
+        image_id = stem if dot and f".{ext.lower()}" in IMAGE_EXTS else name
+    elif len(tokens) == 1:
+        image_id = tokens[0]
+    else:
+        raise CaeeError(f"{path} line {n}: {line!r} is not one image id (ids cannot contain spaces)")
+    if not _PLAIN_ID.fullmatch(image_id) or ".." in image_id:
+        raise CaeeError(f"{path} line {n}: {image_id!r} is not a plain image id (letters, digits, '_', '-', '.'; "
+                        "no folders or spaces)")
+    return image_id
 
 
 def load_split(data_cfg: DataConfig, split: str) -> SplitIndex:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from caee import distributed
 from caee.config import Config, save_config
+from caee.errors import CaeeError
+from caee.io import StageLock, remove_stale_temps
 from caee.layout import Layout
 from caee.parallel import available_cpus
 from caee.logs import setup_logging
@@ -23,11 +26,12 @@ class StageEnv:
 
 
 def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path | None = None,
-                loader_workers: int | None = None) -> StageEnv:
+                loader_workers: int | None = None, before_write: Callable[[Path], None] | None = None) -> StageEnv:
     """Resolve the device, join torchrun's group, set up ``<work_dir>/<name>`` (or ``out_dir``) with
     log and config; seed the global RNG first so that network initialisation is reproducible.
     loader_workers: DataLoader worker processes the stage runs (None = ``data.num_workers``); on
-    the CPU the stage computes with the cores they leave."""
+    the CPU the stage computes with the cores they leave. before_write(out_dir): checks that may
+    refuse the run, done once the folder is locked and before config.yaml / log.txt change."""
     if seed is not None:
         torch.manual_seed(seed)
     device = distributed.resolve_device(cfg.device)
@@ -41,9 +45,30 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
         per_rank = available_cpus() // distributed.world_size()
         torch.set_num_threads(max(1, min(_START_THREADS, per_rank - workers)))
     out_dir = out_dir or Layout(cfg).stage_dir(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir)
+    if before_write is not None and distributed.is_main():
+        before_write(out_dir)
     setup_logging(out_dir)
     if distributed.is_main():
         save_config(cfg, out_dir)
     return StageEnv(device, out_dir)
 
+
+_HELD: dict[Path, StageLock] = {}  # folders this process has claimed (kept until it exits)
+
+
+def claim_folder(folder: Path) -> None:
+    """Create ``folder``, lock it for this process (a second run on it refuses while this one lives;
+    the kernel frees the lock of a killed run) and remove temp files a killed run left there.
+    Only rank 0 claims: the ranks of one torchrun group share their stage folders."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise CaeeError(f"cannot create {folder}: permission denied (choose a writable work_dir)") from None
+    if not distributed.is_main():
+        return
+    key = folder.resolve()
+    if key not in _HELD:
+        _HELD[key] = StageLock(folder).acquire()
+        remove_stale_temps(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from caee import provenance
 from caee.config import Config, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_dir, format_report
@@ -28,6 +29,6 @@ def main(cfg: Config) -> dict:
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
     result = evaluate_dir(folder, index, cfg.eval, cfg.eval.kind)
-    write_json(out, result)
+    write_json(out, {**result, "settings": provenance.settings_of(cfg, "eval_miou")})  # what made these numbers
     logger.info("\n%s\nresult: %s", format_report(result), out)
     return result

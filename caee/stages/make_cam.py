@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from caee import distributed
+from caee import distributed, provenance
 from caee.cam import image_keys, multiscale_cams
 from caee.config import Config, CrfConfig, save_config, expand_work_dir
 from caee.crf import crf_cam_labels
@@ -35,13 +34,11 @@ from caee.models.classifier import load_classifier
 from caee.parallel import ThreadWriter, run_pool, workers_for
 from caee.pictures import cam_grid, save_picture
 from caee.layout import Layout, crf_dir, pictures_dir
-from caee.stages.common import start_stage
+from caee.stages.common import claim_folder, start_stage
 
 logger = logging.getLogger(__name__)
 
 DONE = "DONE"
-# cam settings that change what is in the npz files: a folder is never filled with a mix of them
-_CAM_SETTINGS = ("source", "weights", "scales", "flip", "dtype")
 
 
 @dataclasses.dataclass
@@ -55,20 +52,11 @@ class MakeCamResult:
 
 
 
-def _check_previous_settings(cfg: Config, out_dir: Path) -> None:
-    """Refuse to add CAMs made with other settings to a folder that already holds some."""
-    path = out_dir / "config.yaml"
-    if cfg.cam.overwrite or not path.is_file() or next(out_dir.glob("*.npz"), None) is None:
-        return
-    try:
-        old = (yaml.safe_load(path.read_text()) or {}).get("cam") or {}
-    except (OSError, yaml.YAMLError):
-        return
-    diffs = [f"cam.{k}: {old.get(k)!r} -> {getattr(cfg.cam, k)!r}" for k in _CAM_SETTINGS
-             if k in old and old[k] != getattr(cfg.cam, k)]
-    if diffs:
-        raise CaeeError(f"{out_dir} holds CAMs made with other settings ({'; '.join(diffs)}); set cam.overwrite=true "
-                        "to replace them or choose another cam.out_dir")
+def cam_file_settings(cfg: Config) -> dict:
+    """The settings that determine the npz files (not which images, not the CRF folders' labels)."""
+    return provenance.without(provenance.settings_of(cfg, "make_cam"), "cam.crf_alphas", "cam.split", "cam.out_dir",
+                              "data.train_split", "data.cam_split", "data.val_split",
+                              *[f"crf.{f.name}" for f in dataclasses.fields(CrfConfig)])
 
 
 # ---------------------------------------------------------------- CAMs
@@ -124,7 +112,7 @@ class _PostJob:
 
     def __call__(self, i: int) -> None:
         image_id = self.index.ids[i]
-        keys, cams = load_cam_npz(self.out_dir / f"{image_id}.npz")
+        keys, cams = load_cam_npz(self.out_dir / f"{image_id}.npz", self.index.num_classes)
         image = load_image(self.index.image_path(i))
         if image.shape[:2] != cams.shape[1:]:
             raise CaeeError(f"{self.out_dir / image_id}.npz: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image "
@@ -162,11 +150,13 @@ def main(cfg: Config) -> MakeCamResult:
     cfg = expand_work_dir(cfg)
     cc = cfg.cam
     out_dir = Layout(cfg).cam_dir()
-    _check_previous_settings(cfg, out_dir)
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir)
+    # CAMs made with other settings are refused before config.yaml / log.txt change
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: provenance.check_folder(
+        d, cam_file_settings(cfg), "cam", cc.overwrite, next(d.glob("*.npz"), None) is not None))
     if distributed.is_main():
         (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
+            claim_folder(crf_dir(out_dir, alpha))
             (crf_dir(out_dir, alpha) / DONE).unlink(missing_ok=True)
             save_config(cfg, crf_dir(out_dir, alpha))
     ensure_dataset(cfg.data)

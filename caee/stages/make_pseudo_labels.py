@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from caee import distributed
+from caee import distributed, provenance
 from caee.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.errors import CaeeError
@@ -38,7 +38,7 @@ from caee.parallel import ProcessWriter, workers_for
 from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
                                 write_crf_labels)
 from caee.layout import Layout
-from caee.stages.common import start_stage
+from caee.stages.common import claim_folder, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,12 @@ def main(cfg: Config) -> Path:
     if not weights.is_file():
         raise CaeeError(f"AffinityNet weights not found: {weights}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir)
     if distributed.is_main():
+        settings = provenance.without(provenance.settings_of(cfg, "make_pseudo_labels"), "pseudo_labels.split",
+                                      "pseudo_labels.out_dir", "data.train_split", "data.cam_split", "data.val_split")
+        provenance.check_folder(out_dir, settings, "pseudo_labels", pc.overwrite,
+                                next(out_dir.glob("*.png"), None) is not None)
         (out_dir / DONE).unlink(missing_ok=True)
     distributed.barrier()
 
@@ -111,7 +115,7 @@ def _one_image(model: nn.Module, index, i: int, cam_dir: Path, out_dir: Path, pa
     image_id = index.ids[i]
     out_path = out_dir / f"{image_id}.png"
     image = load_image(index.image_path(i))
-    keys, cams = load_cam_npz(cam_dir / f"{image_id}.npz")
+    keys, cams = load_cam_npz(cam_dir / f"{image_id}.npz", index.num_classes)
     if cams.shape[1:] != image.shape[:2]:
         raise CaeeError(f"{cam_dir / image_id}.npz: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image "
                         f"{index.image_path(i)} is {image.shape[1]}x{image.shape[0]}; regenerate the CAMs")

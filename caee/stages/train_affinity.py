@@ -9,10 +9,11 @@ from torch import nn
 
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee import provenance
 from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
 from caee.data import dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.layout import Layout, crf_dir
@@ -84,9 +85,16 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     return model
 
 
+def _checked(cfg: Config):
+    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_affinity"), "train_affinity",
+                                           cfg.train_affinity.overwrite)
+
+
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_affinity")
+    # seeded like the other trainers: the heads' initial weights (a resumed pipeline must match)
+    env = start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed, before_write=_checked(cfg))
     tc = cfg.train_affinity
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
@@ -109,4 +117,5 @@ def main(cfg: Config) -> FitResult:
     dataset = AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
                                    build_train_transform(tc), stride)
     return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers)
+               config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_affinity"),
+               "train_affinity")

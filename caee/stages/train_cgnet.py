@@ -10,8 +10,8 @@ from torch import nn
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee import distributed
-from caee.engine import FitResult, StepContext, fit
+from caee import distributed, provenance
+from caee.engine import FitResult, StepContext, check_resumable, fit, settings_record
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
@@ -78,9 +78,15 @@ def check_depth(depth: int, oc: CamClassifier) -> None:
                         f"valid depths: {', '.join(map(str, depths))}")
 
 
+def _checked(cfg: Config):
+    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_cgnet"), "train_cgnet",
+                                           cfg.train_cgnet.overwrite)
+
+
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed)
+    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed, before_write=_checked(cfg))
     tc = cfg.train_cgnet
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
@@ -103,11 +109,13 @@ def main(cfg: Config) -> FitResult:
                 cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     task = CGNetTask(cgnet, oc, cfg, names, oracle)
-    result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers)
+    settings = provenance.settings_of(cfg, "train_cgnet")
+    result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers,
+                 settings, "train_cgnet")
     if oracle is not None and distributed.is_main() and oracle.best() is not None:
         best = oracle.best()
         logger.info("oracle selection: model.pth holds epoch %d (train CAM mIoU %.2f)", best["epoch"] + 1,
                     100 * best["miou"])
         save_checkpoint(result.model_path, {"model": best["model"], **task.export(), "oracle_epoch": best["epoch"],
-                                            "oracle_miou": best["miou"]})
+                                            "oracle_miou": best["miou"], **settings_record(settings)})
     return result

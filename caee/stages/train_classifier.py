@@ -7,10 +7,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from caee import provenance
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
 from caee.models.classifier import CamClassifier, build_classifier
 from caee.stages.common import start_stage
 from caee.weights.checkpoints import load_model_weights
@@ -49,9 +50,15 @@ class ClassifierTask(TrainTask):
                 "num_classes": len(self.class_names), "class_names": self.class_names}
 
 
+def _checked(cfg: Config):
+    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_classifier"), "train_classifier",
+                                           cfg.train_classifier.overwrite)
+
+
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_classifier", seed=cfg.train_classifier.seed)
+    env = start_stage(cfg, "train_classifier", seed=cfg.train_classifier.seed, before_write=_checked(cfg))
     tc = cfg.train_classifier
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, cfg.data.train_split)
@@ -64,4 +71,5 @@ def main(cfg: Config) -> FitResult:
                 tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     return fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers)
+               config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_classifier"),
+               "train_classifier")

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee import distributed, segment
+from caee import distributed, provenance, segment
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import StepContext, TrainTask, fit
+from caee.engine import check_resumable, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.logs import setup_logging
@@ -221,7 +221,8 @@ def main(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     if tc.eval_only:
         return evaluate_only(cfg)
-    env = start_stage(cfg, STAGE)
+    env = start_stage(cfg, STAGE, before_write=lambda d: check_resumable(
+        d, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab", tc.overwrite))
     settings = settings_from_config(cfg)  # bad test settings fail before training, not after
     ensure_dataset(cfg.data)
     names = dataset_class_names(cfg.data)
@@ -252,10 +253,11 @@ def main(cfg: Config) -> dict | None:
                 meta["init"], len(index), split, label_dir, tc.batch_size, tc.epochs, tc.lr)
     dataset = SegmentationDataset(index, label_dir, build_train_transform(tc))
     fitted = fit(DeeplabTask(model, meta), dataset, tc, env.out_dir, env.device, config_to_dict(cfg),
-                 cfg.data.num_workers)
+                 cfg.data.num_workers, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab")
 
     eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
     info = {"weights": str(fitted.model_path), "init": meta["init"], "label_source": label_source,
             "train_split": split, "head": tc.head, "backbone": tc.net.backbone, "steps": fitted.steps,
-            "train_images_per_s": fitted.images_per_s, "eval_only": False}
+            "train_images_per_s": fitted.images_per_s, "eval_only": False,
+            "settings": provenance.settings_of(cfg, "train_deeplab")}
     return segment.segment_split(model, eval_index, env.out_dir, settings, env.device, info)

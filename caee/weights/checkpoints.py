@@ -51,8 +51,24 @@ def read_checkpoint(path: str | os.PathLike, advice: str = "", mmap: bool = Fals
                         + (f"; {advice}" if advice else "")) from None
 
 
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in ``obj`` (nested dicts / lists) holding NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in nonfinite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write ``payload`` with ``torch.save`` atomically (temp file + rename), on rank 0 only."""
+    """Write ``payload`` with ``torch.save`` atomically (temp file + rename), on rank 0 only;
+    refused (nothing written) when any tensor is NaN / inf."""
+    bad = nonfinite_tensors(payload)
+    if bad:
+        raise CaeeError(f"{path}: not written, {len(bad)} tensors are not finite (first: {bad[0]}); "
+                        "training diverged: lower the learning rate or check the inputs")
     if distributed.is_main():
         with atomic_write(path) as f:
             torch.save(payload, f)

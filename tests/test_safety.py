@@ -1,0 +1,298 @@
+"""Issue 16's problems 1-8, one test (or more) each: settings-checked resume, finite checkpoints,
+seeded AffinityNet, ranges (see also test_bad_inputs.py), data values, messages instead of
+tracebacks, leftovers and concurrency, file modes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from caee import config_rules, provenance
+from caee.cli import run_stage
+from caee.config import Config, TrainConfig, config_to_dict, load_config
+from caee.engine import StepContext, TrainTask, fit, load_checkpoint, save_checkpoint
+from caee.errors import CaeeError
+from caee.io import StageLock, atomic_write, load_cam_npz, load_image, save_cam_npz, write_text
+from caee.stages import train_classifier
+from conftest import mini_config
+from test_engine import NoisyDataset, TinyTask, cfg as tiny_cfg
+
+
+def _write(tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(mini_config(tmp_path, **overrides))))
+    return path
+
+
+# ---------------------------------------------------------------- 1. resume checks the settings
+
+
+def test_finished_run_with_other_lr_refuses_and_keeps_everything(tmp_path, capsys):
+    config = _write(tmp_path, **{"train_classifier.max_steps": 2})
+    assert run_stage(train_classifier.main, None, ["--config", str(config)]) == 0
+    folder = tmp_path / "work" / "train_classifier"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "log.txt"}
+    capsys.readouterr()
+    assert run_stage(train_classifier.main, None, ["--config", str(config), "train_classifier.lr=0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "train_classifier.lr: 0.01 -> 0.0001" in err and "train_classifier.overwrite=true" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "log.txt"} == before
+    # the same settings: returns the finished weights; overwrite=true starts over with the new lr
+    assert run_stage(train_classifier.main, None, ["--config", str(config)]) == 0
+    new = ["--config", str(config), "train_classifier.lr=0.0001", "train_classifier.overwrite=true"]
+    assert run_stage(train_classifier.main, None, new) == 0
+    model = torch.load(folder / "model.pth", weights_only=True)
+    assert model["settings"]["train_classifier.lr"] == 0.0001
+    assert model["fingerprint"] == provenance.fingerprint(model["settings"])
+
+
+def test_changed_optimizer_on_a_stale_last_pth_is_a_message(tmp_path):
+    ds = NoisyDataset()
+    s1 = {"train_x.optimizer": "sgd"}
+    fit(TinyTask(), ds, tiny_cfg(max_steps=3), tmp_path, torch.device("cpu"), settings=s1, stage="train_x")
+    with pytest.raises(CaeeError, match=r"train_x.optimizer: 'sgd' -> 'adam'.*train_x.overwrite=true"):
+        fit(TinyTask(), ds, tiny_cfg(max_steps=6, optimizer="adam"), tmp_path, torch.device("cpu"),
+            settings={"train_x.optimizer": "adam"}, stage="train_x")
+
+
+# ---------------------------------------------------------------- 2. finite checkpoints only
+
+
+class Exploding(TinyTask):
+    """A finite loss whose gradient overflows at step ``at``: the weights become inf, the loss was finite."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def train_step(self, model, batch, ctx: StepContext):
+        loss, m = super().train_step(model, batch, ctx)
+        if ctx.step == self.at:
+            # an overflowing gradient (as bf16 / huge lr produce): the loss is finite, the update is not
+            model.fc8.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return loss, m
+
+
+def test_inf_weights_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path):
+    with pytest.raises(CaeeError, match="weights became non-finite at step 2"):
+        fit(Exploding(at=2), NoisyDataset(), tiny_cfg(head_lr_mult=100.0, checkpoint_every=1), tmp_path,
+            torch.device("cpu"))
+    ck = load_checkpoint(tmp_path / "last.pth")  # refuses a non-finite file
+    assert ck["step"] == 2
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_nonfinite_checkpoint_is_neither_written_nor_resumed(tmp_path):
+    with pytest.raises(CaeeError, match="not finite"):
+        save_checkpoint(tmp_path / "x.pth", {"model": {"w": torch.tensor([1.0, float("inf")])}})
+    assert not (tmp_path / "x.pth").exists()
+    torch.save({"model": {"w": torch.tensor([float("nan")])}, "optimizer": {}, "step": 1, "rng": {}},
+               tmp_path / "last.pth")
+    with pytest.raises(CaeeError, match="non-finite"):
+        load_checkpoint(tmp_path / "last.pth")
+
+
+def test_huge_lr_through_the_cli_exits_2_without_poisoned_files(tmp_path, capsys):
+    config = _write(tmp_path, **{"train_classifier.max_steps": 4, "train_classifier.checkpoint_every": 1})
+    rc = run_stage(train_classifier.main, None, ["--config", str(config), "train_classifier.lr=1e30"])
+    assert rc == 2
+    folder = tmp_path / "work" / "train_classifier"
+    assert not (folder / "model.pth").exists()
+    if (folder / "last.pth").exists():
+        load_checkpoint(folder / "last.pth")  # finite
+
+
+# ---------------------------------------------------------------- 3. AffinityNet is seeded
+
+
+def test_affinitynet_initialisation_is_seeded(tmp_path):
+    from caee.stages.common import start_stage
+    from caee.stages.train_affinity import build_model
+
+    cfg = mini_config(tmp_path)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1234 + len(weights))  # whatever ran before in the process
+        start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed)
+        weights.append(build_model(cfg.train_affinity).state_dict())
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_train_affinity_main_seeds_its_stage():
+    import inspect
+
+    from caee.stages import train_affinity
+
+    assert "seed=cfg.train_affinity.seed" in inspect.getsource(train_affinity.main)
+
+
+# ---------------------------------------------------------------- 4. ranges (catalogue in test_bad_inputs.py)
+
+
+def test_every_numeric_config_key_has_a_range_rule():
+    missing = [k for k, _ in config_rules.numeric_fields(Config()) if config_rules.rule_for(k) is None]
+    assert not missing
+
+
+def test_defaults_and_shipped_configs_are_in_range():
+    config_rules.check(Config())
+    for path in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"):
+        load_config(path, ["device=cpu"])
+
+
+# ---------------------------------------------------------------- 5. data values
+
+
+@pytest.mark.parametrize("cams,keys", [([np.nan], [0]), ([-0.1], [0]), ([1.01], [0]), ([0.5], [5])])
+def test_bad_cam_values_are_refused(tmp_path, cams, keys):
+    save_cam_npz(tmp_path / "a.npz", np.array(keys), np.full((1, 4, 4), cams[0], np.float32))
+    with pytest.raises(CaeeError, match="a.npz"):
+        load_cam_npz(tmp_path / "a.npz", num_classes=3)
+
+
+def test_16bit_palette_cmyk_la_and_bilevel_images_are_converted(tmp_path):
+    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert np.array_equal(load_image(tmp_path / "g16.png")[..., 0], (grey16 >> 8).astype(np.uint8))
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    p.save(tmp_path / "p.png")
+    assert load_image(tmp_path / "p.png")[0, 0].tolist() == [10, 200, 30]
+    Image.new("LA", (4, 4), (90, 10)).save(tmp_path / "la.png")
+    assert load_image(tmp_path / "la.png")[0, 0].tolist() == [90, 90, 90]
+    Image.new("1", (4, 4), 1).save(tmp_path / "b.png")
+    assert load_image(tmp_path / "b.png")[0, 0].tolist() == [255, 255, 255]
+    Image.new("CMYK", (4, 4), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
+    assert load_image(tmp_path / "c.jpg").shape == (4, 4, 3)
+
+
+def test_split_ids_are_used_verbatim(tmp_path):
+    from caee.data.splits import read_split_file
+
+    (tmp_path / "s.txt").write_text("train_00007.v2\n/JPEGImages/2007_1.jpg /SegmentationClassAug/2007_1.png\n")
+    assert read_split_file(tmp_path / "s.txt") == ["train_00007.v2", "2007_1"]
+    for bad in ("a b\n", "x\\y\n", "..\n"):
+        (tmp_path / "s.txt").write_text(bad)
+        with pytest.raises(CaeeError, match="s.txt line 1"):
+            read_split_file(tmp_path / "s.txt")
+
+
+def test_wrong_size_training_mask_is_refused(tmp_path, fake_voc):
+    from caee.config import DataConfig
+    from caee.data import SegmentationDataset, load_split
+
+    index = load_split(DataConfig(dataset="voc", root=str(fake_voc)), "train")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in index.ids:
+        Image.fromarray(np.zeros((5, 7), np.uint8), mode="L").save(labels / f"{i}.png")
+    with pytest.raises(CaeeError, match="label map is 7x5"):
+        SegmentationDataset(index, labels)[0]
+
+
+# ---------------------------------------------------------------- 6. messages instead of tracebacks
+
+
+def test_device_is_checked_against_the_machine():
+    with pytest.raises(CaeeError, match="'device'"):
+        load_config(None, ["device=tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(CaeeError, match="no CUDA GPU"):
+            load_config(None, ["device=cuda"])
+
+
+def test_non_utf8_split_and_yaml(tmp_path):
+    from caee.data.splits import read_split_file
+
+    (tmp_path / "s.txt").write_bytes(b"\xff\xfe\x00a\n")
+    with pytest.raises(CaeeError, match="not UTF-8"):
+        read_split_file(tmp_path / "s.txt")
+    (tmp_path / "c.yaml").write_bytes(b"work_dir: \xe9\n")
+    with pytest.raises(CaeeError, match="not UTF-8"):
+        load_config(tmp_path / "c.yaml")
+
+
+# ---------------------------------------------------------------- 7. leftovers and concurrency
+
+
+def test_second_run_on_a_locked_stage_folder_refuses(tmp_path, capsys):
+    config = _write(tmp_path, **{"train_classifier.max_steps": 1})
+    folder = tmp_path / "work" / "train_classifier"
+    with StageLock(folder):  # another live run
+        capsys.readouterr()
+        assert run_stage(train_classifier.main, None, ["--config", str(config)]) == 2
+        assert "in use by a running stage" in capsys.readouterr().err
+    assert not (folder / "model.pth").exists()
+
+
+def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    code = (f"import os; from caee.io import StageLock; StageLock({str(tmp_path)!r}).acquire(); os._exit(9)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 9
+    assert "pid" in (tmp_path / ".lock").read_text()
+    StageLock(tmp_path).acquire().release()
+
+
+def test_stale_temp_files_are_removed_at_stage_start(tmp_path):
+    from caee.stages.common import start_stage
+
+    cfg = mini_config(tmp_path)
+    folder = tmp_path / "work" / "train_classifier"
+    folder.mkdir(parents=True)
+    (folder / ".last.pth.abc123.tmp").write_bytes(b"x" * 100)
+    start_stage(cfg, "train_classifier")
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_metrics_are_truncated_to_the_resumed_step(tmp_path):
+    ds = NoisyDataset()
+    fit(TinyTask(), ds, tiny_cfg(max_steps=5, checkpoint_every=2), tmp_path, torch.device("cpu"))
+    # a kill after step 5's metrics line but with last.pth at step 4: the line of step 5 is trained again
+    ck = torch.load(tmp_path / "last.pth", weights_only=True)
+    ck["step"] = 4
+    fit_cfg = tiny_cfg(max_steps=7, checkpoint_every=2)
+    torch.save(ck, tmp_path / "last.pth")
+    fit(TinyTask(), ds, fit_cfg, tmp_path, torch.device("cpu"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+
+
+# ---------------------------------------------------------------- 8. file modes follow the umask
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_write(tmp_path / "b.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_inference_folder_refuses_outputs_made_with_other_settings(tmp_path):
+    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=False)
+    (tmp_path / "a.npz").write_bytes(b"")
+    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=True)  # same
+    with pytest.raises(CaeeError, match=r"cam.scales: \[1.0\] -> \[0.5\].*cam.overwrite=true"):
+        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
+    provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=True, has_outputs=True)
+    assert json.loads((tmp_path / "settings.json").read_text())["settings"] == {"cam.scales": [0.5]}
+    (tmp_path / "settings.json").unlink()  # outputs of unknown settings
+    with pytest.raises(CaeeError, match="records no settings"):
+        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
