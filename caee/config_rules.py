@@ -97,6 +97,7 @@ RULES: dict[str, Range] = {
     "crf.bilateral_sxy": POSITIVE,
     "crf.bilateral_srgb": POSITIVE,
     "crf.bilateral_compat": NON_NEGATIVE,
+    "crf.min_prob": Range(0, 1, lo_open=True, hi_open=True),  # unary clip; 1 would flatten every score
     # evaluation
     "eval.thresholds": THRESHOLD,
     "eval.threshold": THRESHOLD,
