@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -102,8 +101,10 @@ def test_top_level_help_names_every_command(capsys):
 
 
 def test_console_script_entry_point_resolves():
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, attr = scripts["caee"].partition(":")
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    entry = re.search(r'^caee = "([\w.]+):(\w+)"$', section, re.M)
+    module, attr = entry.groups()
     assert (module, attr) == ("caee.cli", "main")
     for c in COMMANDS:
         assert importlib.util.find_spec(c.module) is not None, c.module
