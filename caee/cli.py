@@ -63,6 +63,9 @@ def run_command(command: Command, argv: list[str]) -> int:
     """Parse ``argv`` for ``command`` and run it under :func:`guarded`; the stage is imported only here."""
     parser = command_parser(command)
     args = parser.parse_args(argv)
+    if getattr(args, "stages", None):  # `--stages a b key=value`: argparse gives the overrides to --stages
+        args.overrides += [s for s in args.stages if "=" in s]
+        args.stages = [s for s in args.stages if "=" not in s]
     if args.config is None and not args.print_config:
         parser.error("--config is required (an experiment YAML, e.g. configs/demo.yaml)")
 

@@ -115,8 +115,9 @@ eval.threshold are both reported.
     caee eval-miou --config configs/voc/r38.yaml eval.dir=work_dirs/voc/cam_cgnet_crf_4
 """),
     Command("run", "caee.pipeline", (), """\
-The whole pipeline from one config: OC, CGNet (+ a w = 0 control), CAMs, CRF, AffinityNet,
-pseudo labels, DeepLab and the results table.
+The whole pipeline from one config, each finished stage skipped, then the results table.
+
+Stages: OC, CGNet (+ a w = 0 control), CAMs, CRF, AffinityNet, pseudo labels, DeepLab, results.
 
 Input:  one experiment config (configs/demo.yaml runs on the built-in synthetic set on a CPU).
 Output: every stage's folder under work_dir, <work_dir>/pipeline/<stage>.done markers,

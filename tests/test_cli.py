@@ -195,3 +195,23 @@ def test_plot_metrics_keeps_the_latest_record_of_a_repeated_step(tmp_path):
     assert tool.panels(records) == {"loss": ["loss", "loss_cse"], "lr": ["lr"], "accuracy": ["acc"]}
     path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
     assert tool.main([str(path)]) == 2
+
+
+def test_tensorboard_scalars_or_a_clear_warning(tmp_path, caplog):
+    mon = Monitor("train_x", tmp_path, total=4, start=0, epochs=1, tensorboard=True)
+    mon.log(1, 0, 0.5, 0.01, 10.0, {"acc": 0.7})
+    mon.close()
+    if importlib.util.find_spec("tensorboard") is None:
+        assert mon.writer is None and "pip install tensorboard" in caplog.text
+    else:
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_run_takes_overrides_after_stages(monkeypatch):
+    import caee.pipeline
+
+    seen = {}
+    monkeypatch.setattr(caee.pipeline, "run", lambda cfg, stages, nproc: seen.update(cfg=cfg, stages=stages))
+    assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--stages", "train_cgnet", "results",
+                 "masking.depth=2"]) == 0
+    assert seen["stages"] == ["train_cgnet", "results"] and seen["cfg"].masking.depth == 2
