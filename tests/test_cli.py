@@ -6,9 +6,9 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,19 +57,21 @@ def test_help_lists_only_the_commands_sections():
 
 
 def test_help_path_lists_masking_depth_without_importing_torch(tmp_path):
-    code = ("import sys, time\nt = time.perf_counter()\nfrom caee.cli import main\n"
+    code = ("import sys\nfrom caee.cli import main\n"
             "try:\n    main(['train-cgnet', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules, 'NUMPY_HEAVY', 'scipy' in sys.modules)\n"
-            "print('SECONDS', time.perf_counter() - t)\n")
-    t = time.perf_counter()
+            "print('TORCH', 'torch' in sys.modules, 'NUMPY_HEAVY', 'scipy' in sys.modules)\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=60)
-    wall = time.perf_counter() - t
+                         timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith("masking.depth = 0"))
     assert "0 = erase the image" in line
     assert "TORCH False NUMPY_HEAVY False" in out.stdout
-    assert wall < 10  # ~0.3 s on an idle machine; loose for a busy shared one
+    # CPU seconds, not wall time (a shared machine's load would decide that): about 0.3 s measured;
+    # the help path that imported the stage (and torch) took about 4 s
+    assert cpu < 2.0, cpu
 
 
 def test_print_config_from_another_directory(tmp_path):
