@@ -20,6 +20,8 @@ from caee.cli import guarded
 from caee.errors import CaeeError
 
 METRICS = "metrics.jsonl"
+# rows in pipeline order (the control run's train_cgnet right after the CGNet's)
+_STAGE_ORDER = {name: i for i, name in enumerate(("train_classifier", "train_cgnet", "train_affinity", "train_deeplab"))}
 
 
 def find_metrics(path: Path) -> list[Path]:
@@ -30,7 +32,7 @@ def find_metrics(path: Path) -> list[Path]:
         raise CaeeError(f"not found: {path} (give a metrics.jsonl, a stage folder or a work_dir)")
     if (path / METRICS).is_file():
         return [path / METRICS]
-    found = sorted(path.rglob(METRICS))
+    found = sorted(path.rglob(METRICS), key=lambda p: (_STAGE_ORDER.get(p.parent.name, len(_STAGE_ORDER)), str(p)))
     if not found:
         raise CaeeError(f"no {METRICS} under {path}: has a training stage run there?")
     return found
