@@ -2,6 +2,7 @@
 one tiny stage run through a subprocess (ETA lines, keep_epochs, plot_metrics), the monitor's ETA."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -108,8 +109,12 @@ def test_console_script_entry_point_resolves():
     entry = re.search(r'^caee = "([\w.]+):(\w+)"$', section, re.M)
     module, attr = entry.groups()
     assert (module, attr) == ("caee.cli", "main")
+    from caee.config import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
     for c in COMMANDS:
         assert importlib.util.find_spec(c.module) is not None, c.module
+        assert set(c.sections) <= sections, c.name
 
 
 def test_stage_scripts_are_aliases(tmp_path):
