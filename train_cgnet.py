@@ -1,17 +1,11 @@
 #!/usr/bin/env python
-"""Stage 2: train the CGNet with class-specific adversarial erasing against the frozen OC.
-
-Input:  data.root; the OC from <work_dir>/train_classifier/model.pth or train_cgnet.oc_weights
-        (our model.pth or PSA's res38_cls.pth / OC-CSE's od_cam.pth); train_cgnet.net.pretrained.
-Output: <work_dir>/train_cgnet/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl}
-
-    python train_cgnet.py --config configs/voc/r38.yaml data.root=/data/VOC2012
-    python train_cgnet.py --config configs/demo.yaml masking.depth=3   # feature-level masking
-"""
+"""Alias of ``caee train-cgnet`` for a checkout without ``pip install`` (``caee train-cgnet --help`` for details)."""
 import sys
+from pathlib import Path
 
-from caee.cli import run_stage
-from caee.stages.train_cgnet import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this checkout's caee, wherever the command runs
+
+from caee.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main, __doc__))
+    sys.exit(main(["train-cgnet", *sys.argv[1:]]))

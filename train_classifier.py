@@ -1,17 +1,11 @@
 #!/usr/bin/env python
-"""Stage 1: train the ordinary classifier (OC) on image-level labels.
-
-Input:  data.root (images + image-level labels of data.train_split); train_classifier.net.pretrained
-        (ImageNet weights: MXNet .params or .pth) or train_classifier.init (a PSA/caee checkpoint).
-Output: <work_dir>/train_classifier/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl}
-
-    python train_classifier.py --config configs/voc/r38.yaml data.root=/data/VOC2012
-    torchrun --nproc_per_node 4 train_classifier.py --config configs/voc/r38.yaml
-"""
+"""Alias of ``caee train-classifier`` for a checkout without ``pip install`` (``caee train-classifier --help`` for details)."""
 import sys
+from pathlib import Path
 
-from caee.cli import run_stage
-from caee.stages.train_classifier import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this checkout's caee, wherever the command runs
+
+from caee.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main, __doc__))
+    sys.exit(main(["train-classifier", *sys.argv[1:]]))

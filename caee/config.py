@@ -85,7 +85,7 @@ class NetConfig:
     """A network: backbone name, width and ImageNet initialisation."""
     backbone: Literal["resnet38", "resnet101", "vgg16", "tinycnn"] = "resnet38"
     width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
-    pretrained: str = ""            # ImageNet weights: MXNet .params or .pth; "" = random init
+    pretrained: str = ""            # ImageNet weights: MXNet .params or .pth ("{weights_dir}/<file>"); "" = random init
     dropout: float = 0.5            # Dropout2d before fc8 (PSA's classifier); CGNet official: 0
 
 
@@ -111,7 +111,8 @@ class TrainConfig:
     amp: bool = True                # bf16 autocast (CUDA only)
     channels_last: bool = True      # CUDA only
     checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
-    log_every: int = 20
+    log_every: int = 20             # steps between metrics.jsonl records and INFO lines (loss, lr, images/s, ETA)
+    keep_epochs: bool = False       # also keep each epoch's weights as epoch_<n>.pth (the official code saves every epoch)
     init: str = ""                  # start from these weights instead of ImageNet (our model.pth or PSA .pth)
     overwrite: bool = False         # start over: delete this trainer's last.pth / model.pth / metrics.jsonl first
 
@@ -252,9 +253,17 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass
+class LoggingConfig:
+    """Monitoring of the trainers (caee/monitor.py)."""
+    tensorboard: bool = False       # also write TensorBoard scalars to <stage dir>/tb (needs `pip install tensorboard`)
+
+
+@dataclasses.dataclass
 class Config:
     work_dir: str = "work_dirs/demo"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    weights_dir: str = "weights"    # folder of the ImageNet files; "{weights_dir}" in any path is replaced by it
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train_classifier: ClassifierTrainConfig = dataclasses.field(default_factory=ClassifierTrainConfig)
     masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
@@ -401,22 +410,28 @@ def check_device(name: str) -> None:
 
 
 def expand_work_dir(cfg: Config) -> Config:
-    """``cfg`` with ``{work_dir}`` in every string value replaced by ``cfg.work_dir``.
+    """``cfg`` with ``{work_dir}`` in every string value replaced by ``cfg.work_dir`` (and
+    ``{weights_dir}`` by ``cfg.weights_dir``: the ImageNet files' folder is set once).
 
     Lets a config start one stage from an earlier stage's weights of the same experiment
     (``init: "{work_dir}/train_cgnet/model.pth"``). Each stage expands its own config when it
     starts, so derived experiments (the control run, the reproduction drivers' variants, which
     move ``work_dir``) point at their own folders.
     """
-    return _build(Config, _substitute_work_dir(config_to_dict(cfg), str(cfg.work_dir)))
+    places = {"{work_dir}": str(cfg.work_dir), "{weights_dir}": str(cfg.weights_dir)}
+    return _build(Config, _substitute_work_dir(config_to_dict(cfg), places))
 
 
-def _substitute_work_dir(data: Any, work_dir: str) -> Any:
+def _substitute_work_dir(data: Any, places: dict[str, str]) -> Any:
     if isinstance(data, dict):
-        return {k: v if k == "work_dir" else _substitute_work_dir(v, work_dir) for k, v in data.items()}
+        return {k: v if k in ("work_dir", "weights_dir") else _substitute_work_dir(v, places)
+                for k, v in data.items()}
     if isinstance(data, list):
-        return [_substitute_work_dir(v, work_dir) for v in data]
-    return data.replace("{work_dir}", work_dir) if isinstance(data, str) else data
+        return [_substitute_work_dir(v, places) for v in data]
+    if isinstance(data, str):
+        for place, value in places.items():
+            data = data.replace(place, value)
+    return data
 
 
 def config_from_dict(data: dict) -> Config:

@@ -31,6 +31,7 @@ from caee.config import TrainConfig
 from caee.errors import CaeeError
 from caee.io import write_text
 from caee.logs import MetricsWriter
+from caee.monitor import Monitor
 from caee.weights.checkpoints import nonfinite_tensors, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -356,6 +357,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
                                     "step": step, "rng": _rng_state(), "config": full_config or {}, **record})
 
     metrics_log = MetricsWriter(out_dir / "metrics.jsonl")
+    monitor = Monitor.for_fit(out_dir, cfg, full_config, stop_at, step, distributed.is_main())
     samples = SeededSamples(dataset, cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (use_cuda and cfg.amp) else nullcontext()
     n_images, t_start = 0, time.perf_counter()
@@ -393,6 +395,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
                 metrics_log.write(**rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.1f}")
                 logger.debug("%s", rec)
+                monitor.log(step, epoch, rec["loss"], rec["lr"], rec["images_per_s"], metrics)
                 t_log, n_log = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == stop_at:
                 checkpoint()
@@ -402,6 +405,8 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
         if step % steps_per_epoch == 0:
             logger.info("%s: epoch %d/%d done (step %d, loss %.4f)", out_dir.name, epoch + 1, cfg.epochs, step, float(loss.detach()))
             task.on_epoch_end(epoch, out_dir)
+            monitor.epoch_end(epoch, lambda p: save_checkpoint(p, {"model": _unwrap(model).state_dict(), **task.export()}))
+    monitor.close()
     elapsed = time.perf_counter() - t_start
     ips = n_images / elapsed if n_images else 0.0
     model_path = out_dir / "model.pth"

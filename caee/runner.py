@@ -149,7 +149,7 @@ def _call_stage(job: Job, call: Config, k: int, nproc: int) -> Any:
     folder = job.marker.parent / job.step.name
     cfg_path = save_config(call, folder if len(job.calls) == 1 else folder / str(k))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / f"{job.step.stage}.py"), "--config", str(cfg_path)]
+           "-m", "caee", job.step.stage, "--config", str(cfg_path)]  # works without a checkout too
     logger.info("running %s", " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
         raise CaeeError(f"stage {job.name()} failed under torchrun (see its log in {job.cfg.work_dir}); "

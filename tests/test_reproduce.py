@@ -59,7 +59,7 @@ def test_overrides_sections_and_depths():
         var.with_overrides(cfg, {"masking.dpth": 3})
     assert var.section_overrides(REPO / "configs/voc/r101_oc.yaml", "train_classifier") == {
         "train_classifier.net.backbone": "resnet101", "train_classifier.net.pretrained":
-        "weights/resnet101-63fe2227.pth", "train_classifier.net.dropout": 0.5}
+        "{weights_dir}/resnet101-63fe2227.pth", "train_classifier.net.dropout": 0.5}
     vgg = var.section_overrides(REPO / "configs/voc/vgg16_oc.yaml", "train_classifier")
     assert vgg["train_classifier.net.backbone"] == "vgg16" and vgg["train_classifier.lr"] == 0.1
     assert masking_depth.check_depths(None, "resnet38") == list(range(8))

@@ -1,8 +1,8 @@
 """Prepare PASCAL VOC 2012 + SBD for caee.
 
-    python tools/prepare_voc.py --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE [--out ROOT]
+    python tools/prepare_voc.py --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE [--out data/VOC2012]
 
-Writes under ROOT (default: the VOC folder itself):
+Writes under ROOT (``--out``, default ``data/VOC2012``: configs/voc/r38.yaml's ``data.root``):
 
 - ``SegmentationClassAug/<id>.png``: palette label maps of every train_aug / train / val image.
   VOC's own ``SegmentationClass`` masks (with their 255 boundaries) take precedence and are copied;
@@ -151,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--voc", required=True, help="VOCdevkit/VOC2012")
     p.add_argument("--sbd", required=True, help="benchmark_RELEASE (holds dataset/cls, dataset/train.txt, ...)")
-    p.add_argument("--out", default=None, help="output root (default: the --voc folder)")
+    p.add_argument("--out", default="data/VOC2012",
+                   help="output root (default: data/VOC2012, the data.root of configs/voc/r38.yaml; "
+                        "give the --voc folder to write into it)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
     p.add_argument("--expected-count", type=int, default=TRAIN_AUG_SIZE,
                    help="expected train_aug size (0 = do not check)")
     p.add_argument("--overwrite", action="store_true", help="rewrite existing SegmentationClassAug masks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return guarded(lambda: prepare(Path(args.voc), Path(args.sbd), Path(args.out or args.voc), args.workers,
+    return guarded(lambda: prepare(Path(args.voc), Path(args.sbd), Path(args.out), args.workers,
                                    args.expected_count, args.overwrite))
 
 
