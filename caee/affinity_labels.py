@@ -35,7 +35,8 @@ def crf_params(crf_cfg: CrfConfig) -> CrfParams:
     """The :class:`CrfParams` of the config's ``crf`` section."""
     return CrfParams(iterations=crf_cfg.iterations, gaussian_sxy=crf_cfg.gaussian_sxy,
                      gaussian_compat=crf_cfg.gaussian_compat, bilateral_sxy=crf_cfg.bilateral_sxy,
-                     bilateral_srgb=crf_cfg.bilateral_srgb, bilateral_compat=crf_cfg.bilateral_compat)
+                     bilateral_srgb=crf_cfg.bilateral_srgb, bilateral_compat=crf_cfg.bilateral_compat,
+                     min_prob=crf_cfg.min_prob)
 
 
 def crf_workers(crf_cfg: CrfConfig) -> int | None:

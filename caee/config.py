@@ -135,6 +135,8 @@ class CamConfig:
     split: str = ""                 # "" = data.cam_split
     scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
+    resize: Literal["pil_bicubic", "bilinear"] = "pil_bicubic"  # official (OC-CSE/PSA MSF data): PIL bicubic on uint8
+                                    # before normalising; bilinear: F.interpolate on the normalised tensor (on the device)
     batch_size: int = 1             # images per DataLoader batch; equal-sized ones share each forward
     dtype: Literal["float16", "float32"] = "float16"
     crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs in <out_dir>_crf_<alpha>
@@ -151,6 +153,7 @@ class CrfConfig:
     bilateral_sxy: float = 80
     bilateral_srgb: float = 13
     bilateral_compat: float = 10
+    min_prob: float = 1e-5          # scores floored here before -log; official: pydensecrf unary_from_softmax's clip
     workers: int = 0                # 0 = all cores
 
 

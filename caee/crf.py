@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CrfParams:
     """Dense CRF settings (defaults: PSA / OC-CSE). ``min_prob`` floors the probabilities before
-    the log (pydensecrf's own ``unary_from_softmax`` clips at 1e-5 instead)."""
+    the log; 1e-5 is the clip of pydensecrf's ``unary_from_softmax``, which PSA's and OC-CSE's
+    ``crf_inference`` use."""
 
     iterations: int = 10
     gaussian_sxy: float = 3
@@ -32,7 +33,7 @@ class CrfParams:
     bilateral_sxy: float = 80
     bilateral_srgb: float = 13
     bilateral_compat: float = 10
-    min_prob: float = 1e-8
+    min_prob: float = 1e-5
 
 
 def _densecrf():
@@ -60,6 +61,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = N
     if image.shape != (h, w, 3) or image.dtype != np.uint8:
         raise CaeeError(f"CRF image must be ({h}, {w}, 3) uint8 to match the scores, "
                         f"got {image.shape} {image.dtype}")
+    # The official unary is -log(clip(p, 1e-5, 1)) without normalising; for scores <= 1 that
+    # differs from this one by a per-pixel constant, which mean-field inference ignores.
     p = np.maximum(probs, params.min_prob)
     p /= p.sum(axis=0, keepdims=True)
     unary = np.ascontiguousarray(-np.log(p).reshape(n_labels, -1), dtype=np.float32)

@@ -210,7 +210,7 @@ def settings_from_config(cfg: Config) -> TestSettings:
         raise CaeeError(f"config key 'train_deeplab.test_scales' must be positive, got {tc.test_scales}")
     c = cfg.crf
     crf = CrfParams(c.iterations, c.gaussian_sxy, c.gaussian_compat, c.bilateral_sxy, c.bilateral_srgb,
-                    c.bilateral_compat) if tc.test_crf else None
+                    c.bilateral_compat, c.min_prob) if tc.test_crf else None
     if crf is not None:
         _require_crf()
     return TestSettings(list(tc.test_scales), tc.test_flip, crf, tc.amp, cfg.data.num_workers,
