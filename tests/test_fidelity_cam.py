@@ -203,3 +203,114 @@ def test_oracle_scores_official_msf_cams_over_official_thresholds(tmp_path):
                                 list(index.labels), 3)
     got = train_cam_miou(net, index, torch.device("cpu"))
     assert got == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------- item 10: image labels from VOC's XML
+
+VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+             "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+# id: [(class name, difficult, truncated, part names)]; masks as in conftest's fake VOC + _fake_sbd
+FAKE_XML = {
+    "2007_000001": [("aeroplane", 0, 0, []), ("person", 1, 0, ["head"])],       # difficult person: not in the mask
+    "2007_000002": [("dog", 0, 1, []), ("person", 0, 0, ["head", "hand"])],     # = mask {12, 15}
+    "2007_000003": [("chair", 0, 1, [])],                                       # mask: background only
+    "2008_000004": [("car", 0, 0, [])],                                         # = mask {7}
+    "2008_000005": [("bird", 0, 0, []), ("tvmonitor", 0, 0, []), ("pottedplant", 1, 1, [])],
+    "2009_000006": [("chair", 0, 0, [])],                                       # = SBD mask {9}
+    "2010_000007": [("bicycle", 0, 0, []), ("bottle", 1, 0, [])],               # = SBD mask {2, 5}
+}
+
+
+def _write_xml(path, objects):
+    parts = ["<annotation><folder>VOC2012</folder><filename>x.jpg</filename><source><database>The VOC2007 "
+             "Database</database></source><size><width>40</width><height>30</height><depth>3</depth></size>"]
+    for name, difficult, truncated, part_names in objects:
+        parts.append(f"<object><name>{name}</name><pose>Left</pose><truncated>{truncated}</truncated>"
+                     f"<difficult>{difficult}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax>"
+                     "<ymax>9</ymax></bndbox>")
+        parts += [f"<part><name>{p}</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>4</xmax><ymax>4</ymax></bndbox>"
+                  "</part>" for p in part_names]
+        parts.append("</object>")
+    path.write_text("".join(parts) + "</annotation>\n")
+
+
+def official_xml_label(path) -> np.ndarray:
+    """PSA's load_image_label_from_xml: every element named 'name' in the document (minidom), its
+    first child's text looked up in the class list; (20,) float32 multi-hot."""
+    from xml.dom import minidom
+
+    label = np.zeros(20, np.float32)
+    for el in minidom.parse(str(path)).getElementsByTagName("name"):
+        if el.firstChild.data in VOC_NAMES:
+            label[VOC_NAMES.index(el.firstChild.data)] = 1.0
+    return label
+
+
+@pytest.fixture
+def voc_with_xml(fake_voc, tmp_path):
+    from test_data import _fake_sbd
+
+    for p in (fake_voc / "SegmentationClassAug").iterdir():   # masks of SBD images come from SBD
+        p.unlink()
+    (fake_voc / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    (fake_voc / "Annotations").mkdir()
+    for image_id, objects in FAKE_XML.items():
+        _write_xml(fake_voc / "Annotations" / f"{image_id}.xml", objects)
+    return fake_voc, _fake_sbd(tmp_path, fake_voc)
+
+
+def test_xml_labels_equal_the_official_reader(voc_with_xml):
+    from test_data import _tool
+
+    tool = _tool("prepare_voc")
+    voc, _ = voc_with_xml
+    for image_id in FAKE_XML:
+        path = voc / "Annotations" / f"{image_id}.xml"
+        np.testing.assert_array_equal(tool.labels_from_xml(path), official_xml_label(path))
+    assert tool.labels_from_xml(voc / "Annotations" / "2007_000001.xml").nonzero()[0].tolist() == [0, 14]
+
+
+def test_prepare_voc_takes_labels_from_xml_and_counts_the_differences(voc_with_xml, tmp_path, caplog):
+    import logging
+
+    from caee.config import DataConfig
+    from caee.data import load_split
+    from test_data import _tool
+
+    tool = _tool("prepare_voc")
+    voc, sbd = voc_with_xml
+    out = tmp_path / "prepared"
+    with caplog.at_level(logging.INFO):
+        differ = tool.prepare(voc, sbd, out, 1, 0, False)
+    # train_aug = VOC train {1, 2, 3} + SBD {6, 7}; XML adds a difficult person to 1 and a truncated chair to 3
+    assert differ == {"train_aug": 2, "train": 2, "val": 1}
+    assert "train_aug: 2 of 5 images have other labels in the XML annotations than in the masks" in caplog.text
+    for split in ("train_aug", "val"):
+        index = load_split(DataConfig(dataset="voc", root=str(out)), split)
+        want = np.stack([official_xml_label(voc / "Annotations" / f"{i}.xml") for i in index.ids])
+        np.testing.assert_array_equal(index.labels, want)
+    # --labels masks: the classes of the masks, no count
+    masks_out = tmp_path / "from_masks"
+    assert tool.prepare(voc, sbd, masks_out, 1, 0, False, labels="masks") == {}
+    index = load_split(DataConfig(dataset="voc", root=str(masks_out)), "train")
+    assert index.labels[index.ids.index("2007_000003")].sum() == 0
+    assert index.labels[index.ids.index("2007_000001")].nonzero()[0].tolist() == [0]
+
+
+def test_prepare_voc_xml_errors(voc_with_xml, tmp_path, capsys):
+    from test_data import _tool
+
+    tool = _tool("prepare_voc")
+    voc, sbd = voc_with_xml
+    (voc / "Annotations" / "2010_000007.xml").unlink()
+    assert tool.main(["--voc", str(voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1",
+                      "--expected-count", "0"]) == 2
+    assert "1 images have no" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (voc / "Annotations" / "2010_000007.xml").write_text("<annotation><object><name>dog</name>")
+    assert tool.main(["--voc", str(voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert "2010_000007.xml: unreadable VOC annotation" in capsys.readouterr().err
+    for p in (voc / "Annotations").iterdir():
+        p.unlink()
+    (voc / "Annotations").rmdir()
+    assert tool.main(["--voc", str(voc), "--sbd", str(sbd), "--out", str(tmp_path / "p"), "--workers", "1"]) == 2
+    assert "VOC Annotations folder (or use --labels masks)" in capsys.readouterr().err
