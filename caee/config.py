@@ -108,7 +108,7 @@ class TrainConfig:
     hflip: bool = True
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
     seed: int = 0
-    amp: bool = True                # bf16 autocast (CUDA only)
+    amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
     channels_last: bool = True      # CUDA only
     checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
     log_every: int = 20             # steps between metrics.jsonl records and INFO lines (loss, lr, images/s, ETA)
@@ -151,11 +151,13 @@ class CamConfig:
     split: str = ""                 # "" = data.cam_split
     scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     flip: bool = True
+    resize: Literal["pil_bicubic", "bilinear"] = "pil_bicubic"  # official (OC-CSE/PSA MSF data): PIL bicubic on uint8
+                                    # before normalising; bilinear: F.interpolate on the normalised tensor (on the device)
     batch_size: int = 1             # images per DataLoader batch; equal-sized ones share each forward
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32"] = "float16"  # CAM files; vs float32: mIoU -0.0007 points (docs/NUMERICS.md)
     crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs in <out_dir>_crf_<alpha>
     overwrite: bool = False         # recompute existing outputs (else they are skipped)
-    amp: bool = True                # bf16 autocast (CUDA only)
+    amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
     pictures: int = 0               # image | GT | CAM pictures of the first N images, in <out_dir>_pictures
 
 
@@ -167,7 +169,7 @@ class CrfConfig:
     bilateral_sxy: float = 80
     bilateral_srgb: float = 13
     bilateral_compat: float = 10
-    min_prob: float = 1e-8          # floor of the probabilities before -log (pydensecrf's unary_from_softmax clips at 1e-5)
+    min_prob: float = 1e-5          # scores floored here before -log; official: pydensecrf unary_from_softmax's clip
     workers: int = 0                # CRF processes; 0 = this machine's cores shared by its ranks
 
 

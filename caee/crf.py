@@ -43,6 +43,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfConfig | None = N
     if image.shape != (h, w, 3) or image.dtype != np.uint8:
         raise CaeeError(f"CRF image must be ({h}, {w}, 3) uint8 to match the scores, "
                         f"got {image.shape} {image.dtype}")
+    # The official unary is -log(clip(p, 1e-5, 1)) without normalising; for scores <= 1 that
+    # differs from this one by a per-pixel constant, which mean-field inference ignores.
     p = np.maximum(probs, params.min_prob)
     p /= p.sum(axis=0, keepdims=True)
     unary = np.ascontiguousarray(-np.log(p).reshape(n_labels, -1), dtype=np.float32)

@@ -1,6 +1,14 @@
 """The official OC-CSE epoch selection: keep the CGNet epoch whose CAMs score best against the
 ground truth of the training images. This is an oracle (it looks at pixel labels the method is not
-supposed to have), so it is off by default (``train_cgnet.select_by_oracle``)."""
+supposed to have), so it is off by default (``train_cgnet.select_by_oracle``).
+
+As OC-CSE's train.py does after every epoch: multi-scale + flip CAMs of the ``data.cam_split``
+images (scales 0.5 / 1 / 1.5 / 2, PIL bicubic input resize, as its VOC12ClsDatasetMSF), scored by
+the best mIoU over the background thresholds 0.10, 0.11, ..., 0.39 (its evaluation.validation);
+an epoch replaces the kept one only when it scores strictly higher. These settings are fixed here,
+not read from the ``cam`` section, so that changing how the final CAMs are made does not change
+which CGNet epoch is kept.
+"""
 from __future__ import annotations
 
 import logging
@@ -15,11 +23,15 @@ from caee.metrics import ThresholdSweep
 from caee.weights.checkpoints import read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
-THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
+SCALES = (0.5, 1.0, 1.5, 2.0)
+FLIP = True
+RESIZE = "pil_bicubic"
+THRESHOLDS = [round(0.10 + 0.01 * i, 2) for i in range(30)]  # 0.10 .. 0.39
 
 
 def train_cam_miou(model: torch.nn.Module, index: SplitIndex, device: torch.device) -> float:
-    """Best-threshold mIoU of single-scale CAMs over the images of ``index`` that have ground truth."""
+    """Best-threshold mIoU of the official multi-scale + flip CAMs over the images of ``index`` that
+    have ground truth."""
     sweep = ThresholdSweep(index.num_classes, THRESHOLDS)
     was_training = model.training
     model.eval()
@@ -28,7 +40,9 @@ def train_cam_miou(model: torch.nn.Module, index: SplitIndex, device: torch.devi
         if gt_path is None or not gt_path.is_file():
             continue
         keys = image_keys(index.labels[i])
-        cams = multiscale_cam(model, load_image(index.image_path(i)), keys, (1.0,), False, device)
+        # float32 (amp off) as the official selection; bf16 could swap the ranking of close epochs
+        cams = multiscale_cam(model, load_image(index.image_path(i)), keys, SCALES, FLIP, device, amp=False,
+                              resize=RESIZE)
         sweep.update(load_label_png(gt_path), keys, cams)
     model.train(was_training)
     return float(sweep.best()["miou"])

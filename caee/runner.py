@@ -38,7 +38,6 @@ from caee.layout import Layout
 from caee.steps import STEPS, Step, images_per_s, paths_in
 
 logger = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass

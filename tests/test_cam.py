@@ -48,7 +48,8 @@ def _image(h, w, seed=0):
 
 
 def reference_cam(net, image, keys, scales, flip):
-    """The method written out one pass at a time, with the normalisation done by hand."""
+    """The method with ``resize="bilinear"`` written out one pass at a time, with the normalisation
+    done by hand (the official PIL-bicubic input is tested in test_fidelity_cam.py)."""
     h, w = image.shape[:2]
     x = torch.from_numpy(((image.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy())[None]
     total = torch.zeros(1, 3 if not hasattr(net, "fc8") else net.fc8.out_channels, h, w)
@@ -72,7 +73,7 @@ def test_matches_direct_computation(flip):
     net = Asymmetric().eval()
     image = _image(37, 45)   # odd sizes: round(18.5) and round(22.5) exercise the scaled-size rule
     scales = [0.5, 1.0, 1.5, 2.0]
-    got = multiscale_cam(net, image, [2, 0], scales, flip, "cpu")
+    got = multiscale_cam(net, image, [2, 0], scales, flip, "cpu", resize="bilinear")
     want = reference_cam(net, image, [2, 0], scales, flip)
     assert got.shape == (2, 37, 45) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -81,7 +82,7 @@ def test_matches_direct_computation(flip):
 def test_real_classifier_matches_direct_computation():
     net = build_classifier(NetConfig(backbone="tinycnn", width=0.25, dropout=0.5), 4).eval()
     image = _image(30, 41, seed=1)
-    got = multiscale_cam(net, torch.from_numpy(image), np.array([3, 1]), [0.75, 1.0], True, "cpu")
+    got = multiscale_cam(net, torch.from_numpy(image), np.array([3, 1]), [0.75, 1.0], True, "cpu", resize="bilinear")
     np.testing.assert_allclose(got, reference_cam(net, image, [3, 1], [0.75, 1.0], True), rtol=1e-5, atol=1e-6)
 
 

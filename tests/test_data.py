@@ -349,7 +349,8 @@ def test_prepare_voc(fake_voc, tmp_path, caplog):
     sbd = _fake_sbd(tmp_path, fake_voc)
     out = tmp_path / "prepared"
     with caplog.at_level(logging.WARNING):
-        assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(out), "--workers", "1"]) == 0
+        assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(out), "--workers", "1",
+                          "--labels", "masks"]) == 0
     assert "train_aug has 5 images, expected 10582" in caplog.text
     aug = (out / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
     # VOC train {1,2,3} + SBD train {2,6} + SBD val {4,7} - VOC val {4,5}
@@ -368,7 +369,7 @@ def test_prepare_voc(fake_voc, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # idempotent; the size check can be switched off
         assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(out), "--workers", "2",
-                          "--expected-count", "0", "--overwrite"]) == 0
+                          "--expected-count", "0", "--overwrite", "--labels", "masks"]) == 0
     assert "expected" not in caplog.text
 
 
@@ -378,11 +379,13 @@ def test_prepare_voc_errors(fake_voc, tmp_path, capsys):
     assert "SBD dataset/cls folder" in capsys.readouterr().err
     sbd = _fake_sbd(tmp_path, fake_voc)
     (sbd / "dataset" / "train.txt").write_text("2007_000002\n2011_999999\n")
-    assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1",
+                      "--labels", "masks"]) == 2
     assert "2011_999999" in capsys.readouterr().err
     scipy.io.savemat(sbd / "dataset" / "cls" / "2011_999999.mat", {"GTcls": {"Segmentation": np.full((4, 4), 40, np.uint8)}})
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(fake_voc / "JPEGImages" / "2011_999999.jpg")
-    assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1"]) == 2
+    assert tool.main(["--voc", str(fake_voc), "--sbd", str(sbd), "--out", str(tmp_path / "o"), "--workers", "1",
+                      "--labels", "masks"]) == 2
     assert "2011_999999.mat: label values [40]" in capsys.readouterr().err
 
 

@@ -9,7 +9,11 @@ Writes under ROOT (``--out``, default ``data/VOC2012``: configs/voc/r38.yaml's `
   the others are converted from SBD's ``dataset/cls/<id>.mat`` (``GTcls.Segmentation``, 0..20).
 - ``ImageSets/Segmentation/train_aug.txt`` = VOC train + SBD train + SBD val - VOC val
   (10,582 images; a different count is reported loudly).
-- ``cls_labels.npz``: image-level labels of train_aug, train and val, from the masks.
+- ``cls_labels.npz``: image-level labels of train_aug, train and val. ``--labels xml`` (default,
+  as the official ``cls_labels.npy`` of PSA / OC-CSE, made by their ``make_cls_labels.py``): every
+  ``<name>`` of ``Annotations/<id>.xml`` that is a VOC class, so objects marked difficult or
+  truncated, or absent from the masks, count. ``--labels masks``: the classes present in the masks.
+  The log says how many images of each split get other labels from the XML than from the masks.
 
 With ``--out`` elsewhere, ROOT gets symlinks to VOC's JPEGImages and SegmentationClass and copies
 of its train/val lists. Existing masks are kept unless ``--overwrite``. Then use
@@ -22,6 +26,7 @@ import concurrent.futures
 import logging
 import os
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +34,11 @@ from tqdm import tqdm
 
 from caee.cli import guarded
 from caee.config import DataConfig
-from caee.data.files import LABELS_CACHE, SPLIT_DIR
-from caee.data.splits import check_label_values, load_split, read_split_file
+from caee.data.classes import VOC_CLASSES
+from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
+from caee.data.splits import check_label_values, labels_from_mask, load_split, read_split_file
 from caee.errors import CaeeError
-from caee.io import atomic_write, save_label_png, write_text
+from caee.io import atomic_write, load_label_png, save_label_png, write_text
 
 logger = logging.getLogger("prepare_voc")
 TRAIN_AUG_SIZE = 10582
@@ -65,6 +71,41 @@ def _make_mask(job: tuple[str, str, str]) -> str:
     return dst
 
 
+def labels_from_xml(path: str | os.PathLike) -> np.ndarray:
+    """(20,) uint8 multi-hot of a VOC ``Annotations/<id>.xml``: every ``<name>`` element anywhere in the
+    file whose text is a VOC class (object names; part names such as 'hand' are not classes).
+    Like the official labels, 'difficult' and 'truncated' objects count and the text is not stripped."""
+    try:
+        tree = ET.parse(path)
+    except FileNotFoundError:
+        raise CaeeError(f"annotation not found: {path}; use --labels masks to take the labels from the masks") \
+            from None
+    except (ET.ParseError, OSError) as e:
+        raise CaeeError(f"{path}: unreadable VOC annotation ({e})") from None
+    index = {name: k for k, name in enumerate(VOC_CLASSES)}
+    label = np.zeros(NUM_CLASSES, np.uint8)
+    for el in tree.getroot().iter("name"):
+        if el.text in index:
+            label[index[el.text]] = 1
+    return label
+
+
+def _write_labels(out: Path, annotations: Path, splits: dict[str, list[str]]) -> dict[str, int]:
+    """Write ``out/cls_labels.npz`` from the XML files; returns, per split, how many images have
+    other labels than their masks (in ``out/SegmentationClassAug``)."""
+    ids = sorted({i for members in splits.values() for i in members})
+    xml = {i: labels_from_xml(annotations / f"{i}.xml") for i in ids}
+    save_labels_cache(out / LABELS_CACHE, ids, np.stack([xml[i] for i in ids]))
+    differ: dict[str, int] = {}
+    for split, members in splits.items():
+        changed = [i for i in members if not np.array_equal(
+            xml[i], labels_from_mask(load_label_png(out / "SegmentationClassAug" / f"{i}.png"), NUM_CLASSES))]
+        differ[split] = len(changed)
+        logger.info("%s: %d of %d images have other labels in the XML annotations than in the masks%s", split,
+                    len(changed), len(members), f" (first: {', '.join(changed[:5])})" if changed else "")
+    return differ
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise CaeeError(f"{what} not found: {path}")
@@ -87,10 +128,15 @@ def build_train_aug(voc_train: list[str], voc_val: list[str], sbd_train: list[st
     return sorted((set(voc_train) | set(sbd_train) | set(sbd_val)) - set(voc_val))
 
 
-def prepare(voc: Path, sbd: Path, out: Path, workers: int, expected: int, overwrite: bool) -> None:
+def prepare(voc: Path, sbd: Path, out: Path, workers: int, expected: int, overwrite: bool,
+            labels: str = "xml") -> dict[str, int]:
+    """Returns, with ``labels="xml"``, per split the number of images whose XML labels differ from
+    their masks' (empty with ``labels="masks"``)."""
     voc_masks = _require(voc / "SegmentationClass", "VOC SegmentationClass folder")
     _require(voc / "JPEGImages", "VOC JPEGImages folder")
     sbd_cls = _require(sbd / "dataset" / "cls", "SBD dataset/cls folder (--sbd should be benchmark_RELEASE)")
+    if labels == "xml":
+        _require(voc / "Annotations", "VOC Annotations folder (or use --labels masks)")
     voc_train = read_split_file(_require(voc / SPLIT_DIR / "train.txt", "VOC train list"))
     voc_val = read_split_file(_require(voc / SPLIT_DIR / "val.txt", "VOC val list"))
     sbd_train = read_split_file(_require(sbd / "dataset" / "train.txt", "SBD train list"))
@@ -104,6 +150,13 @@ def prepare(voc: Path, sbd: Path, out: Path, workers: int, expected: int, overwr
         logger.warning("train_aug has %d images, expected %d (%s); check the VOC and SBD versions",
                        len(train_aug), expected, counts)
         logger.warning("!" * 78)
+
+    if labels == "xml":  # before any conversion: every image needs its annotation
+        have = set(os.listdir(voc / "Annotations"))
+        no_xml = [i for i in sorted(set(train_aug) | set(voc_train) | set(voc_val)) if f"{i}.xml" not in have]
+        if no_xml:
+            raise CaeeError(f"{len(no_xml)} images have no {voc / 'Annotations'}/<id>.xml (first: "
+                            f"{', '.join(no_xml[:5])}); use --labels masks to take the labels from the masks")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / SPLIT_DIR).mkdir(parents=True, exist_ok=True)
@@ -133,18 +186,23 @@ def prepare(voc: Path, sbd: Path, out: Path, workers: int, expected: int, overwr
             _make_mask(job)
     write_text(out / SPLIT_DIR / "train_aug.txt", "".join(f"{i}\n" for i in train_aug))
 
-    # every listed image and mask must exist; then image-level labels from the masks
-    cache = out / LABELS_CACHE
-    if cache.exists():
-        cache.unlink()  # rebuilt from the masks just written
-    data_cfg = DataConfig(dataset="voc", root=str(out))
-    for split, ids in (("train_aug", train_aug), ("train", voc_train), ("val", voc_val)):
+    # every listed image and mask must exist; then the image-level labels
+    splits = {"train_aug": train_aug, "train": voc_train, "val": voc_val}
+    for split, ids in splits.items():
         lost = [i for i in ids if not (aug_dir / f"{i}.png").is_file()]
         if lost:
             raise CaeeError(f"{len(lost)} masks of {split} are missing from {aug_dir} (first: {', '.join(lost[:5])})")
-        index = load_split(data_cfg, split)  # checks the images, derives and caches the labels
-        logger.info("%s: %d images, %d labels", split, len(index), int(index.labels.sum()))
+    cache = out / LABELS_CACHE
+    if cache.exists():
+        cache.unlink()  # rebuilt below
+    differ = _write_labels(out, voc / "Annotations", splits) if labels == "xml" else {}
+    data_cfg = DataConfig(dataset="voc", root=str(out))
+    for split in splits:
+        index = load_split(data_cfg, split)  # checks the images; with --labels masks derives and caches the labels
+        logger.info("%s: %d images, %d labels (from the %s)", split, len(index), int(index.labels.sum()),
+                    "XML annotations" if labels == "xml" else "masks")
     logger.info("done: data.dataset=voc data.root=%s data.train_split=train_aug", out)
+    return differ
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expected-count", type=int, default=TRAIN_AUG_SIZE,
                    help="expected train_aug size (0 = do not check)")
     p.add_argument("--overwrite", action="store_true", help="rewrite existing SegmentationClassAug masks")
+    p.add_argument("--labels", choices=("xml", "masks"), default="xml",
+                   help="image-level labels from Annotations/<id>.xml (official cls_labels.npy) or from the masks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     return guarded(lambda: prepare(Path(args.voc), Path(args.sbd), Path(args.out), args.workers,
-                                   args.expected_count, args.overwrite))
+                                   args.expected_count, args.overwrite, args.labels))
 
 
 if __name__ == "__main__":

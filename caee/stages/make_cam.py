@@ -75,7 +75,8 @@ def compute_cams(model: torch.nn.Module, index: SplitIndex, todo: list[int], out
     try:
         for batch in loader:
             keys = [image_keys(s["label"]) for s in batch]
-            cams = multiscale_cams(model, [s["image"] for s in batch], keys, cc.scales, cc.flip, device, cc.amp)
+            cams = multiscale_cams(model, [s["image"] for s in batch], keys, cc.scales, cc.flip, device, cc.amp,
+                                   cc.resize)
             for s, k, c in zip(batch, keys, cams):
                 saver.submit(save_cam_npz, out_dir / f"{s['id']}.npz", k, c.astype(cc.dtype))
             bar.update(len(batch))
