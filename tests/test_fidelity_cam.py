@@ -125,7 +125,8 @@ def _random_cams(k: int, h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("alpha", [4, 24, 32])
 def test_crf_labels_and_posteriors_equal_psa_crf_inference(alpha):
-    from caee.crf import CrfParams, crf_cam_labels, dense_crf
+    from caee.config import CrfConfig
+    from caee.crf import crf_cam_labels, dense_crf
 
     pytest.importorskip("pydensecrf.densecrf")
     image = textured_image(26, 31, seed=alpha)
@@ -135,23 +136,23 @@ def test_crf_labels_and_posteriors_equal_psa_crf_inference(alpha):
     bg = np.power(1 - np.max(cams, axis=0, keepdims=True), alpha)
     scores = np.concatenate([bg, cams], axis=0)
     want = psa_crf_inference(image, scores)
-    got = dense_crf(image, scores, CrfParams())
+    got = dense_crf(image, scores, CrfConfig())
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     labels = crf_cam_labels(image, keys, cams, alpha)
     np.testing.assert_array_equal(labels, np.array([0, 3, 8], np.uint8)[np.argmax(want, axis=0)])
     # the former floor (1e-8) makes confident pixels' unary stiffer: other posteriors
-    stiff = dense_crf(image, scores, CrfParams(min_prob=1e-8))
+    stiff = dense_crf(image, scores, CrfConfig(min_prob=1e-8))
     assert np.abs(stiff - want).max() > 1e-3
 
 
 def test_crf_min_prob_reaches_every_crf_user():
-    from caee.affinity_labels import crf_params as affinity_crf_params
+    """One settings type from the config to the CRF: the DeepLab test CRF gets cfg.crf itself
+    (make_cam and AffinityNet pass cfg.crf straight to caee.crf; tests/test_stage_wiring.py records
+    every pydensecrf call of those paths)."""
     from caee.config import load_config
-    from caee.segment import settings_from_config
-    from caee.stages.make_cam import crf_params as cam_crf_params
+    from caee.stages.train_deeplab import settings_from_config
 
     cfg = load_config(None, ["crf.min_prob=0.001", "train_deeplab.test_crf=true"])
-    assert cam_crf_params(cfg.crf).min_prob == affinity_crf_params(cfg.crf).min_prob == 0.001
     pytest.importorskip("pydensecrf.densecrf")
     assert settings_from_config(cfg).crf.min_prob == 0.001
     assert load_config(None, []).crf.min_prob == 1e-5
