@@ -56,3 +56,9 @@ def crf_dir(cam_dir: Path, alpha: float) -> Path:
     """Where the dense-CRF labels of the CAMs in ``cam_dir`` with background alpha live:
     ``<work_dir>/cam_cgnet`` -> ``<work_dir>/cam_cgnet_crf_4`` (alpha 4)."""
     return cam_dir.parent / f"{cam_dir.name}_crf_{alpha:g}"
+
+
+def cell_label_dir(cam_dir: Path, la_alpha: float, ha_alpha: float, stride: int) -> Path:
+    """Where AffinityNet's cell label tables (PSA's pooled la/ha CRF labels, caee.affinity_labels)
+    of the CAMs in ``cam_dir`` live: ``<work_dir>/cam_cgnet`` -> ``<work_dir>/cam_cgnet_cells_4_24_s8``."""
+    return cam_dir.parent / f"{cam_dir.name}_cells_{la_alpha:g}_{ha_alpha:g}_s{stride}"
