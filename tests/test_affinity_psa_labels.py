@@ -288,5 +288,7 @@ def test_official_affinity_and_random_walk_defaults():
         cfg = load_config(path)
         assert cfg.train_affinity.resize_long == [0, 0] and cfg.train_affinity.label_rule == "psa"
         assert cfg.pseudo_labels.psa_border and cfg.train_affinity.psa_border
-        assert cfg.train_classifier.lr == 0.1 and cfg.train_classifier.momentum == 0.0
+        # PSA's train_cls.py / train_aff.py: lr 0.1, SGD momentum = the weight decay (5e-4)
+        assert (cfg.train_classifier.lr, cfg.train_classifier.momentum, cfg.train_classifier.weight_decay) == (0.1, 5e-4, 5e-4)
+        assert (cfg.train_affinity.lr, cfg.train_affinity.momentum) == (0.1, 5e-4)
         assert (cfg.train_affinity.la_alpha, cfg.train_affinity.ha_alpha, cfg.pseudo_labels.alpha) == (4, 24, 16)
