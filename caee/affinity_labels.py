@@ -13,7 +13,8 @@ posteriors, and stores the result: one uint8 per window, ``(H+s-1) x (W+s-1)``, 
 ``cell_label_dir(cam_dir, la, ha, stride)``. A crop's cell labels are then a lookup
 (:func:`cells_from_table`), the same numbers as pooling the cropped posteriors (the argmax of a
 mean is the argmax of the sum; a horizontal flip of a crop whose size is a multiple of the stride
-flips whole cells). Exact, and far smaller than the posteriors (README).
+flips whole cells). Exact up to float rounding where two pooled scores tie to ~1e-7 (the sums
+are float64, PSA's means float32), and far smaller than the posteriors (README).
 
 ``top_left`` (caee's earlier rule): the argmax label PNGs of each alpha are merged per pixel and
 the top-left pixel of each cell is taken. Details below.
