@@ -1,4 +1,23 @@
-"""AffinityNet training labels from the low/high-alpha CRF labels of the CAMs (PSA, docs/METHOD.md §6).
+"""AffinityNet training labels from the low/high-alpha CRF results of the CAMs (PSA, docs/METHOD.md §6).
+
+Two rules (``train_affinity.label_rule``):
+
+``psa`` (default, PSA's train_aff.py): the image and the la / ha CRF *posteriors* are cropped
+(zero padding) and flipped together, the posteriors average-pooled over ``stride x stride`` cells;
+per cell: argmax of la and of ha; label = la's class; la background -> 255 (unsure); ha
+background -> 0; largest pooled score < 1e-5 (a cell of crop padding) -> 255.
+Storage: the crops are not rescaled, so every cell a crop can produce is a ``stride x stride``
+window of the image at an integer offset, clipped by the image border (the padding adds zeros).
+:func:`cell_label_table` evaluates the rule once for every such window, from the float
+posteriors, and stores the result: one uint8 per window, ``(H+s-1) x (W+s-1)``, as a PNG in
+``cell_label_dir(cam_dir, la, ha, stride)``. A crop's cell labels are then a lookup
+(:func:`cells_from_table`), the same numbers as pooling the cropped posteriors (the argmax of a
+mean is the argmax of the sum; a horizontal flip of a crop whose size is a multiple of the stride
+flips whole cells). Exact up to float rounding where two pooled scores tie to ~1e-7 (the sums
+are float64, PSA's means float32), and far smaller than the posteriors (README).
+
+``top_left`` (caee's earlier rule): the argmax label PNGs of each alpha are merged per pixel and
+the top-left pixel of each cell is taken. Details below.
 
 The CRF label PNGs live in one folder per alpha next to the CAM folder (the stage names them;
 make_cam.py writes them when ``cam.crf_alphas`` lists the alphas). Missing ones are computed here from the
@@ -15,16 +34,20 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from caee import distributed
 from caee.affinity import confident_labels, downsample_labels
 from caee.config import CrfConfig
-from caee.crf import crf_cam_labels
+from caee.crf import crf_cam_labels, dense_crf
 from caee.data import SegmentationDataset, SplitIndex
+from caee.data.splits import check_label_values
+from caee.data.transforms import AffinityAugment, CropBox
 from caee.errors import CaeeError
-from caee.io import load_cam_npz, load_image, save_label_png
+from caee.io import load_cam_npz, load_image, load_label_png, save_label_png
+from caee.layout import cell_label_dir
 from caee.parallel import run_pool, workers_for
 
 logger = logging.getLogger(__name__)
@@ -74,6 +97,155 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
         run_pool(_crf_job, mine, workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
     return dirs
+
+
+# ---------------------------------------------------------------- PSA's rule on pooled posteriors
+
+NO_SCORE = 1e-5  # PSA: a cell whose largest pooled score (la or ha) is below this has no score -> 255
+IGNORE = 255
+
+
+def cam_crf_scores(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """``(K, H, W)`` CAMs -> ``(1+K, H, W)`` CRF input: background ``(1 - max_c cam)^alpha``, then
+    the CAMs (PSA's scores, as :func:`caee.crf.crf_cam_labels` builds them)."""
+    cams = np.asarray(cams, dtype=np.float32)
+    bg = np.power(1.0 - np.clip(cams.max(axis=0), 0.0, 1.0), alpha)[None]
+    return np.concatenate([bg, cams], axis=0)
+
+
+def _window_sums(scores: np.ndarray, s: int) -> np.ndarray:
+    """``(L, H, W)`` -> ``(L, H+s-1, W+s-1)`` float64: sums over every ``s x s`` window that meets
+    the image, the image padded with zeros; entry ``[a, b]`` is the window at ``(a-s+1, b-s+1)``."""
+    n, h, w = scores.shape
+    padded = np.pad(scores.astype(np.float64), ((0, 0), (s - 1, s - 1), (s - 1, s - 1)))
+    c = np.zeros((n, h + 2 * s - 1, w + 2 * s - 1))
+    c[:, 1:, 1:] = padded.cumsum(1).cumsum(2)
+    return c[:, s:, s:] - c[:, :-s, s:] - c[:, s:, :-s] + c[:, :-s, :-s]
+
+
+def cell_label_table(la_post: np.ndarray, ha_post: np.ndarray, stride: int,
+                     label_values: np.ndarray | None = None) -> np.ndarray:
+    """PSA's cell label of every ``stride x stride`` window of the image.
+
+    la_post, ha_post: ``(L, H, W)`` CRF posteriors at the low and high alpha, channel 0 the
+    background, the same class in the same channel of both. label_values: ``(L,)`` label of each
+    channel (default ``0..L-1``). Returns ``(H+s-1, W+s-1)`` uint8: entry ``[a, b]`` is the label of
+    the window whose top-left pixel is ``(a-s+1, b-s+1)`` (rows/columns outside the image count 0,
+    like PSA's crop padding): la's class; 255 where la's argmax is background; 0 where ha's is;
+    255 where the largest mean score of both is below 1e-5. Ties go to the first channel.
+    """
+    if la_post.shape != ha_post.shape or la_post.ndim != 3:
+        raise CaeeError(f"la and ha posteriors must be (L, H, W) of one shape, got {la_post.shape} and {ha_post.shape}")
+    lut = np.arange(la_post.shape[0]) if label_values is None else np.asarray(label_values).reshape(-1)
+    la_sum, ha_sum = _window_sums(la_post, stride), _window_sums(ha_post, stride)
+    no_score = np.maximum(la_sum.max(0), ha_sum.max(0)) < NO_SCORE * stride * stride
+    la_arg, ha_arg = la_sum.argmax(0), ha_sum.argmax(0)
+    out = lut.astype(np.uint8)[la_arg]
+    out[la_arg == 0] = IGNORE
+    out[ha_arg == 0] = 0
+    out[no_score] = IGNORE
+    return out
+
+
+def cell_table_from_cams(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, la_alpha: float,
+                         ha_alpha: float, stride: int, params: CrfConfig | None = None) -> np.ndarray:
+    """:func:`cell_label_table` of the la / ha CRF posteriors of ``cams`` (``(K, H, W)``, classes
+    ``keys``, 0-based) on ``image`` ``(H, W, 3)`` uint8; labels ``0`` and ``keys + 1``."""
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    h, w = image.shape[:2]
+    if keys.size == 0:  # background only: la and ha both say background -> 0 everywhere
+        return np.zeros((h + stride - 1, w + stride - 1), np.uint8)
+    la = dense_crf(image, cam_crf_scores(cams, la_alpha), params)
+    ha = dense_crf(image, cam_crf_scores(cams, ha_alpha), params)
+    return cell_label_table(la, ha, stride, np.concatenate([[0], keys + 1]))
+
+
+def cells_from_table(table: np.ndarray, box: CropBox, flip: bool, crop: int, stride: int) -> np.ndarray:
+    """The ``(crop/s, crop/s)`` uint8 cell labels of a crop (box, then flip) from its image's table.
+
+    Cell ``(i, j)`` of the crop covers output pixels ``[s*i, s*i+s) x [s*j, s*j+s)``, which come
+    from the image window at ``(img_top - cont_top + s*i, img_left - cont_left + s*j)``; cells whose
+    window misses the image are crop padding (255).
+    """
+    n = crop // stride
+    ys = box.img_top - box.cont_top + stride * np.arange(n) + stride - 1
+    xs = box.img_left - box.cont_left + stride * np.arange(n) + stride - 1
+    vy = (ys >= 0) & (ys < table.shape[0])
+    vx = (xs >= 0) & (xs < table.shape[1])
+    out = np.full((n, n), IGNORE, np.uint8)
+    out[np.ix_(vy, vx)] = table[np.ix_(ys[vy], xs[vx])]
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig]) -> None:
+    image_path, cam_path, out_path, la_alpha, ha_alpha, stride, params = job
+    image = load_image(image_path)
+    keys, cams = load_cam_npz(cam_path)
+    if cams.shape[1:] != image.shape[:2]:
+        raise CaeeError(f"{cam_path}: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image {image_path} is "
+                        f"{image.shape[1]}x{image.shape[0]}; regenerate the CAMs with make_cam.py")
+    save_label_png(out_path, cell_table_from_cams(image, keys, cams, la_alpha, ha_alpha, stride, params))
+
+
+def ensure_cell_tables(index: SplitIndex, cam_dir: str | Path, la_alpha: float, ha_alpha: float, stride: int,
+                       crf_cfg: CrfConfig, workers: int | None = None) -> Path:
+    """Make sure ``cell_label_dir(cam_dir, la, ha, stride)/<id>.png`` (:func:`cell_table_from_cams`)
+    exists for every image of ``index``; missing ones are computed from ``<cam_dir>/<id>.npz`` in
+    a process pool, each rank of a torchrun group taking its share. Returns the folder."""
+    cam_dir = Path(cam_dir)
+    out_dir = cell_label_dir(cam_dir, la_alpha, ha_alpha, stride)
+    params = crf_cfg
+    jobs = [(str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), str(out_dir / f"{image_id}.png"),
+             float(la_alpha), float(ha_alpha), stride, params)
+            for i, image_id in enumerate(index.ids) if not (out_dir / f"{image_id}.png").is_file()]
+    if jobs:
+        missing_cams = [j[1] for j in jobs if not Path(j[1]).is_file()]
+        if missing_cams:
+            raise CaeeError(f"{len(missing_cams)} CAM files needed for the affinity labels are missing (first: "
+                            f"{', '.join(missing_cams[:3])}); run make_cam.py for split '{index.split}' or set "
+                            "train_affinity.cam_dir")
+        logger.info("computing %d cell label tables (CRF alphas %g / %g, stride %d) from %s -> %s",
+                    len(jobs), la_alpha, ha_alpha, stride, cam_dir, out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_pool(_cell_job, distributed.shard(jobs), workers if workers is not None else workers_for(crf_cfg.workers))
+    distributed.barrier()
+    return out_dir
+
+
+class CellLabelDataset(Dataset):
+    """AffinityNet samples with PSA's labels (``label_rule: psa``).
+
+    Items: ``image`` float (3, crop, crop) normalised (:class:`caee.data.transforms.AffinityAugment`);
+    ``aff_label`` uint8 (crop/s, crop/s) (0 = bg, 1..C, 255 = unsure / padding); ``crop_box`` long
+    (7,): the box (:meth:`CropBox.as_list`) and the flip; ``idx``, ``id``.
+    """
+
+    def __init__(self, index: SplitIndex, table_dir: str | Path, augment: AffinityAugment, stride: int):
+        if augment.crop_size % stride:
+            raise CaeeError(f"train_affinity.crop_size={augment.crop_size} must be a multiple of the feature "
+                            f"stride {stride}")
+        self.index, self.table_dir, self.augment, self.stride = index, Path(table_dir), augment, stride
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.from_numpy(load_image(self.index.image_path(i))).permute(2, 0, 1)
+        path = self.table_dir / f"{self.index.ids[i]}.png"
+        table = load_label_png(path)
+        h, w = image.shape[-2:]
+        s = self.stride
+        if table.shape != (h + s - 1, w + s - 1):
+            raise CaeeError(f"{path}: cell label table is {table.shape[1]}x{table.shape[0]}, expected "
+                            f"{w + s - 1}x{h + s - 1} for its {w}x{h} image at stride {s}; delete the folder to rebuild it")
+        check_label_values(table, self.index.num_classes, path)
+        box, flip = self.augment.draw(h, w)
+        cells = cells_from_table(table, box, flip, self.augment.crop_size, s)
+        return {"image": self.augment.image(image, box, flip), "aff_label": torch.from_numpy(cells),
+                "crop_box": torch.tensor(box.as_list() + [int(flip)]), "idx": i, "id": self.index.ids[i]}
+
+
+# ---------------------------------------------------------------- top-left pixel of argmax labels
 
 
 class AffinityLabelDataset(Dataset):

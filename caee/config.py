@@ -188,14 +188,19 @@ class EvalConfig:
 @dataclasses.dataclass
 class AffinityTrainConfig(TrainConfig):
     """AffinityNet training (docs/METHOD.md §6); defaults are PSA's train_aff settings."""
-    # PSA: batch 8, 8 epochs, lr 0.1 (heads 10x), wd 5e-4, long side in [448, 768], crop 448.
-    # PSA's SGD gets weight_decay as its positional momentum argument, so its momentum is 5e-4,
-    # i.e. none: 0 here (with 0.9 the effective lr is ~10x higher; lower lr accordingly).
+    # PSA (train_aff.py): batch 8, 8 epochs, lr 0.1 (heads 10x), wd 5e-4; colour jitter, random
+    # crop 448 (zero padding), flip, and no rescale. PSA's SGD gets weight_decay as its positional
+    # momentum argument, so its momentum is 5e-4, i.e. none: 0 here (with 0.9 the effective lr is
+    # ~10x higher; lower lr accordingly).
     batch_size: int = 8
     epochs: int = 8
     lr: float = 0.1
     momentum: float = 0.0
-    resize_long: list[int] = dataclasses.field(default_factory=lambda: [448, 768])
+    resize_long: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # official (PSA train_aff.py): no rescale; label_rule psa needs [0, 0]
+    # psa: PSA's train_aff.py labels (la/ha CRF posteriors cropped with the image, averaged per
+    # feature cell, argmax, la bg -> 255, ha bg -> 0, padding -> 255); top_left: argmax label PNGs
+    # merged per pixel, the top-left pixel of each cell (caee's earlier rule; allows resize_long)
+    label_rule: Literal["psa", "top_left"] = "psa"  # official (PSA train_aff.py): psa; alternative top_left
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
     la_alpha: float = 4

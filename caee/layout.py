@@ -41,10 +41,19 @@ def crf_dir(cam_dir: str | Path, alpha: float) -> Path:
     return cam_dir.parent / f"{cam_dir.name}_crf_{alpha:g}"
 
 
-def crf_dirs_of(cam_dir: str | Path) -> list[Path]:
-    """Every CRF output folder that exists for ``cam_dir`` (any alpha): stale when the CAMs change."""
+def cell_label_dir(cam_dir: str | Path, la_alpha: float, ha_alpha: float, stride: int) -> Path:
+    """AffinityNet's cell label tables (PSA's pooled la / ha CRF labels, caee.affinity_labels) of
+    the CAMs in ``cam_dir``: ``.../cam_cgnet`` -> ``.../cam_cgnet_cells_4_24_s8``."""
     cam_dir = Path(cam_dir)
-    return sorted(p for p in cam_dir.parent.glob(f"{cam_dir.name}_crf_*") if p.is_dir())
+    return cam_dir.parent / f"{cam_dir.name}_cells_{la_alpha:g}_{ha_alpha:g}_s{stride}"
+
+
+def crf_dirs_of(cam_dir: str | Path) -> list[Path]:
+    """Every CRF output folder that exists for ``cam_dir`` (any alpha: label PNGs and AffinityNet's
+    cell tables): stale when the CAMs change."""
+    cam_dir = Path(cam_dir)
+    found = [*cam_dir.parent.glob(f"{cam_dir.name}_crf_*"), *cam_dir.parent.glob(f"{cam_dir.name}_cells_*")]
+    return sorted(p for p in found if p.is_dir())
 
 
 def pictures_dir(cam_dir: str | Path) -> Path:

@@ -369,7 +369,7 @@ def _stage_config(tmp_path, **train_affinity) -> tuple:
         "work_dir": str(work), "device": "cpu",
         "data": {"dataset": "voc", "root": str(root), "num_workers": 0},
         "crf": {"workers": 1},
-        "train_affinity": {"batch_size": 2, "resize_long": [96, 112], "lr": 0.01, "amp": False, "log_every": 1,
+        "train_affinity": {"batch_size": 2, "resize_long": [0, 0], "lr": 0.01, "amp": False, "log_every": 1,
                            **train_affinity},
     })
     return cfg, work, ids
@@ -380,8 +380,7 @@ def test_train_affinity_stage_end_to_end(tmp_path):
                                    crop_size=96)
     result = train_affinity.main(cfg)
     assert result.steps == 3
-    for alpha in (4, 24):
-        assert sorted(p.stem for p in crf_dir(work / "cam_cgnet", alpha).glob("*.png")) == ids
+    assert sorted(p.stem for p in (work / "cam_cgnet_cells_4_24_s8").glob("*.png")) == ids  # label_rule psa
     records = [json.loads(line) for line in (work / "train_affinity" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
@@ -407,3 +406,15 @@ def test_train_affinity_stage_at_a_finer_embed_stride(tmp_path):
     assert meta["embed_stride"] == 2 and model.feature_stride == 2
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 40, 36)).shape == (1, 16, 20, 18)
+
+
+def test_train_affinity_stage_keeps_the_top_left_rule_and_refuses_psa_with_rescale(tmp_path):
+    cfg, work, ids = _stage_config(tmp_path, net={"backbone": "tinycnn", "width": 0.25}, head_channels=[4, 4, 8],
+                                   epochs=1, max_steps=1, crop_size=48, label_rule="top_left", resize_long=[96, 112])
+    train_affinity.main(cfg)
+    for alpha in (4, 24):  # the argmax label PNGs, no cell tables
+        assert sorted(p.stem for p in crf_dir(work / "cam_cgnet", alpha).glob("*.png")) == ids
+    assert not list(work.glob("cam_cgnet_cells_*"))
+    cfg.train_affinity.label_rule = "psa"
+    with pytest.raises(CaeeError, match=r"label_rule=psa crops without rescaling.*resize_long=\[0,0\]"):
+        train_affinity.main(cfg)

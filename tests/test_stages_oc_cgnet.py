@@ -89,6 +89,8 @@ def test_voc_configs_start_on_a_voc_layout_folder(fake_voc, tmp_path):
             f"data.root={fake_voc}", f"work_dir={tmp_path / name}", "device=cpu", "data.num_workers=0",
             "train_classifier.net.pretrained=", "train_classifier.batch_size=2", "train_classifier.max_steps=1",
             "train_classifier.crop_size=32", "train_classifier.resize_long=[32, 48]",
+            # one step of PSA's lr 0.1 (no momentum) on random weights can overflow the tiny OC
+            "train_classifier.lr=0.01",
             "train_cgnet.net.pretrained=", "train_cgnet.net.width=0.0625", "train_cgnet.batch_size=2",
             "train_cgnet.max_steps=1", "train_cgnet.crop_size=32", "train_cgnet.resize_long=[32, 48]"]
             + (["train_classifier.net.width=0.0625"] if name == "r38" else []))

@@ -1,18 +1,26 @@
-"""Stage 4: train AffinityNet on confident pair labels from the CAMs' la/ha CRF labels (PSA)."""
+"""Stage 4: train AffinityNet on confident pair labels from the CAMs' la/ha CRF results (PSA).
+
+Labels (``train_affinity.label_rule``, :mod:`caee.affinity_labels`): ``psa`` reads cell label
+tables from ``<cam_dir>_cells_<la>_<ha>_s<stride>/<id>.png`` and crops them with the image
+(:class:`caee.data.transforms.AffinityAugment`); ``top_left`` reads the CRF label PNGs of
+``<cam_dir>_crf_<alpha>/``. Missing ones are computed from the CAMs first.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
-from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
 from caee import provenance
 from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
-from caee.data import dataset_class_names, ensure_dataset, load_split
-from caee.data.transforms import build_train_transform
+from caee.data import SplitIndex, dataset_class_names, ensure_dataset, load_split
+from caee.data.transforms import AffinityAugment, build_train_transform
 from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
@@ -103,19 +111,30 @@ def main(cfg: Config) -> FitResult:
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
                         f"'{cfg.data.train_split}' first or set train_affinity.cam_dir")
-    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf)
+    if tc.label_rule == "psa" and tc.resize_long[1] > 0:
+        raise CaeeError(f"train_affinity.label_rule=psa crops without rescaling (as PSA), but resize_long is "
+                        f"{tc.resize_long}; set train_affinity.resize_long=[0,0] or label_rule=top_left")
     model = build_model(tc)
     stride = model.feature_stride
     if tc.crop_size <= 0 or tc.crop_size % stride:
         raise CaeeError(f"train_affinity.crop_size={tc.crop_size} must be a positive multiple of the feature "
                         f"stride {stride} (images of a batch must share one size)")
-    logger.info("AffinityNet %s (width %g, embeddings at stride %d): %d images of %s, labels la alpha %g / "
-                "ha alpha %g from %s, "
-                "radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width, stride, len(index.ids),
-                cfg.data.train_split, tc.la_alpha, tc.ha_alpha, cam_dir, tc.radius,
-                "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
-    dataset = AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
-                                   build_train_transform(tc), stride)
+    dataset = build_dataset(cfg, index, cam_dir, stride)
+    logger.info("AffinityNet %s (width %g, embeddings at stride %d): %d images of %s, labels (%s rule) la alpha %g / "
+                "ha alpha %g from %s, radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width,
+                stride, len(index.ids), cfg.data.train_split, tc.label_rule, tc.la_alpha, tc.ha_alpha, cam_dir,
+                tc.radius, "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
     return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
                config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_affinity"),
                "train_affinity")
+
+
+def build_dataset(cfg: Config, index: SplitIndex, cam_dir: Path, stride: int) -> Dataset:
+    """The training samples of ``train_affinity.label_rule`` (CRF results computed where missing)."""
+    tc = cfg.train_affinity
+    if tc.label_rule == "psa":
+        table_dir = ensure_cell_tables(index, cam_dir, tc.la_alpha, tc.ha_alpha, stride, cfg.crf)
+        return CellLabelDataset(index, table_dir, AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter), stride)
+    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf)
+    return AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
+                                build_train_transform(tc), stride)
