@@ -172,13 +172,13 @@ def test_table_is_exact_at_every_offset():
 
 def test_cell_table_from_cams_uses_both_crf_posteriors():
     pytest.importorskip("pydensecrf")
-    from caee.affinity_labels import cam_crf_scores, crf_params
+    from caee.affinity_labels import cam_crf_scores
     from caee.crf import dense_crf
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
     cams = rng.random((2, 24, 30)).astype(np.float32)
     keys = np.array([2, 5])
-    params = crf_params(CrfConfig())
+    params = CrfConfig()
     table = cell_table_from_cams(image, keys, cams, 4, 24, 8, params)
     la = dense_crf(image, cam_crf_scores(cams, 4), params)
     ha = dense_crf(image, cam_crf_scores(cams, 24), params)
@@ -269,8 +269,7 @@ def test_ensure_cell_tables_computes_missing_ones_and_keeps_existing(tmp_path):
     save_cam_npz(cam_dir / "a.npz", np.array([3, 8]), cams)
     out = ensure_cell_tables(index, cam_dir, 4, 24, 8, CrfConfig(workers=1))
     assert out == cell_label_dir(cam_dir, 4, 24, 8) == tmp_path / "work" / "cam_cgnet_cells_4_24_s8"
-    from caee.affinity_labels import crf_params
-    expected = cell_table_from_cams(image, np.array([3, 8]), cams, 4, 24, 8, crf_params(CrfConfig()))
+    expected = cell_table_from_cams(image, np.array([3, 8]), cams, 4, 24, 8, CrfConfig())
     np.testing.assert_array_equal(load_label_png(out / "a.png"), expected)
     assert {0, 4} <= set(np.unique(expected))
     save_label_png(out / "a.png", np.full((31, 47), 9, np.uint8))

@@ -416,5 +416,6 @@ def test_train_affinity_stage_keeps_the_top_left_rule_and_refuses_psa_with_resca
         assert sorted(p.stem for p in crf_dir(work / "cam_cgnet", alpha).glob("*.png")) == ids
     assert not list(work.glob("cam_cgnet_cells_*"))
     cfg.train_affinity.label_rule = "psa"
+    cfg.train_affinity.overwrite = True  # past the settings check (another label rule is another run)
     with pytest.raises(CaeeError, match=r"label_rule=psa crops without rescaling.*resize_long=\[0,0\]"):
         train_affinity.main(cfg)

@@ -92,8 +92,8 @@ def test_a_pipeline_with_cam_out_dir_and_pseudo_labels_out_dir_set_uses_them_eve
     work = Path(cfg.work_dir)
     assert len(list(cams.glob("*.npz"))) == 48 and (cams / "DONE").is_file()
     assert not (work / "cam_cgnet").exists() and (work / "cam_classifier" / "DONE").is_file()
-    # AffinityNet made its la / ha CRF labels next to the CAM folder it read
-    assert (tmp_path / "my_cams_crf_24").is_dir() and not (work / "cam_cgnet_crf_24").exists()
+    # AffinityNet made its la / ha CRF cell tables next to the CAM folder it read
+    assert len(list(tmp_path.glob("my_cams_cells_4_24_s*"))) == 1 and not list(work.glob("cam_cgnet_*"))
     assert (labels / "DONE").is_file() and (labels / "log.txt").is_file() and not (work / "pseudo_labels").exists()
     hist = json.loads((work / "train_deeplab" / "label_histogram.json").read_text())
     assert hist["label_dir"] == str(labels)
