@@ -78,7 +78,7 @@ def _score_cam(folder: Path, index, i: int, acc: ThresholdSweep, part: _Partial)
     if not path.is_file():
         raise _Skip("missing", f"CAM of image {index.ids[i]} not found: {path}")
     try:
-        keys, cams = load_cam_npz(path, index.num_classes)
+        keys, cams = load_cam_npz(path, index.num_classes, dtype=None)  # float16 stays float16: the sweep compares exactly
     except CaeeError as e:
         raise _Skip("unreadable", f"image {index.ids[i]}: {e}") from None
     _check_size(index.ids[i], path, cams.shape[1:], gt)

@@ -216,15 +216,17 @@ def save_cam_npz(path: str | os.PathLike, keys: np.ndarray, cams: np.ndarray) ->
         np.savez(f, keys=keys, cams=cams)
 
 
-def load_cam_npz(path: str | os.PathLike, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load ``(keys (K,) int64, cams (K, H, W) float32)`` written by :func:`save_cam_npz`.
+def load_cam_npz(path: str | os.PathLike, num_classes: int | None = None,
+                 dtype: np.dtype | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Load ``(keys (K,) int64, cams (K, H, W) float32)`` written by :func:`save_cam_npz`
+    (``dtype=None``: the CAMs as stored, float16 / float32).
 
     Refuses CAMs that are not finite or outside [0, 1], and (with ``num_classes``) keys outside
     ``0..num_classes-1``: such a file would silently become wrong labels downstream."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = z["keys"].astype(np.int64)
-            cams = z["cams"].astype(np.float32)
+            cams = z["cams"] if dtype is None else z["cams"].astype(dtype)
     except FileNotFoundError:
         raise CaeeError(f"CAM file not found: {path}") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:

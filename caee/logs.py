@@ -6,14 +6,21 @@ import logging
 import sys
 from pathlib import Path
 
-from caee import distributed
-
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _is_main() -> bool:
+    """Rank 0? A process that never imported torch cannot have joined a process group, so it is
+    rank 0 without paying torch's import time (evaluation runs without torch)."""
+    if "torch" not in sys.modules:
+        return True
+    from caee import distributed
+    return distributed.is_main()
 
 
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return distributed.is_main() or record.levelno >= logging.WARNING
+        return _is_main() or record.levelno >= logging.WARNING
 
 
 def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) -> None:
@@ -25,7 +32,7 @@ def setup_logging(out_dir: str | Path | None = None, level: int = logging.INFO) 
             logger.removeHandler(h)
             h.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if out_dir is not None and distributed.is_main():
+    if out_dir is not None and _is_main():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(out_dir) / "log.txt"))
     for h in handlers:
@@ -42,7 +49,7 @@ class MetricsWriter:
         self.path = Path(path)
 
     def write(self, **record) -> None:
-        if not distributed.is_main():
+        if not _is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:

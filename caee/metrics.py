@@ -125,6 +125,41 @@ def cam_to_label(keys: np.ndarray, cams: np.ndarray, threshold: float) -> np.nda
     return _key_lut(keys)[idx]
 
 
+def _gt_rows(gt: np.ndarray, n: int) -> np.ndarray:
+    """(H, W) ground truth with 255 replaced by ``n`` (uint8, or intp for other dtypes), after the
+    checks of :func:`_check_gt`; uint8 maps are checked with one 256-bin histogram."""
+    gt = np.asarray(gt)
+    if gt.ndim != 2:
+        raise CaeeError(f"ground-truth label map must be (H, W), got shape {gt.shape}")
+    if gt.dtype != np.uint8 or n >= IGNORE:
+        flat, valid = _check_gt(gt, n)
+        return np.where(valid, flat, n).reshape(gt.shape)
+    counts = np.bincount(gt.reshape(-1), minlength=256)
+    bad = np.flatnonzero(counts[n:IGNORE])
+    if bad.size:
+        lo = 0 if counts[:n].any() else n + int(bad[0])
+        raise CaeeError(
+            f"ground-truth values must be 0..{n - 1} or 255, found {lo}..{n + int(bad[-1])}: "
+            f"check num_classes ({n - 1}) and the label PNGs")
+    lut = np.arange(256, dtype=np.uint8)
+    lut[IGNORE] = n
+    return lut[gt] if counts[IGNORE] else gt
+
+
+def _max_argmax(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max over K, index of its first occurrence) of (K, H, W) CAMs, K passes over (H, W) planes
+    (numpy's reductions over a leading axis are several times slower); with a NaN numpy's own."""
+    if cams.dtype.kind == "f" and np.isnan(cams.max()):
+        return cams.max(axis=0), np.argmax(cams, axis=0)
+    mx = cams[0].copy()
+    arg = np.zeros(mx.shape, np.uint8 if cams.shape[0] < 256 else np.intp)
+    for j in range(1, cams.shape[0]):
+        better = cams[j] > mx  # strictly: the first maximum wins
+        arg[better] = j
+        np.copyto(mx, cams[j], where=better)
+    return mx, arg
+
+
 class ThresholdSweep:
     """Confusion matrices of CAM labels at many background thresholds, in one pass per image.
 
@@ -145,29 +180,47 @@ class ThresholdSweep:
         self._sorted = self.thresholds[self._order]
         t = self._sorted.size
         self._hist = np.zeros((t + 1) * self.n * self.n, dtype=np.int64)
+        self._lut16: np.ndarray | None = None
         self.num_images = 0
 
     def update(self, gt: np.ndarray, keys: np.ndarray, cams: np.ndarray) -> None:
-        """Add one image. gt: (H, W) uint8; keys: (K,); cams: (K, H, W) float."""
-        keys, cams = _check_cams(keys, cams)
+        """Add one image. gt: (H, W) uint8; keys: (K,); cams: (K, H, W) float16 / float32 / float64."""
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        cams = np.asarray(cams)
+        if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
+            raise CaeeError(f"cams must be (K, H, W) with K = len(keys) = {len(keys)}, got {cams.shape}")
         if cams.shape[1:] != np.shape(gt):
             raise CaeeError(f"CAM size {cams.shape[1:]} differs from ground-truth size {np.shape(gt)}")
         n = self.n
-        g, valid = _check_gt(gt, n)
-        if keys.size and keys.max() + 1 >= n:
-            raise CaeeError(f"CAM keys {keys.tolist()} exceed num_classes = {self.num_classes}")
-        g = g[valid]
+        if keys.size and (keys.min() < 0 or keys.max() + 1 >= n):
+            raise CaeeError(f"CAM keys {keys.tolist()} must be 0-based class ids below num_classes = {self.num_classes}")
+        # gt 255 becomes row n of an (n + 1)-row histogram that is dropped: no gather of the valid pixels
+        g = _gt_rows(gt, n)
+        rows = n + 1
         if keys.size:
-            flat = cams.reshape(len(keys), -1)[:, valid]
-            fg = _key_lut(keys)[1:][np.argmax(flat, axis=0)].astype(np.intp)
-            mx = flat.max(axis=0)
-            # side="left" counts thresholds strictly below the max: max == t stays background.
-            k = np.searchsorted(self._sorted.astype(cams.dtype), mx, side="left")
+            mx, arg = _max_argmax(cams)
+            fg = _key_lut(keys)[1:][arg]
+            k = self._below(mx)
+            dt = np.uint16 if (self._sorted.size + 1) * rows * n < 2 ** 16 else np.intp
+            idx = (k.astype(dt) * rows + g) * n + fg
         else:
-            fg = np.zeros_like(g)
-            k = np.zeros_like(g)
-        self._hist += np.bincount((k * n + g) * n + fg, minlength=self._hist.size)
+            idx = g.astype(np.intp) * n
+        counts = np.bincount(idx.reshape(-1), minlength=(self._sorted.size + 1) * rows * n)
+        self._hist += counts.reshape(-1, rows, n)[:, :n, :].reshape(-1)
         self.num_images += 1
+
+    def _below(self, mx: np.ndarray) -> np.ndarray:
+        """#(sorted thresholds strictly below each max CAM), the thresholds cast to the CAM dtype
+        (float16 is compared in float32, see :func:`_cam_dtype`); (H, W) uint8 / intp."""
+        cmp = _cam_dtype(mx)
+        if mx.dtype == np.float16 and self._sorted.size < 255:
+            # every float16 value, compared once: a 65,536-entry table indexed by the bit pattern
+            if self._lut16 is None:
+                every = np.arange(2 ** 16, dtype=np.uint16).view(np.float16).astype(cmp)
+                self._lut16 = np.searchsorted(self._sorted.astype(cmp), every, side="left").astype(np.uint8)
+            return self._lut16[mx.view(np.uint16)]
+        # side="left" counts thresholds strictly below the max: max == t stays background.
+        return np.searchsorted(self._sorted.astype(cmp), mx.astype(cmp, copy=False), side="left")
 
     def merge(self, other: "ThresholdSweep") -> "ThresholdSweep":
         """Add another accumulator's counts (e.g. from a parallel worker); returns self."""

@@ -170,3 +170,30 @@ def test_sweep_rejects_bad_input():
         sweep.update(np.zeros((2, 3), np.uint8), np.array([0]), np.zeros((1, 2, 2), np.float32))
     with pytest.raises(CaeeError):
         ThresholdSweep(2, [])
+
+
+def test_sweep_fast_paths_equal_per_threshold_evaluation():
+    """The sweep's shortcuts (float16 lookup table, per-plane max, no-255 maps, NaN fallback,
+    float64 CAMs) give the confusion matrices of the per-threshold procedure."""
+    rng = np.random.default_rng(3)
+    thresholds = np.round(np.arange(0.10, 0.40, 0.01), 2)
+    images = []
+    for dtype in (np.float16, np.float32, np.float64):
+        for with_ignore in (True, False):
+            gt, keys, cams = _random_image(rng, 5, 13, 17)
+            if not with_ignore:
+                gt[gt == 255] = 0
+            images.append((gt, keys, cams.astype(dtype)))
+    gt, keys, cams = _random_image(rng, 5, 13, 17)
+    while len(keys) < 2:
+        gt, keys, cams = _random_image(rng, 5, 13, 17)
+    cams = cams.astype(np.float32)
+    cams[1, 2, 3] = np.nan
+    cams[:, 4, 5] = 0.3  # a tie between CAMs: the first key wins
+    images.append((gt, keys, cams))
+    sweep = ThresholdSweep(5, thresholds)
+    for im in images:
+        sweep.update(*im)
+    ref = _reference(images, 5, thresholds)
+    for t, a, b in zip(thresholds, sweep.confusion_matrices(), ref):
+        np.testing.assert_array_equal(a, b, err_msg=f"threshold {t}")

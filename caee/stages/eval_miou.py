@@ -1,16 +1,21 @@
-"""Evaluation stage: the mIoU of a CAM folder (threshold sweep) or a label folder against the ground truth."""
+"""Evaluation stage: the mIoU of a CAM folder (threshold sweep) or a label folder against the ground truth.
+
+Evaluation reads PNG / npz files with numpy only: this module does not import torch (about 2 s of a
+process start-up on a small machine). It needs no device, RNG or process group, so it sets up its
+folder, log and saved config itself instead of calling ``start_stage``.
+"""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from caee import provenance
-from caee.config import Config, expand_work_dir
+from caee.config import Config, expand_work_dir, save_config
 from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_dir, format_report
 from caee.io import write_json
-from caee.stages.common import start_stage
 from caee.layout import Layout
+from caee.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +27,18 @@ def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
     return folder, split, layout.eval_out(folder, split)
 
 
+def _start(cfg: Config) -> Path:
+    """The part of ``start_stage`` evaluation needs: ``<work_dir>/eval`` with its log and config."""
+    out_dir = Layout(cfg).stage_dir("eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir)
+    save_config(cfg, out_dir)
+    return out_dir
+
+
 def main(cfg: Config) -> dict:
     cfg = expand_work_dir(cfg)
-    start_stage(cfg, "eval", loader_workers=0)
+    _start(cfg)
     folder, split, out = eval_paths(cfg)
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
