@@ -123,3 +123,116 @@ def test_shard_is_disjoint_complete_and_balanced(n, world):
 
 def test_shard_without_a_group_is_everything():
     assert distributed.shard([3, 1, 2]) == [3, 1, 2]
+
+
+# ---------------------------------------------------------------- random walk settings reach the walk
+
+WALK = {"alpha": 3.5, "beta": 3.0, "steps": 7, "radius": 3}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZES = {"p": (28, 36), "q": (30, 26), "r": (21, 33)}
+KEYS = {"p": [2, 5], "q": [0], "r": [1, 3, 6]}
+
+
+def _walk_setup(tmp_path):
+    """Three images of coloured noise blocks with smooth random CAMs, and a TinyCNN AffinityNet with
+    random weights (f9 untouched): the affinities vary, so beta, radius and steps all matter."""
+    rng = np.random.default_rng(7)
+    root, work = tmp_path / "voc", tmp_path / "work"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    for image_id, (h, w) in SIZES.items():
+        blocks = rng.integers(0, 256, (h // 6 + 1, w // 6 + 1, 3), dtype=np.uint8)
+        image = np.kron(blocks, np.ones((6, 6, 1), np.uint8))[:h, :w]
+        image = np.clip(image + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.png")
+        save_label_png(root / "SegmentationClassAug" / f"{image_id}.png", np.zeros((h, w), np.uint8))
+        k = len(KEYS[image_id])
+        coarse = torch.from_numpy(rng.random((1, k, 4, 4))).float()
+        cams = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0] ** 2
+        save_cam_npz(work / "cams" / f"{image_id}.npz", np.array(KEYS[image_id], np.int64),
+                     cams.numpy().astype(np.float16))
+    (root / "ImageSets/Segmentation/train.txt").write_text("".join(f"{i}\n" for i in SIZES))
+    net_cfg = NetConfig(backbone="tinycnn", width=0.5, pretrained="")
+    torch.manual_seed(0)
+    net = AffinityNet(build_backbone(net_cfg))
+    weights = work / "aff.pth"
+    torch.save({"model": net.state_dict(), "arch": "affinitynet", "net": dataclasses.asdict(net_cfg),
+                "radius": WALK["radius"]}, weights)
+    cfg = {"work_dir": str(work), "device": "cpu", "data": {"dataset": "voc", "root": str(root)},
+           "pseudo_labels": {"cam_dir": str(work / "cams"), "weights": str(weights), **WALK}}
+    return cfg, net.eval(), root, work
+
+
+def _hand_embed(net, image: np.ndarray) -> torch.Tensor:
+    """AffinityNet embeddings of the normalised image, zero-padded to the stride: (D, h, w) float64."""
+    h_img, w_img = image.shape[:2]
+    x = (torch.from_numpy(image.copy()).double() / 255 - torch.tensor(MEAN).double()) / torch.tensor(STD).double()
+    x = x.permute(2, 0, 1).float()
+    s = net.feature_stride
+    x = F.pad(x, (0, -w_img % s, 0, -h_img % s))
+    with torch.no_grad():
+        return net(x[None])[0].double()
+
+
+def _hand_walk_scores(f: torch.Tensor, s: int, image: np.ndarray, cams: np.ndarray, alpha, beta, steps, radius
+                      ) -> np.ndarray:
+    """PSA's walk written out densely in float64 on the embeddings ``f`` (stride ``s``):
+    A_ij = exp(-mean_c |f_i - f_j|) for every pair closer than ``radius`` (both directions, self 1);
+    T = A^beta / column sums; scores = [(1 - max CAM)^alpha, CAMs] padded and average-pooled to the
+    grid, times T^steps; bilinear upsampling, cropped. Returns (K+1, H, W)."""
+    h_img, w_img = image.shape[:2]
+    d, h, w = f.shape
+    flat = f.reshape(d, -1)
+    ys, xs = np.divmod(np.arange(h * w), w)
+    near = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < radius ** 2
+    a = torch.exp(-(flat[:, :, None] - flat[:, None, :]).abs().mean(0)) * torch.from_numpy(near)
+    a = a ** beta
+    t = a / a.sum(0, keepdim=True)
+    c = torch.from_numpy(cams).double()
+    score = torch.cat([(1 - c.max(0, keepdim=True).values.clamp(0, 1)) ** alpha, c])
+    score = F.avg_pool2d(F.pad(score, (0, w * s - w_img, 0, h * s - h_img))[None], s)[0]
+    walked = score.reshape(len(score), -1) @ torch.linalg.matrix_power(t, steps)
+    up = F.interpolate(walked.reshape(1, -1, h, w), size=(h * s, w * s), mode="bilinear", align_corners=False)
+    return up[0, :, :h_img, :w_img].numpy()
+
+
+def _load(root, work, image_id):
+    from caee.io import load_cam_npz
+    image = np.asarray(Image.open(root / "JPEGImages" / f"{image_id}.png").convert("RGB"))
+    keys, cams = load_cam_npz(work / "cams" / f"{image_id}.npz")
+    return image, keys, cams.astype(np.float64)
+
+
+def _hand_labels(scores: np.ndarray, keys) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax labels and where the top two scores are clearly apart (float32 vs float64 safe)."""
+    lut = np.concatenate([[0], np.asarray(keys) + 1])
+    top = np.sort(scores, axis=0)
+    return lut[scores.argmax(0)], (top[-1] - top[-2]) > 1e-4 * np.abs(top[-1]).clip(1e-6)
+
+
+def test_walk_settings_reach_the_walk_on_a_non_degenerate_affinitynet(tmp_path):
+    cfg, net, root, work = _walk_setup(tmp_path)
+    out = mpl.main(config_from_dict(cfg))
+    differs = set()
+    for image_id in SIZES:
+        image, keys, cams = _load(root, work, image_id)
+        f = _hand_embed(net, image)
+        expected, clear = _hand_labels(_hand_walk_scores(f, net.feature_stride, image, cams, **WALK), keys)
+        got = load_label_png(out / f"{image_id}.png")
+        assert clear.mean() > 0.95
+        np.testing.assert_array_equal(got[clear], expected[clear])
+        # the labels depend on every walk setting here (else the check above could not see it)
+        for key, other in (("beta", 8.0), ("alpha", 16.0), ("steps", 4), ("radius", 5)):
+            alt, _ = _hand_labels(_hand_walk_scores(f, net.feature_stride, image, cams, **{**WALK, key: other}), keys)
+            if (alt != expected).any():
+                differs.add(key)
+    assert differs == {"beta", "alpha", "steps", "radius"}
+
+
+def test_changing_beta_changes_the_stage_labels(tmp_path):
+    cfg, _, root, work = _walk_setup(tmp_path)
+    a = mpl.main(config_from_dict(cfg))
+    cfg["pseudo_labels"].update(beta=8.0, out_dir=str(tmp_path / "beta8"))
+    b = mpl.main(config_from_dict(cfg))
+    changed = sum(int((load_label_png(a / f"{i}.png") != load_label_png(b / f"{i}.png")).sum()) for i in SIZES)
+    assert changed > 0
