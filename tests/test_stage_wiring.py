@@ -198,7 +198,7 @@ def _hand_walk_scores(f: torch.Tensor, s: int, image: np.ndarray, cams: np.ndarr
 
 def _load(root, work, image_id):
     from caee.io import load_cam_npz
-    image = np.asarray(Image.open(root / "JPEGImages" / f"{image_id}.png").convert("RGB"))
+    image = np.array(Image.open(root / "JPEGImages" / f"{image_id}.png").convert("RGB"))
     keys, cams = load_cam_npz(work / "cams" / f"{image_id}.npz")
     return image, keys, cams.astype(np.float64)
 
@@ -236,3 +236,134 @@ def test_changing_beta_changes_the_stage_labels(tmp_path):
     b = mpl.main(config_from_dict(cfg))
     changed = sum(int((load_label_png(a / f"{i}.png") != load_label_png(b / f"{i}.png")).sum()) for i in SIZES)
     assert changed > 0
+
+
+# ---------------------------------------------------------------- every CRF setting reaches pydensecrf
+
+# pairwise distinct and unlike the defaults (10, 3, 3, 80, 13, 10): a dropped or swapped field shows
+CRF = {"iterations": 3, "gaussian_sxy": 2, "gaussian_compat": 5, "bilateral_sxy": 70, "bilateral_srgb": 11,
+       "bilateral_compat": 7}
+
+
+class _RecordingCRF:
+    """Stand-in for ``pydensecrf.densecrf.DenseCRF2D``: records every call; inference returns the
+    unary's own probabilities (softmax of -U), so the callers still get valid posteriors."""
+    calls: list = []
+
+    def __init__(self, w, h, n_labels):
+        self.rec = {"size": (w, h, n_labels)}
+        _RecordingCRF.calls.append(self.rec)
+
+    def setUnaryEnergy(self, u):
+        self.rec["unary"] = np.array(u, dtype=np.float64)
+
+    def addPairwiseGaussian(self, **kw):
+        self.rec["gaussian"] = kw
+
+    def addPairwiseBilateral(self, **kw):
+        self.rec["bilateral"] = {k: v for k, v in kw.items() if k != "rgbim"}
+        self.rec["rgbim"] = np.array(kw["rgbim"])
+
+    def inference(self, n):
+        self.rec["iterations"] = n
+        p = np.exp(-self.rec["unary"])
+        return p / p.sum(axis=0, keepdims=True)
+
+
+@pytest.fixture
+def recording_crf(monkeypatch):
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.setattr(_RecordingCRF, "calls", [])
+    monkeypatch.setattr(dcrf, "DenseCRF2D", _RecordingCRF)
+    return _RecordingCRF.calls
+
+
+def _assert_crf_calls(calls, n_expected):
+    assert len(calls) == n_expected
+    for rec in calls:
+        assert rec["gaussian"] == {"sxy": CRF["gaussian_sxy"], "compat": CRF["gaussian_compat"]}
+        assert rec["bilateral"] == {"sxy": CRF["bilateral_sxy"], "srgb": CRF["bilateral_srgb"],
+                                    "compat": CRF["bilateral_compat"]}
+        assert rec["iterations"] == CRF["iterations"]
+
+
+def test_pseudo_label_crf_gets_every_setting_and_the_walk_scores(tmp_path, recording_crf):
+    cfg, net, root, work = _walk_setup(tmp_path)
+    cfg["pseudo_labels"]["crf"] = True
+    cfg["crf"] = {**CRF, "workers": 1}
+    mpl.main(config_from_dict(cfg))
+    _assert_crf_calls(recording_crf, len(SIZES))
+    for rec, image_id in zip(recording_crf, SIZES):
+        image, keys, cams = _load(root, work, image_id)
+        h, w = image.shape[:2]
+        assert rec["size"] == (w, h, len(keys) + 1)
+        np.testing.assert_array_equal(rec["rgbim"], image)
+        scores = _hand_walk_scores(_hand_embed(net, image), net.feature_stride, image, cams, **WALK)
+        p = np.maximum(scores, 0) / np.maximum(scores, 0).sum(0, keepdims=True)
+        unary = -np.log(np.maximum(p, 1e-8) / np.maximum(p, 1e-8).sum(0, keepdims=True))
+        np.testing.assert_allclose(rec["unary"], unary.reshape(len(keys) + 1, -1), rtol=1e-3, atol=1e-3)
+
+
+def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recording_crf):
+    from caee.affinity_labels import ensure_crf_labels
+    from caee.config import load_config
+    from caee.data import load_split
+    from caee.stages import make_cam
+    overrides, n_images = stage_setup_crf
+    cfg = load_config(None, overrides)
+    make_cam.main(cfg)
+    _assert_crf_calls(recording_crf, 2 * 2)            # 2 images with classes x 2 alphas
+    recording_crf.clear()
+    cam_dir = Path(cfg.work_dir) / "cam_cgnet"
+    ensure_crf_labels(load_split(cfg.data, "train"), cam_dir, [7.0], cfg.crf, workers=1)
+    _assert_crf_calls(recording_crf, 2)
+
+
+def test_deeplab_test_crf_gets_every_setting(tmp_path, recording_crf):
+    from caee.crf import crf_labels_from_scores
+    from caee.segment import settings_from_config
+    cfg = mini_config(tmp_path, **{"train_deeplab.test_crf": True, **{f"crf.{k}": v for k, v in CRF.items()}})
+    settings = settings_from_config(cfg)
+    recording_crf.clear()  # the pydensecrf availability check above ran one 1-iteration CRF
+    rng = np.random.default_rng(0)
+    crf_labels_from_scores(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), rng.random((3, 6, 7)), settings.crf)
+    _assert_crf_calls(recording_crf, 1)
+
+
+@pytest.fixture
+def stage_setup_crf(tmp_path, fake_voc):
+    """A random TinyCNN CGNet on fake_voc's train split (3 images, 2 with classes), CRF settings CRF."""
+    from caee.models.classifier import build_classifier
+    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_classifier(net, 20).eval()
+    (tmp_path / "work/train_cgnet").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net), "num_classes": 20},
+               tmp_path / "work/train_cgnet/model.pth")
+    overrides = [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={fake_voc}",
+                 "data.num_workers=0", "cam.scales=[1.0]", "cam.split=train", "cam.crf_alphas=[4, 24]",
+                 "cam.pictures=0", "crf.workers=1"] + [f"crf.{k}={v}" for k, v in CRF.items()]
+    return overrides, 3
+
+
+def test_real_crf_run_equals_a_call_written_out_by_hand(tmp_path):
+    """The pseudo-label stage with the real pydensecrf against the library calls written out here."""
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    cfg, net, root, work = _walk_setup(tmp_path)
+    cfg["pseudo_labels"]["crf"] = True
+    cfg["crf"] = {**CRF, "workers": 1}
+    out = mpl.main(config_from_dict(cfg))
+    for image_id in SIZES:
+        image, keys, cams = _load(root, work, image_id)
+        h, w = image.shape[:2]
+        scores = _hand_walk_scores(_hand_embed(net, image), net.feature_stride, image, cams, **WALK)
+        p = np.maximum(scores, 0) / np.maximum(scores, 0).sum(0, keepdims=True)
+        p = np.maximum(p, 1e-8) / np.maximum(p, 1e-8).sum(0, keepdims=True)
+        d = dcrf.DenseCRF2D(w, h, len(keys) + 1)
+        d.setUnaryEnergy(np.ascontiguousarray(-np.log(p).reshape(len(keys) + 1, -1), dtype=np.float32))
+        d.addPairwiseGaussian(sxy=2, compat=5)
+        d.addPairwiseBilateral(sxy=70, srgb=11, rgbim=np.ascontiguousarray(image), compat=7)
+        q = np.array(d.inference(3)).reshape(len(keys) + 1, h, w)
+        expected = np.concatenate([[0], keys + 1])[q.argmax(0)]
+        got = load_label_png(out / f"{image_id}.png")
+        assert (got != expected).mean() < 0.005, image_id
