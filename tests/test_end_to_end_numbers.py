@@ -77,11 +77,11 @@ def test_cam_folder_from_ground_truth_gives_the_hand_computed_miou(fake_voc, tmp
             keys, c = cams[image_id]
             preds.append(np.where(c.max(0) > t, keys[c.argmax(0)], 0))
         expected[t] = _hand_miou(gts, preds)
-    assert expected[0.6] == pytest.approx(expected[0.8]) and expected[0.3] < expected[0.6] < 1.0
+    assert expected[0.3] < expected[0.6] < expected[0.8] == 1.0
     summary = result["summary"]
     assert summary["miou_at_threshold"] == pytest.approx(expected[0.6], abs=1e-12)
     assert summary["miou"] == pytest.approx(max(expected.values()), abs=1e-12)
-    assert summary["best_threshold"] == 0.6                      # the first of the tied best thresholds
+    assert summary["best_threshold"] == 0.8
     sweep = {round(t, 6): v for t, v in ((r["threshold"], r["miou"]) for r in result["sweep"])} \
         if isinstance(result["sweep"][0], dict) else {round(t, 6): v for t, v in result["sweep"]}
     for t in thresholds:
@@ -135,7 +135,8 @@ def test_torchrun_cams_equal_a_single_process_and_each_is_written_once(tmp_path,
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("CAEE_TEST_WRITE_LOG", str(log))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    pipeline.run(cfg, only=["train_classifier", "cam_classifier"], nproc=2)
+    pipeline.run(cfg, only=["train_classifier"])                   # in this process: quicker
+    pipeline.run(cfg, only=["cam_classifier"], nproc=2)
 
     ids = (Path(cfg.data.root) / "ImageSets" / "Segmentation" / f"{cfg.data.cam_split}.txt").read_text().split()
     writes = [line.split(" ", 1) for line in log.read_text().splitlines()]

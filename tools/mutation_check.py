@@ -46,6 +46,17 @@ def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutation:
     return Mutation(name, file, ((old, new),), tests)
 
 
+# the test that catches a wiring mutation (one test function keeps the run short)
+_W = "tests/test_stage_wiring.py::"
+CGNET_LOSS = _W + "test_cgnet_loss_is_cls_plus_w_times_cse_with_the_configured_mask"
+CGNET_SCHEDULE = _W + "test_cgnet_stage_logs_the_weighted_loss_of_the_configured_schedule"
+CRF_CALLS = _W + "test_pseudo_label_crf_gets_every_setting_and_the_walk_scores"
+CRF_REAL = _W + "test_real_crf_run_equals_a_call_written_out_by_hand"
+DEEPLAB_CRF = _W + "test_deeplab_test_crf_gets_every_setting"
+WALK = _W + "test_walk_settings_reach_the_walk_on_a_non_degenerate_affinitynet"
+BETA = _W + "test_changing_beta_changes_the_stage_labels"
+SHARD = _W + "test_shard_is_disjoint_complete_and_balanced"
+
 MUTATIONS: list[Mutation] = [
     # ---- class-specific erasing and the CGNet loss (stage 2)
     m("erase with mask instead of 1 - mask", "caee/erasing.py",
@@ -58,14 +69,14 @@ MUTATIONS: list[Mutation] = [
       "remaining[has_target, targets[has_target]] = 0.0", "remaining[has_target, targets[has_target]] = 1.0",
       "tests/test_erasing.py"),
     m("CGNet loss drops the weight w", "caee/stages/train_cgnet.py",
-      "return loss_cls + w * loss_cse, metrics", "return loss_cls + loss_cse, metrics",
-      "tests/test_stage_wiring.py"),
+      "return loss_cls + w * loss_cse, metrics", "return loss_cls + loss_cse, metrics", CGNET_LOSS,
+      CGNET_SCHEDULE),
     m("configured mask normalisation not passed to erasing_mask", "caee/stages/train_cgnet.py",
       "erasing_mask(maps, targets, tuple(images.shape[-2:]), self.masking.normalization)",
-      "erasing_mask(maps, targets, tuple(images.shape[-2:]))", "tests/test_stage_wiring.py"),
+      "erasing_mask(maps, targets, tuple(images.shape[-2:]))", CGNET_LOSS),
     m("configured masking depth ignored (always the image)", "caee/stages/train_cgnet.py",
       "erased_logits(self.oc, images, mask, self.masking.depth)", "erased_logits(self.oc, images, mask, 0)",
-      "tests/test_stage_wiring.py"),
+      CGNET_LOSS),
     # ---- CAMs (stage 3)
     m("CAM flip pass not un-flipped", "caee/cam.py",
       "maps = torch.cat([maps[:b], maps[b:].flip(-1)])", "maps = torch.cat([maps[:b], maps[b:]])",
@@ -76,25 +87,22 @@ MUTATIONS: list[Mutation] = [
       "    for s in scales:\n", "    for s in scales[:1]:\n", "tests/test_cam.py"),
     # ---- dense CRF
     m("CRF Gaussian compat takes the bilateral value", "caee/crf.py",
-      "compat=params.gaussian_compat)", "compat=params.bilateral_compat)",
-      "tests/test_crf.py", "tests/test_stage_wiring.py"),
+      "compat=params.gaussian_compat)", "compat=params.bilateral_compat)", CRF_CALLS),
     m("CRF bilateral srgb takes the bilateral sxy", "caee/crf.py",
-      "srgb=params.bilateral_srgb", "srgb=params.bilateral_sxy", "tests/test_crf.py", "tests/test_stage_wiring.py"),
+      "srgb=params.bilateral_srgb", "srgb=params.bilateral_sxy", CRF_CALLS),
     m("CRF iterations fixed at 10", "caee/crf.py",
-      "q = crf.inference(int(params.iterations))", "q = crf.inference(10)",
-      "tests/test_crf.py", "tests/test_stage_wiring.py"),
+      "q = crf.inference(int(params.iterations))", "q = crf.inference(10)", CRF_CALLS),
     m("CRF unary halved (-log p / 2)", "caee/crf.py",
-      "unary = np.ascontiguousarray(-np.log(p)", "unary = np.ascontiguousarray(-0.5 * np.log(p)",
-      "tests/test_crf.py", "tests/test_stage_wiring.py"),
+      "unary = np.ascontiguousarray(-np.log(p)", "unary = np.ascontiguousarray(-0.5 * np.log(p)", CRF_REAL),
     m("CRF background score (1 - max CAM)^(alpha / 2)", "caee/crf.py",
       "np.clip(cams.max(axis=0), 0.0, 1.0), alpha)", "np.clip(cams.max(axis=0), 0.0, 1.0), alpha / 2)",
       "tests/test_crf.py"),
     Mutation("config -> CRF settings mapping swaps the Gaussian sxy and compat", "caee/affinity_labels.py",
              (("gaussian_sxy=crf_cfg.gaussian_sxy,", "gaussian_sxy=crf_cfg.gaussian_compat,"),
               ("gaussian_compat=crf_cfg.gaussian_compat,", "gaussian_compat=crf_cfg.gaussian_sxy,")),
-             ("tests/test_stage_wiring.py",)),
+             (CRF_CALLS,)),
     m("DeepLab test CRF mapping swaps bilateral sxy and srgb", "caee/segment.py",
-      "c.bilateral_sxy, c.bilateral_srgb,", "c.bilateral_srgb, c.bilateral_sxy,", "tests/test_stage_wiring.py"),
+      "c.bilateral_sxy, c.bilateral_srgb,", "c.bilateral_srgb, c.bilateral_sxy,", DEEPLAB_CRF),
     # ---- affinity labels and AffinityNet (stage 4)
     m("la/ha rule: la background wins over ha background", "caee/affinity.py",
       "out[ha_label == 0] = 0", "out[la_label == 0] = 0", "tests/test_affinity.py"),
@@ -116,15 +124,15 @@ MUTATIONS: list[Mutation] = [
       "bg = (1.0 - fg_max.clamp(0.0, 1.0)).pow(alpha)", "bg = (1.0 - fg_max.clamp(0.0, 1.0)).pow(alpha / 2)",
       "tests/test_random_walk.py", "tests/test_pseudo_labels.py"),
     m("pseudo-label stage ignores pseudo_labels.beta", "caee/stages/make_pseudo_labels.py",
-      "beta=pc.beta", "beta=8.0", "tests/test_stage_wiring.py"),
+      "beta=pc.beta", "beta=8.0", WALK, BETA),
     m("pseudo-label stage ignores pseudo_labels.alpha", "caee/stages/make_pseudo_labels.py",
-      "alpha=pc.alpha", "alpha=16.0", "tests/test_stage_wiring.py"),
+      "alpha=pc.alpha", "alpha=16.0", WALK),
     m("pseudo-label stage ignores pseudo_labels.steps", "caee/stages/make_pseudo_labels.py",
-      "steps=pc.steps", "steps=256", "tests/test_stage_wiring.py"),
+      "steps=pc.steps", "steps=256", WALK),
     m("pseudo-label stage ignores pseudo_labels.radius", "caee/stages/make_pseudo_labels.py",
-      "radius=pc.radius", "radius=5", "tests/test_stage_wiring.py"),
+      "radius=pc.radius", "radius=5", WALK),
     m("shard gives every rank items[r:] (overlapping work)", "caee/distributed.py",
-      "return items[r::w]", "return items[r:]", "tests/test_stage_wiring.py"),
+      "return items[r::w]", "return items[r:]", SHARD),
     # ---- DeepLab (stage 6), metrics and training schedule
     m("DeepLab loss averages over ignored pixels too", "caee/stages/train_deeplab.py",
       "valid = target != IGNORE\n", "valid = target >= 0\n", "tests/test_deeplab.py"),
@@ -137,7 +145,7 @@ MUTATIONS: list[Mutation] = [
     m("IoU divides by the ground-truth count only", "caee/metrics.py",
       "union = gt_count + pred_count - tp", "union = gt_count", "tests/test_metrics.py"),
     m("poly lr ignores the configured power", "caee/engine.py",
-      "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", "tests/test_engine.py"),
+      "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
 ]
 
 
