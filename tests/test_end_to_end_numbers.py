@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from caee.config import config_from_dict, save_config
-from caee.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
+from caee.io import load_cam_npz, save_cam_npz, save_label_png
 from caee.stages import eval_miou
 from conftest import FAKE_VOC, fake_voc_mask, mini_config
 
@@ -82,8 +82,7 @@ def test_cam_folder_from_ground_truth_gives_the_hand_computed_miou(fake_voc, tmp
     assert summary["miou_at_threshold"] == pytest.approx(expected[0.6], abs=1e-12)
     assert summary["miou"] == pytest.approx(max(expected.values()), abs=1e-12)
     assert summary["best_threshold"] == 0.8
-    sweep = {round(t, 6): v for t, v in ((r["threshold"], r["miou"]) for r in result["sweep"])} \
-        if isinstance(result["sweep"][0], dict) else {round(t, 6): v for t, v in result["sweep"]}
+    sweep = {round(r["threshold"], 6): r["miou"] for r in result["sweep"]}
     for t in thresholds:
         assert sweep[t] == pytest.approx(expected[t], abs=1e-12)
 

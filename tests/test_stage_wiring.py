@@ -4,7 +4,6 @@ swaps or ignores a setting fails (issue 17: the loss weight w, the mask normalis
 the random-walk settings, every CRF setting, the sharding of inference)."""
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
