@@ -357,6 +357,7 @@ def test_real_crf_run_equals_a_call_written_out_by_hand(tmp_path):
     cfg["pseudo_labels"]["crf"] = True
     cfg["crf"] = {**CRF, "workers": 1}
     out = mpl.main(config_from_dict(cfg))
+    changed = 0
     for image_id in SIZES:
         image, keys, cams = _load(root, work, image_id)
         h, w = image.shape[:2]
@@ -368,6 +369,7 @@ def test_real_crf_run_equals_a_call_written_out_by_hand(tmp_path):
         d.addPairwiseGaussian(sxy=2, compat=5)
         d.addPairwiseBilateral(sxy=70, srgb=11, rgbim=np.ascontiguousarray(image), compat=7)
         q = np.array(d.inference(3)).reshape(len(keys) + 1, h, w)
-        expected = np.concatenate([[0], keys + 1])[q.argmax(0)]
-        got = load_label_png(out / f"{image_id}.png")
-        assert (got != expected).mean() < 0.005, image_id
+        lut = np.concatenate([[0], keys + 1])
+        np.testing.assert_array_equal(load_label_png(out / f"{image_id}.png"), lut[q.argmax(0)])
+        changed += int((q.argmax(0) != p.argmax(0)).sum())
+    assert changed > 0   # the CRF moved some labels away from the walk's argmax: the comparison is not idle
