@@ -86,10 +86,11 @@ def test_confident_labels_hand_map():
                              [5, 0, 0, 255],      # ha 255 -> 255 even though la says 3
                              [255, 5, 5, 255]],   # la 255 beats ha bg; la bg & ha fg -> 255
                             dtype=torch.uint8)
+    la_before, ha_before = la.clone(), ha.clone()
     out = confident_labels(la, ha)
     assert out.dtype == torch.uint8
     assert torch.equal(out, expected)
-    assert torch.equal(la, la.clone())  # inputs untouched
+    assert torch.equal(la, la_before) and torch.equal(ha, ha_before)  # inputs untouched
     with pytest.raises(CaeeError):
         confident_labels(la, ha[:3])
 

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn.functional as F
 import pytest
@@ -58,10 +60,17 @@ def test_cse_removes_only_the_target():
     labels = torch.tensor([[1., 1, 0], [0, 1, 0]])
     targets = torch.tensor([0, 1])
     logits = torch.tensor([[-3., 3, -3], [-3, -3, -3]])  # what a perfect OC says after erasing
-    assert cse_loss(logits, labels, targets) < 0.05
+    # targets t - e_k: image 0 keeps class 1 only, image 1 keeps nothing; every one of the 6 logits is
+    # on the right side by 3, so the loss is the logistic loss log(1 + e^-3) of each
+    assert cse_loss(logits, labels, targets).item() == pytest.approx(math.log1p(math.exp(-3)), rel=1e-6)
     assert labels.tolist() == [[1, 1, 0], [0, 1, 0]]  # input untouched
     wrong = torch.tensor([[3., 3, -3], [-3, 3, -3]])  # OC still sees the erased class
-    assert cse_loss(wrong, labels, targets) > 1.0
+    # two of the six logits (the erased classes) are now wrong by 3: log(1 + e^3) instead
+    expected = (4 * math.log1p(math.exp(-3)) + 2 * math.log1p(math.exp(3))) / 6
+    assert cse_loss(wrong, labels, targets).item() == pytest.approx(expected, rel=1e-6)
+    # an image without a target (-1) keeps all of its classes
+    none = cse_loss(torch.tensor([[2., -2, 2]]), torch.tensor([[1., 0, 1]]), torch.tensor([-1]))
+    assert none.item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-6)
 
 
 def test_cse_weight_schedule():

@@ -133,8 +133,18 @@ def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
 
 
 def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
-    from caee.oracle import train_cam_miou
-    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2})
+    """The oracle's score equals the best-threshold mIoU that the CAM and evaluation stages give for
+    the same model's single-scale, unflipped CAMs of the train split."""
+    from caee.evaluation import evaluate_cam_dir
+    from caee.oracle import THRESHOLDS, train_cam_miou
+    from caee.stages import make_cam
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "cam.source": "classifier", "cam.split": "train",
+                                   "cam.scales": [1.0], "cam.flip": False, "cam.dtype": "float32"})
     model = load_classifier(train_classifier.main(cfg).model_path, cfg.train_classifier.net, 3)
-    miou = train_cam_miou(model, load_split(cfg.data, "train"), torch.device("cpu"))
+    index = load_split(cfg.data, "train")
+    miou = train_cam_miou(model, index, torch.device("cpu"))
+    make_cam.main(cfg)
+    summary = evaluate_cam_dir(Path(cfg.work_dir) / "cam_classifier", index, THRESHOLDS, THRESHOLDS[0], 1)["summary"]
+    assert summary["num_evaluated"] == len(index) == 48
+    assert miou == pytest.approx(summary["miou"], abs=1e-6)
     assert 0.0 < miou < 1.0

@@ -1,0 +1,250 @@
+"""Mutation check: does the test suite catch a broken stage, not only a crashing one?
+
+Each mutation below is one small, plausible bug in an important formula or in the wiring of a config
+value into the method. The check copies the repository to a temporary folder, applies one mutation
+at a time there (a textual search/replace that must match exactly once), runs the test files listed
+for it with ``PYTHONPATH`` pointing at the copy, and reports whether the tests failed (= caught).
+The working tree is never modified.
+
+A mutation whose text is no longer found (the code moved or changed) is reported as
+``pattern not found`` and counts as a failure of the check, so the list cannot rot silently:
+update the entry (file, old text, new text, tests) when the code it targets is restructured.
+
+Run before a release (docs/RELEASE_CHECKS.md)::
+
+    python tools/mutation_check.py             # every mutation; exit 1 unless all are caught
+    python tools/mutation_check.py --list      # names only
+    python tools/mutation_check.py -k crf      # the mutations whose name contains "crf"
+    python tools/mutation_check.py --patterns  # only check that every mutation still applies
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", ".venv", "work_dirs",
+                                "data", "results", "*.pyc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str                                  # what the bug is, in a few words
+    file: str                                  # path relative to the repository root
+    edits: tuple[tuple[str, str], ...]         # (old, new) replacements; each old must occur exactly once
+    tests: tuple[str, ...]                     # test files (or node ids) expected to catch it
+
+
+def m(name: str, file: str, old: str, new: str, *tests: str) -> Mutation:
+    return Mutation(name, file, ((old, new),), tests)
+
+
+# the test that catches a wiring mutation (one test function keeps the run short)
+_W = "tests/test_stage_wiring.py::"
+CGNET_LOSS = _W + "test_cgnet_loss_is_cls_plus_w_times_cse_with_the_configured_mask"
+CGNET_SCHEDULE = _W + "test_cgnet_stage_logs_the_weighted_loss_of_the_configured_schedule"
+CRF_CALLS = _W + "test_pseudo_label_crf_gets_every_setting_and_the_walk_scores"
+CRF_REAL = _W + "test_real_crf_run_equals_a_call_written_out_by_hand"
+DEEPLAB_CRF = _W + "test_deeplab_test_crf_gets_every_setting"
+WALK = _W + "test_walk_settings_reach_the_walk_on_a_non_degenerate_affinitynet"
+BETA = _W + "test_changing_beta_changes_the_stage_labels"
+SHARD = _W + "test_shard_is_disjoint_complete_and_balanced"
+
+MUTATIONS: list[Mutation] = [
+    # ---- class-specific erasing and the CGNet loss (stage 2)
+    m("erase with mask instead of 1 - mask", "caee/erasing.py",
+      "keep = 1.0 - mask", "keep = mask", "tests/test_erasing.py"),
+    m("per-image mask normalisation uses the batch maximum", "caee/erasing.py",
+      "peak = mask.amax(dim=(1, 2, 3), keepdim=True)", "peak = mask.amax()", "tests/test_erasing.py"),
+    m("w schedule starts one epoch late", "caee/erasing.py",
+      "return init + slope * epoch", "return init + slope * (epoch + 1)", "tests/test_erasing.py"),
+    m("CSE target keeps the erased class", "caee/erasing.py",
+      "remaining[has_target, targets[has_target]] = 0.0", "remaining[has_target, targets[has_target]] = 1.0",
+      "tests/test_erasing.py"),
+    m("CGNet loss drops the weight w", "caee/stages/train_cgnet.py",
+      "return loss_cls + w * loss_cse, metrics", "return loss_cls + loss_cse, metrics", CGNET_LOSS,
+      CGNET_SCHEDULE),
+    m("configured mask normalisation not passed to erasing_mask", "caee/stages/train_cgnet.py",
+      "erasing_mask(maps, targets, tuple(images.shape[-2:]), self.masking.normalization)",
+      "erasing_mask(maps, targets, tuple(images.shape[-2:]))", CGNET_LOSS),
+    m("configured masking depth ignored (always the image)", "caee/stages/train_cgnet.py",
+      "erased_logits(self.oc, images, mask, self.masking.depth)", "erased_logits(self.oc, images, mask, 0)",
+      CGNET_LOSS),
+    # ---- CAMs (stage 3)
+    m("CAM flip pass not un-flipped", "caee/cam.py",
+      "maps = torch.cat([maps[:b], maps[b:].flip(-1)])", "maps = torch.cat([maps[:b], maps[b:]])",
+      "tests/test_cam.py"),
+    m("CAM flip pass dropped from the sum", "caee/cam.py",
+      "total += up[:b] + up[b:] if flip else up", "total += up[:b] + up[:b] if flip else up", "tests/test_cam.py"),
+    m("CAM uses only the first scale", "caee/cam.py",
+      "    for s in scales:\n", "    for s in scales[:1]:\n", "tests/test_cam.py"),
+    # ---- dense CRF
+    m("CRF Gaussian compat takes the bilateral value", "caee/crf.py",
+      "compat=params.gaussian_compat)", "compat=params.bilateral_compat)", CRF_CALLS),
+    m("CRF bilateral srgb takes the bilateral sxy", "caee/crf.py",
+      "srgb=params.bilateral_srgb", "srgb=params.bilateral_sxy", CRF_CALLS),
+    m("CRF iterations fixed at 10", "caee/crf.py",
+      "q = crf.inference(int(params.iterations))", "q = crf.inference(10)", CRF_CALLS),
+    m("CRF unary halved (-log p / 2)", "caee/crf.py",
+      "unary = np.ascontiguousarray(-np.log(p)", "unary = np.ascontiguousarray(-0.5 * np.log(p)", CRF_CALLS,
+      CRF_REAL),
+    m("CRF background score (1 - max CAM)^(alpha / 2)", "caee/crf.py",
+      "np.clip(cams.max(axis=0), 0.0, 1.0), alpha)", "np.clip(cams.max(axis=0), 0.0, 1.0), alpha / 2)",
+      "tests/test_crf.py"),
+    Mutation("config -> CRF settings mapping swaps the Gaussian sxy and compat", "caee/affinity_labels.py",
+             (("gaussian_sxy=crf_cfg.gaussian_sxy,", "gaussian_sxy=crf_cfg.gaussian_compat,"),
+              ("gaussian_compat=crf_cfg.gaussian_compat,", "gaussian_compat=crf_cfg.gaussian_sxy,")),
+             (CRF_CALLS,)),
+    m("DeepLab test CRF mapping swaps bilateral sxy and srgb", "caee/segment.py",
+      "c.bilateral_sxy, c.bilateral_srgb,", "c.bilateral_srgb, c.bilateral_sxy,", DEEPLAB_CRF),
+    # ---- affinity labels and AffinityNet (stage 4)
+    m("la/ha rule: la background wins over ha background", "caee/affinity.py",
+      "out[ha_label == 0] = 0", "out[la_label == 0] = 0", "tests/test_affinity.py"),
+    m("pair radius includes the circle (<=)", "caee/affinity.py",
+      "if dy * dy + dx * dx < radius * radius:", "if dy * dy + dx * dx <= radius * radius:",
+      "tests/test_affinity.py"),
+    m("background pairs need not share a label", "caee/affinity.py",
+      "bg_pos = same & (a == 0)", "bg_pos = a == 0", "tests/test_affinity.py"),
+    m("affinity loss weights bg/fg/neg swapped", "caee/affinity.py",
+      'loss = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2',
+      'loss = terms["bg"] / 2 + terms["fg"] / 4 + terms["neg"] / 4', "tests/test_affinity.py"),
+    # ---- random walk and the pseudo-label stage (stage 5)
+    m("random walk raises affinities to beta / 2", "caee/random_walk.py",
+      "vals = aff2.reshape(-1).pow(beta)", "vals = aff2.reshape(-1).pow(beta / 2)", "tests/test_random_walk.py"),
+    m("random walk one step short", "caee/random_walk.py",
+      "for _ in range(steps >> squarings):", "for _ in range((steps >> squarings) - 1):",
+      "tests/test_random_walk.py"),
+    m("walk background score (1 - max CAM)^(alpha / 2)", "caee/random_walk.py",
+      "bg = (1.0 - fg_max.clamp(0.0, 1.0)).pow(alpha)", "bg = (1.0 - fg_max.clamp(0.0, 1.0)).pow(alpha / 2)",
+      "tests/test_random_walk.py", "tests/test_pseudo_labels.py"),
+    m("pseudo-label stage ignores pseudo_labels.beta", "caee/stages/make_pseudo_labels.py",
+      "beta=pc.beta", "beta=8.0", WALK, BETA),
+    m("pseudo-label stage ignores pseudo_labels.alpha", "caee/stages/make_pseudo_labels.py",
+      "alpha=pc.alpha", "alpha=16.0", WALK),
+    m("pseudo-label stage ignores pseudo_labels.steps", "caee/stages/make_pseudo_labels.py",
+      "steps=pc.steps", "steps=256", WALK),
+    m("pseudo-label stage ignores pseudo_labels.radius", "caee/stages/make_pseudo_labels.py",
+      "radius=pc.radius", "radius=5", WALK),
+    m("shard gives every rank items[r:] (overlapping work)", "caee/distributed.py",
+      "return items[r::w]", "return items[r:]", SHARD),
+    # ---- DeepLab (stage 6), metrics and training schedule
+    m("DeepLab loss averages over ignored pixels too", "caee/stages/train_deeplab.py",
+      "valid = target != IGNORE\n", "valid = target >= 0\n", "tests/test_deeplab.py"),
+    m("DeepLab ignore label 0 instead of 255", "caee/stages/train_deeplab.py",
+      "IGNORE = 255\n", "IGNORE = 0\n", "tests/test_deeplab.py"),
+    m("threshold tie rule flipped (max == t is foreground)", "caee/metrics.py",
+      'mx, side="left")', 'mx, side="right")', "tests/test_metrics.py"),
+    m("confusion matrix transposed (rows = prediction)", "caee/metrics.py",
+      "minlength=n * n).reshape(n, n)", "minlength=n * n).reshape(n, n).T", "tests/test_metrics.py"),
+    m("IoU divides by the ground-truth count only", "caee/metrics.py",
+      "union = gt_count + pred_count - tp", "union = gt_count", "tests/test_metrics.py"),
+    m("poly lr ignores the configured power", "caee/engine.py",
+      "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
+]
+
+
+def copy_repo(dst: Path) -> Path:
+    root = dst / "repo"
+    shutil.copytree(REPO, root, ignore=IGNORE)
+    return root
+
+
+def apply(root: Path, mut: Mutation) -> tuple[str, str | None]:
+    """Apply ``mut`` in the copy. Returns (original text, error or None)."""
+    path = root / mut.file
+    if not path.is_file():
+        return "", f"file not found: {mut.file}"
+    text = original = path.read_text()
+    for old, new in mut.edits:
+        count = text.count(old)
+        if count != 1:
+            return original, f"pattern not found ({count} matches): {old.strip()[:60]!r}"
+        text = text.replace(old, new)
+    path.write_text(text)
+    return original, None
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float]:
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = -1
+    return rc, time.monotonic() - start
+
+
+def check_copy_is_imported(root: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", "import caee; print(caee.__file__)"], cwd=root, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(out).resolve().is_relative_to(root.resolve()):
+        sys.exit(f"the copy's caee is not the one imported ({out}); cannot run the mutation check")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", default="", help="only the mutations whose name contains this text")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--patterns", action="store_true",
+                    help="only check that every mutation's text is found exactly once (no tests run)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation's test run")
+    args = ap.parse_args(argv)
+    muts = [x for x in MUTATIONS if args.k.lower() in x.name.lower()]
+    if args.list:
+        for x in muts:
+            print(f"{x.name}  [{x.file}]  {' '.join(x.tests)}")
+        return 0
+    if args.patterns:
+        bad = 0
+        for x in muts:
+            text = (REPO / x.file).read_text() if (REPO / x.file).is_file() else ""
+            for old, _ in x.edits:
+                if text.count(old) != 1:
+                    bad += 1
+                    print(f"pattern not found ({text.count(old)} matches): {x.name} [{x.file}]: {old.strip()[:60]!r}")
+        print(f"{len(muts) - bad} of {len(muts)} mutations apply")
+        return 1 if bad else 0
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="caee_mutation_") as tmp:
+        root = copy_repo(Path(tmp))
+        check_copy_is_imported(root)
+        # the covering tests must pass on the unmutated copy, or "caught" would mean nothing
+        clean_tests = tuple(sorted({t for x in muts for t in x.tests}))
+        rc, secs = run_tests(root, clean_tests, args.timeout * 3)
+        print(f"clean copy: {len(clean_tests)} test files {'pass' if rc == 0 else f'FAIL (exit {rc})'} "
+              f"({secs:.0f} s)", flush=True)
+        if rc != 0:
+            return 1
+        for x in muts:
+            original, err = apply(root, x)
+            if err is None:
+                rc, secs = run_tests(root, x.tests, args.timeout)
+                (root / x.file).write_text(original)
+                caught = rc == 1  # tests failed; 2+ = interrupted/collection error, -1 = timeout
+                verdict = "yes" if caught else ("no" if rc == 0 else f"error (exit {rc})")
+            else:
+                verdict, secs = err, 0.0
+            ok &= verdict == "yes"
+            rows.append((x.name, ", ".join(t.removeprefix("tests/") for t in x.tests), verdict))
+            print(f"  {verdict:>4}  {x.name} ({secs:.0f} s)", file=sys.stderr, flush=True)
+    print("\n| mutation | test files | caught |\n|---|---|---|")
+    for name, tests, verdict in rows:
+        print(f"| {name} | {tests} | {verdict} |")
+    n_caught = sum(r[2] == "yes" for r in rows)
+    print(f"\n{n_caught} of {len(rows)} mutations caught")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
