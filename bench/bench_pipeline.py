@@ -168,7 +168,7 @@ class Bench:
     def make_pseudo_labels(self) -> float:
         from caee.models import ResNet38
         from caee.models.affinitynet import AffinityNet
-        from caee.stages.make_pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,
+        from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,
                                                     random_walk_scores)
 
         model = AffinityNet(ResNet38(width=self.args.width)).eval().to(self.device)

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from caee.affinity_labels import cell_table_from_cams
 from caee.config import SyntheticConfig
-from caee.crf import CrfParams
+from caee.config import CrfConfig
 from caee.data.synthetic import render_sample
 from caee.io import save_label_png
 
@@ -52,7 +52,7 @@ def main() -> None:
         for i in range(args.images):
             image, keys, cams = scene(rng)
             path = Path(tmp) / f"{i}.png"
-            save_label_png(path, cell_table_from_cams(image, keys, cams, 4, 24, args.stride, CrfParams()))
+            save_label_png(path, cell_table_from_cams(image, keys, cams, 4, 24, args.stride, CrfConfig()))
             sizes.append(path.stat().st_size)
             channels.append(1 + len(keys))
     mean = float(np.mean(sizes))
