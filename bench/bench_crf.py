@@ -31,10 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caee.crf import crf_cam_labels  # noqa: E402
 
-try:  # the pool's home after the layers change
-    from caee.parallel import available_cpus, run_pool  # noqa: E402
-except ImportError:
-    from caee.crf import available_cpus, run_pool  # noqa: E402
+from caee.parallel import available_cpus, run_pool  # noqa: E402
 
 NUM_CLASSES = 20
 ALPHA = 4.0

@@ -143,7 +143,8 @@ class Bench:
                       self.args.steps, self.device)
 
     def crf(self) -> float:
-        from caee.crf import available_cpus, crf_cam_labels
+        from caee.crf import crf_cam_labels
+        from caee.parallel import available_cpus
 
         img, cams = self.image(), self.cams()
         ac = self.cfg.train_affinity
