@@ -144,8 +144,8 @@ def test_torchrun_cams_equal_a_single_process_and_each_is_written_once(tmp_path,
     assert len({pid for pid, p in writes if Path(p).parent.name == "cam_classifier"}) == 2   # both ranks worked
 
     work = Path(cfg.work_dir)
-    stage = next(s for s in pipeline.stages(cfg) if s.name == "cam_classifier")
-    single_cfg = stage.configure(cfg)
+    from caee.runner import jobs_of
+    (single_cfg,) = jobs_of(cfg, ["cam_classifier"])[0].calls   # the step's own view of the config
     single_cfg.cam.out_dir = str(tmp_path / "single")
     make_cam.main(single_cfg)
     for image_id in ids:
