@@ -46,7 +46,7 @@ from caee.data import SegmentationDataset, SplitIndex
 from caee.data.splits import check_label_values
 from caee.data.transforms import AffinityAugment, CropBox
 from caee.errors import CaeeError
-from caee.io import load_cam_npz, load_image, load_label_png, save_label_png
+from caee.io import claim_folder, load_cam_npz, load_image, load_label_png, save_label_png
 from caee.layout import cell_label_dir
 from caee.parallel import run_pool, workers_for
 
@@ -92,7 +92,7 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
         logger.info("computing %d missing CRF label maps (alphas %s) of %d images from %s",
                     n_files, ", ".join(f"{a:g}" for a in dirs), len(jobs), cam_dir)
         for d in dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
+            claim_folder(d, main=distributed.is_main())  # locked; a killed run's temp files removed
         mine = distributed.shard(jobs)
         run_pool(_crf_job, mine, workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
@@ -206,7 +206,7 @@ def ensure_cell_tables(index: SplitIndex, cam_dir: str | Path, la_alpha: float, 
                             "train_affinity.cam_dir")
         logger.info("computing %d cell label tables (CRF alphas %g / %g, stride %d) from %s -> %s",
                     len(jobs), la_alpha, ha_alpha, stride, cam_dir, out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(out_dir, main=distributed.is_main())  # locked; a killed run's temp files removed
         run_pool(_cell_job, distributed.shard(jobs), workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
     return out_dir

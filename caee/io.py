@@ -242,3 +242,23 @@ def load_cam_npz(path: str | os.PathLike, num_classes: int | None = None,
         raise CaeeError(f"{path}: CAM class keys must lie in 0..{num_classes - 1}, got {keys.tolist()}; "
                         "delete it and re-run make_cam.py")
     return keys, cams
+
+
+_HELD: dict[Path, StageLock] = {}  # folders this process has claimed (kept until it exits)
+
+
+def claim_folder(folder: str | os.PathLike, main: bool = True) -> None:
+    """Create ``folder``; on the main process also lock it for this process (a second run on it
+    refuses while this one lives; the kernel frees the lock of a killed run) and remove the temp
+    files a killed run left there. ``main=False`` (other torchrun ranks): only create it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise CaeeError(f"cannot create {folder}: permission denied (choose a writable work_dir)") from None
+    if not main:
+        return
+    key = folder.resolve()
+    if key not in _HELD:
+        _HELD[key] = StageLock(folder).acquire()
+        remove_stale_temps(folder)

@@ -9,8 +9,7 @@ import torch
 
 from caee import distributed
 from caee.config import Config, save_config
-from caee.errors import CaeeError
-from caee.io import StageLock, remove_stale_temps
+from caee.io import claim_folder as io_claim_folder
 from caee.layout import Layout
 from caee.parallel import available_cpus
 from caee.logs import setup_logging
@@ -54,21 +53,7 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
     return StageEnv(device, out_dir)
 
 
-_HELD: dict[Path, StageLock] = {}  # folders this process has claimed (kept until it exits)
-
-
 def claim_folder(folder: Path) -> None:
-    """Create ``folder``, lock it for this process (a second run on it refuses while this one lives;
-    the kernel frees the lock of a killed run) and remove temp files a killed run left there.
-    Only rank 0 claims: the ranks of one torchrun group share their stage folders."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except PermissionError:
-        raise CaeeError(f"cannot create {folder}: permission denied (choose a writable work_dir)") from None
-    if not distributed.is_main():
-        return
-    key = folder.resolve()
-    if key not in _HELD:
-        _HELD[key] = StageLock(folder).acquire()
-        remove_stale_temps(folder)
+    """:func:`caee.io.claim_folder` on rank 0 (the ranks of one torchrun group share their stage
+    folders); the other ranks only make sure it exists."""
+    io_claim_folder(folder, main=distributed.is_main())

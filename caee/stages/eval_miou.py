@@ -13,7 +13,7 @@ from caee import provenance
 from caee.config import Config, expand_work_dir, save_config
 from caee.data import ensure_dataset, load_split
 from caee.evaluation import evaluate_dir, format_report
-from caee.io import write_json
+from caee.io import claim_folder, write_json
 from caee.layout import Layout
 from caee.logs import setup_logging
 
@@ -30,7 +30,7 @@ def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
 def _start(cfg: Config) -> Path:
     """The part of ``start_stage`` evaluation needs: ``<work_dir>/eval`` with its log and config."""
     out_dir = Layout(cfg).stage_dir("eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(out_dir)  # locked; temp files of a killed run removed
     setup_logging(out_dir)
     save_config(cfg, out_dir)
     return out_dir
