@@ -30,6 +30,9 @@ Per training sample: both maps go through the same joint augmentation as the ima
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from caee import distributed
+from caee import distributed, provenance
 from caee.affinity import confident_labels, downsample_labels
 from caee.config import CrfConfig
 from caee.crf import crf_cam_labels, dense_crf
@@ -66,6 +69,13 @@ def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfConfig]) -> int:
     return len(todo)
 
 
+def _require_cams(paths: list[str], index: SplitIndex, what: str) -> None:
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise CaeeError(f"{len(missing)} CAM files needed for {what} are missing (first: {', '.join(missing[:3])}); "
+                        f"run make_cam.py for split '{index.split}' or set train_affinity.cam_dir")
+
+
 def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[float, Path], crf_cfg: CrfConfig,
                       workers: int | None = None) -> dict[float, Path]:
     """Make sure ``crf_dirs[a]/<id>.png`` exists for every image of ``index`` and alpha ``a``
@@ -83,11 +93,7 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
         if todo:
             jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg))
     if jobs:
-        missing_cams = [j[1] for j in jobs if not Path(j[1]).is_file()]
-        if missing_cams:
-            raise CaeeError(f"{len(missing_cams)} CAM files needed for the CRF labels are missing (first: "
-                            f"{', '.join(missing_cams[:3])}); run make_cam.py for split '{index.split}' or set "
-                            "train_affinity.cam_dir")
+        _require_cams([j[1] for j in jobs], index, "the CRF labels")
         n_files = sum(len(j[2]) for j in jobs)
         logger.info("computing %d missing CRF label maps (alphas %s) of %d images from %s",
                     n_files, ", ".join(f"{a:g}" for a in dirs), len(jobs), cam_dir)
@@ -187,26 +193,42 @@ def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig]) -> None:
     save_label_png(out_path, cell_table_from_cams(image, keys, cams, la_alpha, ha_alpha, stride, params))
 
 
+def _table_settings(cam_dir: Path, la_alpha: float, ha_alpha: float, stride: int, crf_cfg: CrfConfig) -> dict:
+    """What determines a cell table: the CRF settings, alphas, stride and the CAMs (the fingerprint
+    make_cam recorded in the CAM folder; None for a folder made elsewhere)."""
+    cams = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        cams = json.loads((cam_dir / provenance.SETTINGS_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    crf = {f"crf.{k}": v for k, v in dataclasses.asdict(crf_cfg).items() if k != "workers"}
+    return {**crf, "la_alpha": float(la_alpha), "ha_alpha": float(ha_alpha), "stride": int(stride), "cams": cams}
+
+
 def ensure_cell_tables(index: SplitIndex, cam_dir: str | Path, la_alpha: float, ha_alpha: float, stride: int,
-                       crf_cfg: CrfConfig, workers: int | None = None) -> Path:
+                       crf_cfg: CrfConfig, workers: int | None = None, overwrite: bool = False) -> Path:
     """Make sure ``cell_label_dir(cam_dir, la, ha, stride)/<id>.png`` (:func:`cell_table_from_cams`)
     exists for every image of ``index``; missing ones are computed from ``<cam_dir>/<id>.npz`` in
-    a process pool, each rank of a torchrun group taking its share. Returns the folder."""
+    a process pool, each rank of a torchrun group taking its share. Returns the folder.
+
+    The folder records what made its tables (CRF settings, alphas, stride, the CAM folder's
+    settings): tables made otherwise are refused, or with ``overwrite`` recomputed."""
     cam_dir = Path(cam_dir)
     out_dir = cell_label_dir(cam_dir, la_alpha, ha_alpha, stride)
+    if distributed.is_main():
+        claim_folder(out_dir)  # locked; a killed run's temp files removed
+        if overwrite:
+            for p in out_dir.glob("*.png"):
+                p.unlink()
+        provenance.check_folder(out_dir, _table_settings(cam_dir, la_alpha, ha_alpha, stride, crf_cfg),
+                                "train_affinity", overwrite, any(out_dir.glob("*.png")))
+    distributed.barrier()
     params = crf_cfg
     jobs = [(str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), str(out_dir / f"{image_id}.png"),
              float(la_alpha), float(ha_alpha), stride, params)
             for i, image_id in enumerate(index.ids) if not (out_dir / f"{image_id}.png").is_file()]
     if jobs:
-        missing_cams = [j[1] for j in jobs if not Path(j[1]).is_file()]
-        if missing_cams:
-            raise CaeeError(f"{len(missing_cams)} CAM files needed for the affinity labels are missing (first: "
-                            f"{', '.join(missing_cams[:3])}); run make_cam.py for split '{index.split}' or set "
-                            "train_affinity.cam_dir")
+        _require_cams([j[1] for j in jobs], index, "the affinity labels")
         logger.info("computing %d cell label tables (CRF alphas %g / %g, stride %d) from %s -> %s",
                     len(jobs), la_alpha, ha_alpha, stride, cam_dir, out_dir)
-        claim_folder(out_dir, main=distributed.is_main())  # locked; a killed run's temp files removed
         run_pool(_cell_job, distributed.shard(jobs), workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
     return out_dir

@@ -18,6 +18,10 @@ from caee.commands import BY_NAME, COMMANDS, Command
 from caee.config import Config, config_to_dict, expand_work_dir, load_config
 from caee.errors import CaeeError
 
+# the config key --overwrite sets for each stage command (start the stage over, its outputs replaced)
+OVERWRITE_KEY = {"train-classifier": "train_classifier.overwrite", "train-cgnet": "train_cgnet.overwrite",
+                 "make-cam": "cam.overwrite", "train-affinity": "train_affinity.overwrite",
+                 "make-pseudo-labels": "pseudo_labels.overwrite", "train-deeplab": "train_deeplab.overwrite"}
 _OVERRIDES_HELP = "dotted overrides, e.g. train_cgnet.lr=0.01; quote lists: 'cam.scales=[1.0]'"
 
 
@@ -47,8 +51,13 @@ def command_parser(command: Command) -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides, {work_dir} expanded) as YAML and exit")
     if command.name == "run":
-        parser.add_argument("--stages", nargs="+", help="run only these stages (see caee/pipeline.py)")
+        parser.add_argument("--stages", nargs="+", help="run only these stages (see caee/steps.py)")
         parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun; GPUs or CPU ranks)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="start the selected stages over (their recorded outputs are removed first)")
+    elif command.name in OVERWRITE_KEY:
+        parser.add_argument("--overwrite", action="store_true",
+                            help=f"start over: the same as {OVERWRITE_KEY[command.name]}=true")
     parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     return parser
 
@@ -66,6 +75,8 @@ def run_command(command: Command, argv: list[str]) -> int:
     if getattr(args, "stages", None):  # `--stages a b key=value`: argparse gives the overrides to --stages
         args.overrides += [s for s in args.stages if "=" in s]
         args.stages = [s for s in args.stages if "=" not in s]
+    if getattr(args, "overwrite", False) and command.name in OVERWRITE_KEY:
+        args.overrides.append(f"{OVERWRITE_KEY[command.name]}=true")
     if args.config is None and not args.print_config:
         parser.error("--config is required (an experiment YAML, e.g. configs/demo.yaml)")
 
@@ -79,7 +90,9 @@ def run_command(command: Command, argv: list[str]) -> int:
             from caee.logs import setup_logging
 
             setup_logging()
-            module.run(cfg, args.stages, args.nproc)
+            result = module.run(cfg, args.stages, args.nproc, args.overwrite)
+            if result.get("markdown"):
+                sys.stdout.write(result["markdown"] + "\n")
         else:
             module.main(cfg)
 

@@ -127,7 +127,9 @@ Output: every stage's folder under work_dir, <work_dir>/pipeline/<stage>.done ma
     caee run --config configs/voc/r38.yaml --nproc 4 data.root=/data/VOC2012
     caee run --config configs/demo.yaml --stages train_cgnet cam_cgnet results
 
-A finished stage is skipped; an interrupted one resumes when the same command is run again.
+A finished stage is skipped while its settings and the stages it reads are unchanged; a changed
+key re-runs exactly the stages it affects (their old outputs are removed first); an interrupted
+stage resumes when the same command is run again. --overwrite starts the selected stages over.
 """),
 )
 

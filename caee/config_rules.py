@@ -3,7 +3,7 @@
 A rule is looked up by the full dotted key first (``train_affinity.head_channels``), then by the
 section-less suffix (``synthetic.num_classes``), then by the leaf name (``lr``: every trainer), so
 one line covers a key shared by the four trainer sections. Every numeric field of
-:class:`caee.config.Config` must have a rule (tests/test_config_rules.py checks it), so a new key
+:class:`caee.config.Config` must have a rule (tests/test_safety.py::test_every_numeric_config_key_has_a_range_rule checks it), so a new key
 cannot slip through unchecked. Lists of numbers are checked item by item.
 """
 from __future__ import annotations

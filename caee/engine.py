@@ -30,7 +30,7 @@ from caee import distributed, provenance
 from caee.config import TrainConfig
 from caee.errors import CaeeError
 from caee.io import write_text
-from caee.logs import MetricsWriter
+from caee.logs import MetricsWriter, show_progress
 from caee.monitor import Monitor
 from caee.weights.checkpoints import nonfinite_tensors, read_checkpoint, save_checkpoint
 
@@ -368,7 +368,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
                             num_workers=num_workers, pin_memory=use_cuda,
                             persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
         ddp_model.train()
-        bar = tqdm(loader, desc=f"{out_dir.name} epoch {epoch + 1}/{cfg.epochs}", disable=not distributed.is_main(),
+        bar = tqdm(loader, desc=f"{out_dir.name} epoch {epoch + 1}/{cfg.epochs}", disable=not show_progress(),
                    dynamic_ncols=True, initial=start_batch, total=steps_per_epoch, leave=False)
         t_log, n_log = time.perf_counter(), 0
         for batch in bar:

@@ -54,3 +54,11 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def show_progress() -> bool:
+    """Progress bars on the main process of a terminal only: in a log file or CI output the
+    bar's redraws would bury the INFO lines (which carry the same numbers and the ETA)."""
+    import sys
+
+    return _is_main() and sys.stderr.isatty()

@@ -39,6 +39,7 @@ from caee.config import Config, CrfConfig, NetConfig
 from caee.crf import crf_labels_from_scores, dense_crf
 from caee.data import InferenceDataset, SplitIndex, collate_list, normalize_image
 from caee.errors import CaeeError
+from caee.logs import show_progress
 from caee.evaluation import evaluate_label_dir, format_report, to_jsonable
 from caee.io import save_label_png, write_json
 from caee.models.deeplab import build_deeplab
@@ -126,7 +127,7 @@ def segment_images(model: nn.Module, index: SplitIndex, pred_dir: Path, crf_dir:
     job = _crf_job(crf_dir, settings.crf) if crf_dir is not None and settings.crf is not None else None
     chunk = 8 * (settings.crf_workers or 8)
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
-    for (item,) in tqdm(loader, desc=f"segment {index.split}", disable=not distributed.is_main(),
+    for (item,) in tqdm(loader, desc=f"segment {index.split}", disable=not show_progress(),
                         dynamic_ncols=True, leave=False):
         x = normalize_image(item["image"].to(device))
         with autocast:

@@ -275,6 +275,13 @@ def test_ensure_cell_tables_computes_missing_ones_and_keeps_existing(tmp_path):
     save_label_png(out / "a.png", np.full((31, 47), 9, np.uint8))
     ensure_cell_tables(index, cam_dir, 4, 24, 8, CrfConfig(workers=1))
     assert (load_label_png(out / "a.png") == 9).all()
+    # tables made with other CRF settings are refused, naming the key; overwrite recomputes them
+    with pytest.raises(CaeeError, match=r"crf.min_prob: 1e-05 -> 0.001.*train_affinity.overwrite=true"):
+        ensure_cell_tables(index, cam_dir, 4, 24, 8, CrfConfig(workers=1, min_prob=1e-3))
+    assert (load_label_png(out / "a.png") == 9).all()
+    ensure_cell_tables(index, cam_dir, 4, 24, 8, CrfConfig(workers=1, min_prob=1e-3), overwrite=True)
+    redone = cell_table_from_cams(image, np.array([3, 8]), cams, 4, 24, 8, CrfConfig(min_prob=1e-3))
+    np.testing.assert_array_equal(load_label_png(out / "a.png"), redone)
 
 
 # ---------------------------------------------------------------- configured defaults

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from caee import pipeline
+from caee.data import load_split
+from caee.evaluation import evaluate_dir
 from caee.config import save_config
 from conftest import mini_config
 
@@ -53,7 +55,13 @@ def test_miniature_pipeline_writes_every_artifact_and_a_parsable_table(tmp_path)
                        "CGNet CAM + CRF (alpha 24)", "pseudo labels", "DeepLab prediction"]
     for r, j in zip(rows, result["rows"]):
         assert float(r["mIoU (%)"]) == pytest.approx(100 * j["miou"], abs=0.051)
-        assert 0.0 <= j["miou"] <= 1.0
+        # each number equals the evaluation run separately on the row's folder (eval_miou's code path)
+        if j["output"] == "DeepLab prediction":
+            separate = json.loads((work / "train_deeplab" / "results_val.json").read_text())["miou"]
+        else:
+            index = load_split(cfg.data, j["split"])
+            separate = evaluate_dir(Path(j["folder"]), index, cfg.eval)["summary"]["miou"]
+        assert j["miou"] == separate, j["output"]
     assert {r["split"] for r in rows} == {"train", "val"}
     assert json.loads((work / "results.json").read_text())["rows"][0]["num_images"] == 48
     # the stage table has the README's columns; trainers give training images/s, inference (N images/s)

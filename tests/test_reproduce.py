@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from caee.data import load_split
+from caee.evaluation import evaluate_label_dir
 from caee import variants as var
 from caee.reports import common, masking_depth, table1
 from caee.runner import jobs_of
@@ -165,7 +167,8 @@ def test_depth_sweep_with_pseudo_labels(tmp_path):
     root = tmp_path / "work" / "masking_depth" / "depth_1"
     summary = json.loads((root / "eval" / "pseudo_labels_train.json").read_text())["summary"]
     assert summary["kind"] == "label" and row["pseudo_label_miou"] == round(100 * summary["miou"], 2)
-    assert 0 <= row["pseudo_label_miou"] <= 100
+    independent = evaluate_label_dir(root / "pseudo_labels", load_split(cfg.data, "train"))["summary"]["miou"]
+    assert row["pseudo_label_miou"] == round(100 * independent, 2)
     assert _md_rows(report.markdown)[0][-1] == "Pseudo-label mIoU"
     assert (tmp_path / "work" / "masking_depth" / "masking_depth.png").is_file()
 

@@ -1,6 +1,6 @@
 """Config values reach the method: each stage's output is compared with a computation written out
 here from the config, with non-default, pairwise distinct settings, so that a stage that drops,
-swaps or ignores a setting fails (issue 17: the loss weight w, the mask normalisation and depth,
+swaps or ignores a setting fails (the loss weight w, the mask normalisation and depth,
 the random-walk settings, every CRF setting, the sharding of inference)."""
 import dataclasses
 import json

@@ -134,12 +134,13 @@ def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
 
 def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
     """The oracle's score equals the best-threshold mIoU that the CAM and evaluation stages give for
-    the same model's single-scale, unflipped CAMs of the train split."""
+    the same model's CAMs of the train split made with the oracle's (official) settings."""
     from caee.evaluation import evaluate_cam_dir
-    from caee.oracle import THRESHOLDS, train_cam_miou
+    from caee.oracle import FLIP, RESIZE, SCALES, THRESHOLDS, train_cam_miou
     from caee.stages import make_cam
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "cam.source": "classifier", "cam.split": "train",
-                                   "cam.scales": [1.0], "cam.flip": False, "cam.dtype": "float32"})
+                                   "cam.scales": list(SCALES), "cam.flip": FLIP, "cam.resize": RESIZE,
+                                   "cam.dtype": "float32", "cam.amp": False})
     model = load_classifier(train_classifier.main(cfg).model_path, cfg.train_classifier.net, 3)
     index = load_split(cfg.data, "train")
     miou = train_cam_miou(model, index, torch.device("cpu"))

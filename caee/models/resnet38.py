@@ -27,37 +27,47 @@ def _ch(c: int, width: float) -> int:
     return max(1, int(round(c * width)))
 
 
-class ResBlock(nn.Module):
+class _PreActBlock(nn.Module):
+    """What PSA's two block types share: the BN-ReLU'd input feeds the first conv and, when the
+    shape changes, the projection shortcut; the identity shortcut takes the raw input."""
+
+    def _shortcut(self, in_ch: int, out_ch: int, stride: int) -> None:
+        self.same_shape = in_ch == out_ch and stride == 1
+        if not self.same_shape:
+            self.conv_branch1 = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+
+    def _enter(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shortcut, output of conv_branch2a) for input x (N, C, H, W)."""
+        x_bn_relu = F.relu(self.bn_branch2a(x))
+        shortcut = x if self.same_shape else self.conv_branch1(x_bn_relu)
+        return shortcut, self.conv_branch2a(x_bn_relu)
+
+
+class ResBlock(_PreActBlock):
     """Pre-activation basic block: BN-ReLU, 3x3 conv, BN-ReLU, 3x3 conv (+ projection shortcut)."""
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int = 1,
                  first_dilation: int | None = None, dilation: int = 1):
         super().__init__()
         first_dilation = dilation if first_dilation is None else first_dilation
-        self.same_shape = in_ch == out_ch and stride == 1
         self.bn_branch2a = nn.BatchNorm2d(in_ch)
         self.conv_branch2a = nn.Conv2d(in_ch, mid_ch, 3, stride, padding=first_dilation,
                                        dilation=first_dilation, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(mid_ch)
         self.conv_branch2b1 = nn.Conv2d(mid_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
-        if not self.same_shape:
-            self.conv_branch1 = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+        self._shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_bn_relu = F.relu(self.bn_branch2a(x))
-        # the projection shortcut reads the pre-activated input, the identity shortcut the raw one
-        shortcut = x if self.same_shape else self.conv_branch1(x_bn_relu)
-        y = self.conv_branch2a(x_bn_relu)
+        shortcut, y = self._enter(x)
         y = self.conv_branch2b1(F.relu(self.bn_branch2b1(y)))
         return shortcut + y
 
 
-class ResBlockBottleneck(nn.Module):
+class ResBlockBottleneck(_PreActBlock):
     """Pre-activation bottleneck (1x1 -> 3x3 -> 1x1, out/4 -> out/2 -> out) with Dropout2d."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, dropout: float = 0.0):
         super().__init__()
-        self.same_shape = in_ch == out_ch and stride == 1
         self.bn_branch2a = nn.BatchNorm2d(in_ch)
         self.conv_branch2a = nn.Conv2d(in_ch, out_ch // 4, 1, stride, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(out_ch // 4)
@@ -66,13 +76,10 @@ class ResBlockBottleneck(nn.Module):
         self.bn_branch2b2 = nn.BatchNorm2d(out_ch // 2)
         self.dropout_2b2 = nn.Dropout2d(dropout)
         self.conv_branch2b2 = nn.Conv2d(out_ch // 2, out_ch, 1, bias=False)
-        if not self.same_shape:
-            self.conv_branch1 = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+        self._shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_bn_relu = F.relu(self.bn_branch2a(x))
-        shortcut = x if self.same_shape else self.conv_branch1(x_bn_relu)
-        y = self.conv_branch2a(x_bn_relu)
+        shortcut, y = self._enter(x)
         y = self.conv_branch2b1(self.dropout_2b1(F.relu(self.bn_branch2b1(y))))
         y = self.conv_branch2b2(self.dropout_2b2(F.relu(self.bn_branch2b2(y))))
         return shortcut + y

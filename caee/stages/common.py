@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 
-from caee import distributed
-from caee.config import Config, save_config
+from caee import distributed, provenance
+from caee.config import Config, expand_work_dir, save_config
+from caee.data import SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.io import claim_folder as io_claim_folder
 from caee.layout import Layout
 from caee.parallel import available_cpus
@@ -57,3 +58,31 @@ def claim_folder(folder: Path) -> None:
     """:func:`caee.io.claim_folder` on rank 0 (the ranks of one torchrun group share their stage
     folders); the other ranks only make sure it exists."""
     io_claim_folder(folder, main=distributed.is_main())
+
+
+def resume_check(cfg: Config, stage: str) -> Callable[[Path], None]:
+    """A trainer's ``before_write``: refuse (before config.yaml or the log change) a re-run whose
+    settings differ from those its checkpoints record, unless ``<stage>.overwrite``."""
+    from caee.engine import check_resumable
+
+    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, stage), stage,
+                                           getattr(cfg, stage).overwrite)
+
+
+@dataclass
+class TrainerStart:
+    cfg: Config        # with {work_dir} expanded
+    env: StageEnv
+    index: SplitIndex  # data.train_split
+    names: list[str]   # class names of the dataset
+
+
+def start_trainer(cfg: Config, stage: str) -> TrainerStart:
+    """What the classifier, CGNet and AffinityNet trainers do first: expand the config, check a
+    re-run's settings, set up the stage seeded by ``<stage>.seed`` (the new layers' initial weights
+    are then reproducible, so a pipeline resumed at this stage matches an uninterrupted one) and
+    read the training split."""
+    cfg = expand_work_dir(cfg)
+    env = start_stage(cfg, stage, seed=getattr(cfg, stage).seed, before_write=resume_check(cfg, stage))
+    ensure_dataset(cfg.data)
+    return TrainerStart(cfg, env, load_split(cfg.data, cfg.data.train_split), dataset_class_names(cfg.data))

@@ -29,6 +29,7 @@ from caee.config import Config, CrfConfig, save_config, expand_work_dir
 from caee.crf import crf_cam_labels
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
 from caee.errors import CaeeError
+from caee.logs import show_progress
 from caee.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
 from caee.models.classifier import load_classifier
 from caee.parallel import ThreadWriter, run_pool, workers_for
@@ -71,7 +72,7 @@ def compute_cams(model: torch.nn.Module, index: SplitIndex, todo: list[int], out
                         pin_memory=device.type == "cuda")
     saver = ThreadWriter()
     bar = tqdm(total=len(todo), desc=f"CAMs {out_dir.name}", unit="img", dynamic_ncols=True,
-               disable=not distributed.is_main())
+               disable=not show_progress())
     try:
         for batch in loader:
             keys = [image_keys(s["label"]) for s in batch]
@@ -137,7 +138,7 @@ def run_post(job: _PostJob, items: list[int], workers: int) -> None:
         return
     step = max(1, workers * 8)
     with tqdm(total=len(items), desc=f"CRF/pictures {job.out_dir.name}", unit="img", dynamic_ncols=True,
-              disable=not distributed.is_main()) as bar:
+              disable=not show_progress()) as bar:
         for start in range(0, len(items), step):
             chunk = items[start:start + step]
             run_pool(job, chunk, workers=workers)

@@ -32,6 +32,7 @@ from caee import distributed, provenance
 from caee.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.errors import CaeeError
+from caee.logs import show_progress
 from caee.io import load_cam_npz, load_image, save_label_png, write_json
 from caee.models.affinitynet import load_affinitynet
 from caee.parallel import ProcessWriter, workers_for
@@ -93,7 +94,7 @@ def main(cfg: Config) -> Path:
     crf = cfg.crf if pc.crf else None
     writer = ProcessWriter(write_crf_labels, workers_for(cfg.crf.workers) if crf else 1)
     try:
-        for i in tqdm(mine, desc="pseudo labels", disable=not distributed.is_main(), dynamic_ncols=True):
+        for i in tqdm(mine, desc="pseudo labels", disable=not show_progress(), dynamic_ncols=True):
             _one_image(model, index, i, cam_dir, out_dir, params, stride, pairs, env.device, crf, writer)
     finally:
         writer.close()

@@ -18,14 +18,14 @@ from torch.utils.data import Dataset
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
 from caee import provenance
-from caee.config import AffinityTrainConfig, Config, config_to_dict, expand_work_dir
-from caee.data import SplitIndex, dataset_class_names, ensure_dataset, load_split
+from caee.config import AffinityTrainConfig, Config, config_to_dict
+from caee.data import SplitIndex
 from caee.data.transforms import AffinityAugment, build_train_transform
-from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
+from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.layout import Layout, crf_dir
-from caee.stages.common import start_stage
+from caee.stages.common import start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,11 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     return model
 
 
-def _checked(cfg: Config):
-    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
-    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_affinity"), "train_affinity",
-                                           cfg.train_affinity.overwrite)
-
 
 def main(cfg: Config) -> FitResult:
-    cfg = expand_work_dir(cfg)
-    # seeded like the other trainers: the heads' initial weights (a resumed pipeline must match)
-    env = start_stage(cfg, "train_affinity", seed=cfg.train_affinity.seed, before_write=_checked(cfg))
+    start = start_trainer(cfg, "train_affinity")
+    cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_affinity
-    ensure_dataset(cfg.data)
-    index = load_split(cfg.data, cfg.data.train_split)
-    names = dataset_class_names(cfg.data)
     cam_dir = Layout(cfg).affinity_cam_dir()
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
@@ -133,7 +124,8 @@ def build_dataset(cfg: Config, index: SplitIndex, cam_dir: Path, stride: int) ->
     """The training samples of ``train_affinity.label_rule`` (CRF results computed where missing)."""
     tc = cfg.train_affinity
     if tc.label_rule == "psa":
-        table_dir = ensure_cell_tables(index, cam_dir, tc.la_alpha, tc.ha_alpha, stride, cfg.crf)
+        table_dir = ensure_cell_tables(index, cam_dir, tc.la_alpha, tc.ha_alpha, stride, cfg.crf,
+                                       overwrite=tc.overwrite)
         return CellLabelDataset(index, table_dir, AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter), stride)
     dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf)
     return AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],

@@ -7,17 +7,17 @@ import logging
 import torch
 from torch import nn
 
-from caee.config import Config, config_to_dict, expand_work_dir
-from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
+from caee.config import Config, config_to_dict
+from caee.data import ClassificationDataset, load_split
 from caee.data.transforms import build_train_transform
 from caee import distributed, provenance
-from caee.engine import FitResult, StepContext, check_resumable, fit, settings_record
+from caee.engine import FitResult, StepContext, fit, settings_record
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
 from caee.layout import Layout
-from caee.stages.common import start_stage
+from caee.stages.common import start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
@@ -78,19 +78,11 @@ def check_depth(depth: int, oc: CamClassifier) -> None:
                         f"valid depths: {', '.join(map(str, depths))}")
 
 
-def _checked(cfg: Config):
-    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
-    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_cgnet"), "train_cgnet",
-                                           cfg.train_cgnet.overwrite)
-
 
 def main(cfg: Config) -> FitResult:
-    cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_cgnet", seed=cfg.train_cgnet.seed, before_write=_checked(cfg))
+    start = start_trainer(cfg, "train_cgnet")
+    cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_cgnet
-    ensure_dataset(cfg.data)
-    index = load_split(cfg.data, cfg.data.train_split)
-    names = dataset_class_names(cfg.data)
     oc_path = Layout(cfg).oc_weights()
     if not oc_path.exists():
         raise CaeeError(f"OC weights not found: {oc_path}; run train_classifier.py first or set train_cgnet.oc_weights")

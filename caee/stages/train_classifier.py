@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from caee import provenance
-from caee.config import Config, config_to_dict, expand_work_dir
-from caee.data import ClassificationDataset, dataset_class_names, ensure_dataset, load_split
+from caee.config import Config, config_to_dict
+from caee.data import ClassificationDataset
 from caee.data.transforms import build_train_transform
-from caee.engine import check_resumable, FitResult, StepContext, TrainTask, fit
+from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.models.classifier import CamClassifier, build_classifier
-from caee.stages.common import start_stage
+from caee.stages.common import start_trainer
 from caee.weights.checkpoints import load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -50,19 +50,11 @@ class ClassifierTask(TrainTask):
                 "num_classes": len(self.class_names), "class_names": self.class_names}
 
 
-def _checked(cfg: Config):
-    """Refuse (before anything is written) a re-run whose settings differ from the saved run's."""
-    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, "train_classifier"), "train_classifier",
-                                           cfg.train_classifier.overwrite)
-
 
 def main(cfg: Config) -> FitResult:
-    cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, "train_classifier", seed=cfg.train_classifier.seed, before_write=_checked(cfg))
+    start = start_trainer(cfg, "train_classifier")
+    cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_classifier
-    ensure_dataset(cfg.data)
-    index = load_split(cfg.data, cfg.data.train_split)
-    names = dataset_class_names(cfg.data)
     model = build_classifier(tc.net, len(names))
     if tc.init:
         load_model_weights(model, tc.init, arch=f"classifier/{tc.net.backbone}")

@@ -30,14 +30,14 @@ from caee import distributed, provenance, segment
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import check_resumable, StepContext, TrainTask, fit
+from caee.engine import StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.io import load_label_png, write_json
 from caee.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
 from caee.layout import Layout
 from caee.parallel import available_cpus, run_pool, workers_for
-from caee.stages.common import start_stage
+from caee.stages.common import resume_check, start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def main(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     if tc.eval_only:
         return evaluate_only(cfg)
-    env = start_stage(cfg, STAGE, before_write=lambda d: check_resumable(
-        d, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab", tc.overwrite))
+    env = start_stage(cfg, STAGE, before_write=resume_check(cfg, "train_deeplab"))
     settings = settings_from_config(cfg)  # bad test settings fail before training, not after
     ensure_dataset(cfg.data)
     names = dataset_class_names(cfg.data)
