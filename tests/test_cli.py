@@ -218,7 +218,19 @@ def test_run_takes_overrides_after_stages(monkeypatch):
     import caee.pipeline
 
     seen = {}
-    monkeypatch.setattr(caee.pipeline, "run", lambda cfg, stages, nproc: seen.update(cfg=cfg, stages=stages))
+    monkeypatch.setattr(caee.pipeline, "run", lambda cfg, stages, nproc, overwrite: seen.update(
+        cfg=cfg, stages=stages, overwrite=overwrite) or {})
     assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--stages", "train_cgnet", "results",
                  "masking.depth=2"]) == 0
     assert seen["stages"] == ["train_cgnet", "results"] and seen["cfg"].masking.depth == 2
+    assert seen["overwrite"] is False
+    assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--overwrite"]) == 0 and seen["overwrite"]
+
+
+def test_overwrite_flag_sets_the_stage_key(monkeypatch):
+    import caee.stages.make_cam
+
+    seen = {}
+    monkeypatch.setattr(caee.stages.make_cam, "main", lambda cfg: seen.update(cfg=cfg))
+    assert main(["make-cam", "--config", str(REPO / "configs/demo.yaml"), "--overwrite"]) == 0
+    assert seen["cfg"].cam.overwrite is True
