@@ -77,8 +77,21 @@ def _outputs(work: Path) -> dict[str, object]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_everywhere():
+    """The killed subprocesses and the in-process runs compute with the same single thread (a
+    stage sets its thread count from the process's start-up count, which differs between a fresh
+    subprocess and this test process): otherwise their floating-point sums may be ordered differently."""
+    from caee.stages import common
+
+    saved = common._START_THREADS
+    common._START_THREADS = 1
+    yield
+    common._START_THREADS = saved
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> tuple[Path, Path]:
+def straight(tmp_path_factory, _one_thread_everywhere) -> tuple[Path, Path]:
     """An uninterrupted miniature pipeline."""
     base = tmp_path_factory.mktemp("kill")
     from caee.data import ensure_dataset
@@ -95,7 +108,7 @@ def test_kill_at_a_random_write_then_rerun_equals_uninterrupted(straight):
     config = _config(base, "killed", base / "synthetic")
     rng = random.Random(16)
     # the same thread count as this process's stages (start_stage counts from the start-up threads)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     for stage, (lo, hi) in STAGES:
         at = rng.randint(lo, hi)
         code = (f"import sys; from caee.cli import run_stage; from caee.stages.{stage} import main; "
