@@ -38,18 +38,20 @@ def _safe_load(text) -> Any:
 @dataclasses.dataclass
 class SyntheticConfig:
     """The built-in synthetic dataset (generated into ``data.root`` when that folder is absent)."""
-    image_size: int = 96
-    num_classes: int = 5
-    num_train: int = 3000
-    num_val: int = 600
+    image_size: int = 96            # side of the square images (px)
+    num_classes: int = 5            # foreground classes
+    num_train: int = 3000           # images of the train split
+    num_val: int = 600              # images of the val split
+    # [min, max] objects per image (uniform, inclusive)
     objects_per_image: list[int] = dataclasses.field(default_factory=lambda: [1, 3])
+    # [min, max] radius (px; the ellipse's major semi-axis), uniform
     object_radius: list[int] = dataclasses.field(default_factory=lambda: [14, 22])
     part_size: int = 6            # side of the small, strongly discriminative emblem (pixels)
     part_hidden_prob: float = 0.25  # fraction of objects drawn without their emblem
     body_saturation: float = 0.15   # weak class tint of the body
     stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
     stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle (stripe_angles)
-    stripe_jitter_deg: float = 10.0
+    stripe_jitter_deg: float = 10.0  # sd (degrees) of the stripe angle around its class angle
     # class angle of the stripes: "full" = pi * c / C (docs/METHOD.md §10); there classes c and
     # C - c are mirror images, so horizontal-flip augmentation makes their stripes identical.
     # "mirror_free" = (pi / 2) * c / (C - 1): angles in [0, 90] degrees, distinct under flips.
@@ -60,29 +62,31 @@ class SyntheticConfig:
     min_visible_px: int = 20        # objects with fewer visible pixels are set to 255 and not labelled
     ignore_band: int = 0            # > 0: a 255 band of this many px on each side of object boundaries
     image_format: Literal["jpg", "png"] = "jpg"  # jpg: quality 95, 4:4:4 (keeps the emblem colour)
-    seed: int = 0
+    seed: int = 0                   # generator seed; image i of a split is drawn from (seed, split, i)
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Where the images and labels are and how they are loaded."""
+    # voc (20 classes), coco (80), custom (labels CSV), synthetic (generated into root)
     dataset: Literal["voc", "coco", "custom", "synthetic"] = "synthetic"
-    root: str = "data/synthetic"
+    root: str = "data/synthetic"    # dataset folder (VOC-style layout, caee/data/splits.py)
     train_split: str = "train"      # classifier / CGNet / AffinityNet / DeepLab training list
     cam_split: str = "train"        # images whose CAMs / pseudo labels are made and measured
     val_split: str = "val"          # final segmentation evaluation
     # custom datasets: image folder, mask folder (optional) and a labels CSV (see caee/data/custom.py)
     image_dir: str = "JPEGImages"
-    mask_dir: str = "SegmentationClassAug"
+    mask_dir: str = "SegmentationClassAug"  # training masks (VOC: train_aug); labels come from them unless cached / CSV
     eval_mask_dir: str = "SegmentationClass"  # ground truth used for evaluation (VOC: the 1,464/1,449 masks)
-    labels_csv: str = ""
-    num_workers: int = 2
+    labels_csv: str = ""            # image-level labels CSV (needed by custom; if set, replaces labels from masks)
+    num_workers: int = 2            # DataLoader worker processes of the stages
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
 
 @dataclasses.dataclass
 class NetConfig:
     """A network: backbone name, width and ImageNet initialisation."""
+    # docs/METHOD.md §2; tinycnn: a small CPU network for the synthetic demo
     backbone: Literal["resnet38", "resnet101", "vgg16", "tinycnn"] = "resnet38"
     width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
     pretrained: str = ""            # ImageNet weights: MXNet .params or .pth ("{weights_dir}/<file>"); "" = random init
@@ -92,22 +96,25 @@ class NetConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """Settings shared by the four trainers (classifier, CGNet, AffinityNet, DeepLab)."""
-    batch_size: int = 16
-    epochs: int = 15
+    batch_size: int = 16            # global batch (split over torchrun processes); PSA classifier: 16
+    epochs: int = 15                # passes over the training split; the lr schedule spans them
     max_steps: int = 0              # > 0 stops early (tests, smoke runs); the schedule still spans `epochs`
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam"] = "sgd"  # sgd (with momentum) or adam (AdamW; momentum unused)
+    # poly: (1 - t)^poly_power; onecycle: 30 % linear warm-up, then cosine to 0
     schedule: Literal["poly", "onecycle"] = "poly"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    lr: float = 0.01                # base lr; 0.01 + momentum 0.9: standard SGD (PSA classifier: 0.1, no momentum)
+    momentum: float = 0.9           # SGD momentum (PSA's optimisers effectively get none)
+    weight_decay: float = 5e-4      # on weights only; biases get none (PSA)
+    poly_power: float = 0.9         # exponent of the poly schedule (PSA)
     head_lr_mult: float = 10.0      # new layers
     bias_lr_mult: float = 2.0       # biases: 2x lr, no weight decay (PSA)
-    crop_size: int = 448
+    crop_size: int = 448            # random square crop (px), padding smaller images (mask: 255); 0 = no crop
+    # long side resized to a random integer in [low, high] (PSA); [0, 0] = off
     resize_long: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
-    hflip: bool = True
+    hflip: bool = True              # random horizontal flip
+    # [brightness, contrast, saturation, hue] (PSA)
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
-    seed: int = 0
+    seed: int = 0                   # seeds initialisation, data order and augmentation
     amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
     channels_last: bool = True      # CUDA only
     checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
@@ -128,7 +135,7 @@ class MaskingConfig:
     depth: int = 0                  # 0 = erase the image; d >= 1 = mask the OC's feature map at depth d
     normalization: Literal["batch", "per_image"] = "batch"  # official: max over the whole batch
     cse_init: float = 0.3           # w(epoch) = cse_init + cse_slope * epoch
-    cse_slope: float = 0.05
+    cse_slope: float = 0.05         # increase of the erasing-loss weight w per epoch (official)
 
 
 def _cgnet_net() -> NetConfig:
@@ -145,12 +152,14 @@ class CGNetTrainConfig(TrainConfig):
 @dataclasses.dataclass
 class CamConfig:
     """Multi-scale CAM inference (make_cam.py, docs/METHOD.md §4)."""
+    # network whose CAMs are made: the CGNet or the ordinary classifier (OC)
     source: Literal["cgnet", "classifier"] = "cgnet"
     weights: str = ""               # "" = <work_dir>/train_<source>/model.pth
     out_dir: str = ""               # "" = <work_dir>/cam_<source>
     split: str = ""                 # "" = data.cam_split
+    # input scales of the passes (official)
     scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    flip: bool = True
+    flip: bool = True               # also run every scale mirrored (official)
     resize: Literal["pil_bicubic", "bilinear"] = "pil_bicubic"  # official (OC-CSE/PSA MSF data): PIL bicubic on uint8
                                     # before normalising; bilinear: F.interpolate on the normalised tensor (on the device)
     batch_size: int = 1             # images per DataLoader batch; equal-sized ones share each forward
@@ -163,12 +172,12 @@ class CamConfig:
 
 @dataclasses.dataclass
 class CrfConfig:
-    iterations: int = 10
-    gaussian_sxy: float = 3
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 80
-    bilateral_srgb: float = 13
-    bilateral_compat: float = 10
+    iterations: int = 10            # mean-field iterations (official, PSA; docs/METHOD.md §5)
+    gaussian_sxy: float = 3         # Gaussian kernel: position sd (px)
+    gaussian_compat: float = 3      # Gaussian kernel: weight (Potts compat)
+    bilateral_sxy: float = 80       # bilateral kernel: position sd (px)
+    bilateral_srgb: float = 13      # bilateral kernel: RGB sd
+    bilateral_compat: float = 10    # bilateral kernel: weight (Potts compat)
     min_prob: float = 1e-5          # scores floored here before -log; official: pydensecrf unary_from_softmax's clip
     workers: int = 0                # CRF processes; 0 = this machine's cores shared by its ranks
 
@@ -179,6 +188,7 @@ class EvalConfig:
     kind: Literal["auto", "cam", "label"] = "auto"  # auto: .npz files -> cam, .png files -> label
     split: str = ""                 # "" = data.cam_split
     out: str = ""                   # result JSON; "" = <work_dir>/eval/<folder name>_<split>.json
+    # CAM background thresholds swept (threshold is added); the best of them is an oracle
     thresholds: list[float] = dataclasses.field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     threshold: float = 0.25         # fixed in advance; reported next to the (oracle) best of the sweep
     allow_missing: bool = False     # skip (and count) missing / unreadable / wrongly sized predictions
@@ -193,9 +203,9 @@ class AffinityTrainConfig(TrainConfig):
     # momentum argument, so its momentum is 5e-4, i.e. none: 0 here (with 0.9 the effective lr is
     # ~10x higher; lower lr accordingly).
     batch_size: int = 8
-    epochs: int = 8
-    lr: float = 0.1
-    momentum: float = 0.0
+    epochs: int = 8                 # official (PSA train_aff.py)
+    lr: float = 0.1                 # official (PSA train_aff.py); new layers at 10x
+    momentum: float = 0.0           # official (PSA train_aff.py: its SGD gets no effective momentum)
     resize_long: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # official (PSA train_aff.py): no rescale; label_rule psa needs [0, 0]
     # psa: PSA's train_aff.py labels (la/ha CRF posteriors cropped with the image, averaged per
     # feature cell, argmax, la bg -> 255, ha bg -> 0, padding -> 255); top_left: argmax label PNGs
@@ -203,9 +213,9 @@ class AffinityTrainConfig(TrainConfig):
     label_rule: Literal["psa", "top_left"] = "psa"  # official (PSA train_aff.py): psa; alternative top_left
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
-    la_alpha: float = 4
-    ha_alpha: float = 24
-    radius: int = 5
+    la_alpha: float = 4             # low alpha: strong bg (1 - max CAM)^alpha; its bg cells = unsure (PSA paper)
+    ha_alpha: float = 24            # high alpha: weak bg; its bg cells = confident bg (PSA paper; PSA code: 32)
+    radius: int = 5                 # cell pairs within this radius give the targets (feature cells; PSA)
     psa_border: bool = True         # PSA's pair set (pairs start >= radius-1 px from left/right/bottom)
     head_channels: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])  # f8_3/f8_4/f8_5 (PSA)
     # stride of the embeddings and so of the random walk's grid; 0 = the backbone's (PSA: 8 for
@@ -219,28 +229,30 @@ class PseudoLabelConfig:
     weights: str = ""               # "" = <work_dir>/train_affinity/model.pth
     out_dir: str = ""               # "" = <work_dir>/pseudo_labels
     split: str = ""                 # "" = data.cam_split
-    beta: float = 8
-    steps: int = 256
-    alpha: float = 16
-    radius: int = 5
+    beta: float = 8                 # affinities raised to this power before normalising (official, PSA)
+    steps: int = 256                # random-walk steps (official, PSA)
+    alpha: float = 16               # background score (1 - max CAM)^alpha (official, PSA)
+    radius: int = 5                 # affinity pairs within this radius (feature cells; official, PSA)
     psa_border: bool = False        # False: every pair within the radius; True: PSA's inference pair set
     crf: bool = False               # dense CRF (crf section) on the upsampled random-walk scores
-    overwrite: bool = False
+    overwrite: bool = False         # recompute existing label PNGs (else they are skipped)
 
 
 @dataclasses.dataclass
 class DeeplabTrainConfig(TrainConfig):
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
-    head: Literal["largefov", "aspp"] = "largefov"
+    head: Literal["largefov", "aspp"] = "largefov"  # largefov (DeepLab-v1, docs/METHOD.md §7) or aspp (DeepLab-v2)
     label_dir: str = ""             # "" = pseudo_labels.out_dir (<work_dir>/pseudo_labels); or a ground-truth folder for an upper bound
+    # test-time input scales; their softmax probabilities are averaged
     test_scales: list[float] = dataclasses.field(default_factory=lambda: [1.0])
-    test_flip: bool = False
-    test_crf: bool = False
+    test_flip: bool = False         # also each scale's mirror image
+    test_crf: bool = False          # dense CRF (crf section) on the averaged probabilities: pred_<split>_crf
     # DeepLab-v1 / ResNet38 recipe (docs/METHOD.md §7): batch 10, lr 1e-3, ~20k iterations on
     # train_aug (20 epochs x 1,058 steps); no colour jitter (scale + crop + flip only)
     batch_size: int = 10
-    epochs: int = 20
-    lr: float = 1e-3
+    epochs: int = 20                # DeepLab-v1 recipe: ~20k iterations on train_aug
+    lr: float = 1e-3                # DeepLab-v1 recipe
+    # no colour jitter (DeepLab-v1 recipe)
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     split: str = ""                 # training images; "" = pseudo_labels.split, else data.cam_split (where the
                                     # pseudo labels are made); label_dir must hold <id>.png for every image of it
@@ -267,6 +279,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
+    # stage outputs go to <work_dir>/<stage>; "{work_dir}" in any path is replaced by it
     work_dir: str = "work_dirs/demo"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     weights_dir: str = "weights"    # folder of the ImageNet files; "{weights_dir}" in any path is replaced by it

@@ -51,6 +51,11 @@ def test_key_docs_come_from_the_config_comments():
     assert docs["weights_dir"].default == "weights"
 
 
+def test_every_config_key_has_a_meaning():
+    # each field of caee/config.py carries a comment (its own, a block above it, or its base class's)
+    assert [d.key for d in key_docs(None) if not d.meaning] == []
+
+
 def test_help_lists_only_the_commands_sections():
     keys = {d.key for d in key_docs(("masking",))}
     assert "masking.depth" in keys and "work_dir" in keys
