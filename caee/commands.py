@@ -121,7 +121,8 @@ Stages: OC, CGNet (+ a w = 0 control), CAMs, CRF, AffinityNet, pseudo labels, De
 
 Input:  one experiment config (configs/demo.yaml runs on the built-in synthetic set on a CPU).
 Output: every stage's folder under work_dir, <work_dir>/pipeline/<stage>.done markers,
-        <work_dir>/results.md, results.json, fig3_cams.png, fig4_segmentation.png.
+        <work_dir>/results.md, results.json (the numbers), timings.json (wall times), fig3_cams.png,
+        fig4_segmentation.png.
 
     caee run --config configs/demo.yaml
     caee run --config configs/voc/r38.yaml --nproc 4 data.root=/data/VOC2012

@@ -204,6 +204,10 @@ class Layout:
     def results_json(self) -> Path:
         return self.work / RESULTS_JSON
 
+    def timings_json(self) -> Path:
+        """Each stage's wall time and images/s (results.json keeps only seed-determined numbers)."""
+        return self.work / "timings.json"
+
     def figure(self, name: str) -> Path:
         """``fig3_cams`` -> ``<work_dir>/fig3_cams.png``."""
         return self.work / f"{name}.png"

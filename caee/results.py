@@ -175,9 +175,12 @@ def write_results(cfg: Config, steps: list[str]) -> dict:
     md = markdown(rows, stages)
     if pictures:
         md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pictures) + "\n"
-    result = {"rows": rows, "stages": stages, "stage_seconds": {s["step"]: s["seconds"] for s in stages},
-              "pictures": [str(p) for p in pictures]}
+    # results.json holds only what the seeds determine, so two runs of one config on one machine
+    # give identical files; the wall times go to timings.json
+    result = {"rows": rows, "pictures": [str(p) for p in pictures]}
+    timings = {"stages": stages, "stage_seconds": {s["step"]: s["seconds"] for s in stages}}
     write_text(layout.results_md(), md)
     write_json(layout.results_json(), result)
-    logger.info("results: %s, %s", layout.results_md(), layout.results_json())
-    return {**result, "markdown": md}
+    write_json(layout.timings_json(), timings)
+    logger.info("results: %s, %s (wall times: %s)", layout.results_md(), layout.results_json(), layout.timings_json())
+    return {**result, **timings, "markdown": md}

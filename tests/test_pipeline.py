@@ -63,7 +63,9 @@ def test_miniature_pipeline_writes_every_artifact_and_a_parsable_table(tmp_path)
             separate = evaluate_dir(Path(j["folder"]), index, cfg.eval)["summary"]["miou"]
         assert j["miou"] == separate, j["output"]
     assert {r["split"] for r in rows} == {"train", "val"}
-    assert json.loads((work / "results.json").read_text())["rows"][0]["num_images"] == 48
+    saved = json.loads((work / "results.json").read_text())
+    assert saved["rows"][0]["num_images"] == 48 and set(saved) == {"rows", "pictures"}  # no wall times
+    assert json.loads((work / "timings.json").read_text())["stage_seconds"] == result["stage_seconds"]
     # the stage table has the README's columns; trainers give training images/s, inference (N images/s)
     stages = _parse_markdown_table((work / "results.md").read_text().split("\n\n")[1])
     assert list(stages[0]) == ["stage", "seconds", "training images/s"]
