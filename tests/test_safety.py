@@ -127,12 +127,13 @@ def test_affinitynet_initialisation_is_seeded(tmp_path):
         assert torch.equal(weights[0][k], weights[1][k]), k
 
 
-def test_train_affinity_main_seeds_its_stage():
-    import inspect
+@pytest.mark.parametrize("stage", ["train_classifier", "train_cgnet", "train_affinity"])
+def test_trainers_seed_their_stage_with_their_own_seed(tmp_path, stage):
+    from caee.stages.common import start_trainer
 
-    from caee.stages import train_affinity
-
-    assert "seed=cfg.train_affinity.seed" in inspect.getsource(train_affinity.main)
+    torch.manual_seed(123)
+    start_trainer(mini_config(tmp_path, **{f"{stage}.seed": 7}), stage)
+    assert torch.initial_seed() == 7
 
 
 # ---------------------------------------------------------------- 4. ranges (catalogue in test_bad_inputs.py)
