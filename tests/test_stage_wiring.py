@@ -304,13 +304,14 @@ def test_pseudo_label_crf_gets_every_setting_and_the_walk_scores(tmp_path, recor
         np.testing.assert_array_equal(rec["rgbim"], image)
         scores = _hand_walk_scores(_hand_embed(net, image), net.feature_stride, image, cams, **WALK)
         p = np.maximum(scores, 0) / np.maximum(scores, 0).sum(0, keepdims=True)
-        unary = -np.log(np.maximum(p, 1e-8) / np.maximum(p, 1e-8).sum(0, keepdims=True))
+        unary = -np.log(np.maximum(p, 1e-5) / np.maximum(p, 1e-5).sum(0, keepdims=True))  # crf.min_prob
         np.testing.assert_allclose(rec["unary"], unary.reshape(len(keys) + 1, -1), rtol=1e-3, atol=1e-3)
 
 
 def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recording_crf):
     from caee.affinity_labels import ensure_crf_labels
     from caee.config import load_config
+    from caee.layout import crf_dir
     from caee.data import load_split
     from caee.stages import make_cam
     overrides, n_images = stage_setup_crf
@@ -319,13 +320,13 @@ def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recordin
     _assert_crf_calls(recording_crf, 2 * 2)            # 2 images with classes x 2 alphas
     recording_crf.clear()
     cam_dir = Path(cfg.work_dir) / "cam_cgnet"
-    ensure_crf_labels(load_split(cfg.data, "train"), cam_dir, [7.0], cfg.crf, workers=1)
+    ensure_crf_labels(load_split(cfg.data, "train"), cam_dir, {7.0: crf_dir(cam_dir, 7.0)}, cfg.crf, workers=1)
     _assert_crf_calls(recording_crf, 2)
 
 
 def test_deeplab_test_crf_gets_every_setting(tmp_path, recording_crf):
     from caee.crf import crf_labels_from_scores
-    from caee.segment import settings_from_config
+    from caee.stages.train_deeplab import settings_from_config
     cfg = mini_config(tmp_path, **{"train_deeplab.test_crf": True, **{f"crf.{k}": v for k, v in CRF.items()}})
     settings = settings_from_config(cfg)
     recording_crf.clear()  # the pydensecrf availability check above ran one 1-iteration CRF
