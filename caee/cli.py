@@ -38,6 +38,17 @@ def guarded(call: Callable[[], object]) -> int:
     return 0
 
 
+def print_report(rc: int, report, seconds: float) -> int:
+    """A reproduction driver's report: print the table, its files and the failures; returns the exit code."""
+    if report is None:
+        return rc
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return rc
+
+
 def command_parser(command: Command) -> argparse.ArgumentParser:
     """The parser of one subcommand; its epilog lists the config keys the command reads."""
     from caee.config_docs import format_key_docs, key_docs

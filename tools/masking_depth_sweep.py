@@ -28,6 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from caee.cli import print_report
 from caee.reports.common import run_guarded
 from caee.reports.masking_depth import DEPTH_DEMO_CAPS, run_depth_sweep
 from caee.variants import caps_note, load_experiment_config
@@ -68,17 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     return print_report(*run_guarded(lambda: run_depth_sweep(
         load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
         notes, args.overwrite)))
-
-
-def print_report(rc: int, report, seconds: float) -> int:
-    """Print the table, its files and the failures; returns the exit code."""
-    if report is None:
-        return rc
-    print(report.markdown)
-    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
-    for failure in report.failures:
-        print(f"error: {failure}", file=sys.stderr)
-    return rc
 
 
 if __name__ == "__main__":

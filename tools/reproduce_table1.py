@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from caee.cli import print_report
 from caee.reports.common import run_guarded
 from caee.reports.table1 import TABLE1_DEMO_CAPS, TABLE1_DEMO_OCS, run_table1
 from caee.variants import caps_note, load_experiment_config, section_overrides
@@ -70,17 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     return print_report(*run_guarded(lambda: run_table1(
         load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), oc_variants(args.demo),
         notes, args.overwrite)))
-
-
-def print_report(rc: int, report, seconds: float) -> int:
-    """Print the table, its files and the failures; returns the exit code."""
-    if report is None:
-        return rc
-    print(report.markdown)
-    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
-    for failure in report.failures:
-        print(f"error: {failure}", file=sys.stderr)
-    return rc
 
 
 if __name__ == "__main__":
