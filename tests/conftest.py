@@ -139,3 +139,22 @@ def randomise_bn(model, seed: int):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def save_random_cgnet(work: Path, num_classes: int = 20):
+    """A seeded random TinyCNN CGNet saved as ``<work>/train_cgnet/model.pth`` (what make_cam reads);
+    returns the model in eval mode."""
+    import dataclasses
+
+    import torch
+
+    from caee.config import NetConfig
+    from caee.models.classifier import build_classifier
+
+    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_classifier(net, num_classes).eval()
+    (work / "train_cgnet").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net),
+                "num_classes": num_classes}, work / "train_cgnet" / "model.pth")
+    return model

@@ -1,5 +1,4 @@
 """Multi-scale + flip CAM inference, CAM pictures and the make_cam stage end to end."""
-import dataclasses
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ from caee.io import load_cam_npz, load_label_png, save_cam_npz
 from caee.models.classifier import build_classifier
 from caee.pictures import CAPTION_H, cam_grid, compare_cams, save_picture
 from caee.stages import eval_miou, make_cam
+from conftest import save_random_cgnet
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -175,12 +175,7 @@ def stage_setup(tmp_path, fake_voc):
     """fake_voc's train split: 2007_000001 (40x48, class 1), 2007_000002 (32x40, classes 12 and 15),
     2007_000003 (36x36, background only), and a random TinyCNN CGNet checkpoint."""
     ids = ["2007_000001", "2007_000002", "2007_000003"]
-    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
-    torch.manual_seed(0)
-    model = build_classifier(net, 20).eval()
-    (tmp_path / "work/train_cgnet").mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net), "num_classes": 20},
-               tmp_path / "work/train_cgnet/model.pth")
+    model = save_random_cgnet(tmp_path / "work")
     overrides = [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={fake_voc}",
                  "data.num_workers=0", "cam.scales=[1.0, 0.5]",
                  "cam.batch_size=2", "cam.crf_alphas=[4, 24]", "cam.pictures=2", "crf.workers=1"]

@@ -21,7 +21,7 @@ from caee.models.affinitynet import AffinityNet
 from caee.models.classifier import CamClassifier
 from caee.stages import make_pseudo_labels as mpl
 from caee.stages import train_cgnet, train_classifier
-from conftest import mini_config
+from conftest import mini_config, save_random_cgnet
 
 # ---------------------------------------------------------------- CGNet loss: L = L_cls + w * L_cse
 
@@ -338,13 +338,7 @@ def test_deeplab_test_crf_gets_every_setting(tmp_path, recording_crf):
 @pytest.fixture
 def stage_setup_crf(tmp_path, fake_voc):
     """A random TinyCNN CGNet on fake_voc's train split (3 images, 2 with classes), CRF settings CRF."""
-    from caee.models.classifier import build_classifier
-    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
-    torch.manual_seed(0)
-    model = build_classifier(net, 20).eval()
-    (tmp_path / "work/train_cgnet").mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net), "num_classes": 20},
-               tmp_path / "work/train_cgnet/model.pth")
+    save_random_cgnet(tmp_path / "work")
     overrides = [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={fake_voc}",
                  "data.num_workers=0", "cam.scales=[1.0]", "cam.split=train", "cam.crf_alphas=[4, 24]",
                  "cam.pictures=0", "crf.workers=1"] + [f"crf.{k}={v}" for k, v in CRF.items()]
