@@ -1,5 +1,5 @@
 """The ``caee`` command: subcommands, --help from the config comments, --print-config without torch,
-one tiny stage run through a subprocess (ETA lines, keep_epochs, plot_metrics), the monitor's ETA."""
+one tiny stage run (ETA lines, keep_epochs, plot_metrics), the monitor's ETA."""
 from __future__ import annotations
 
 import dataclasses
@@ -140,12 +140,14 @@ TINY = ["device=cpu", "data.num_workers=0", "data.synthetic.image_size=32", "dat
         "train_classifier.keep_epochs=true"]
 
 
-def test_tiny_stage_run_logs_eta_keeps_epochs_and_plots(tmp_path):
+def test_tiny_stage_run_logs_eta_keeps_epochs_and_plots(tmp_path, capsys):
+    # in this process: a stage run from a fresh interpreter is covered by the torchrun test
     work = tmp_path / "work"
-    out = _caee("train-classifier", "--config", str(REPO / "configs/demo.yaml"), f"work_dir={work}",
-                f"data.root={tmp_path / 'syn'}", *TINY, cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [ln for ln in out.stderr.splitlines() if "images/s ETA" in ln]
+    code = main(["train-classifier", "--config", str(REPO / "configs/demo.yaml"), f"work_dir={work}",
+                 f"data.root={tmp_path / 'syn'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "images/s ETA" in ln]
     assert len(lines) == 4  # 8 images / batch 4 = 2 steps per epoch, 2 epochs, log_every 1
     assert re.search(r"train_classifier: step 1/4 \(epoch 1/2\) loss \d\.\d{4} lr \d\.\d\de-\d\d "
                      r"[\d.]+ images/s ETA \d:\d\d:\d\d$", lines[0]), lines[0]

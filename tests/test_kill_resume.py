@@ -1,17 +1,14 @@
 """kill -9 at a random point of every trainer and inference stage, then a re-run, gives the same
 final files as an uninterrupted run (CPU, the miniature pipeline of tests/conftest.py).
 
-The kill is the ``CAEE_KILL_AT_WRITE=N`` fault point of caee.io.atomic_write: the subprocess
+The kill is the ``CAEE_KILL_AT_WRITE=N`` fault point of caee.io.atomic_write: the child process
 dies with os._exit (no clean-up, like SIGKILL) when its N-th write is complete but not renamed,
-leaving the temp file and the folder lock behind, as a real kill at that moment would."""
+leaving the temp file and the folder lock behind, as a real kill at that moment would. The child
+is forked from this process (tests/forks.py), so it computes with the same single thread."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +18,8 @@ import yaml
 
 from caee.cli import run_stage
 from caee.config import config_to_dict
+import forks
 from conftest import mini_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 # (stage module, the range of the atomic write at which it is killed)
 STAGES = [
@@ -79,9 +75,9 @@ def _outputs(work: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_everywhere():
-    """The killed subprocesses and the in-process runs compute with the same single thread (a
-    stage sets its thread count from the process's start-up count, which differs between a fresh
-    subprocess and this test process): otherwise their floating-point sums may be ordered differently."""
+    """The killed children and the in-process runs compute with the same single thread (a stage
+    sets its thread count from the process's start-up count): otherwise their floating-point sums
+    may be ordered differently."""
     from caee.stages import common
 
     saved = common._START_THREADS
@@ -107,15 +103,10 @@ def test_kill_at_a_random_write_then_rerun_equals_uninterrupted(straight):
     base, straight_dir = straight
     config = _config(base, "killed", base / "synthetic")
     rng = random.Random(16)
-    # the same thread count as this process's stages (start_stage counts from the start-up threads)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     for stage, (lo, hi) in STAGES:
         at = rng.randint(lo, hi)
-        code = (f"import sys; from caee.cli import run_stage; from caee.stages.{stage} import main; "
-                f"sys.exit(run_stage(main, None, {['--config', str(config)]!r}))")
-        proc = subprocess.run([sys.executable, "-c", code], env={**env, "CAEE_KILL_AT_WRITE": str(at)},
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 137, f"{stage} was not killed at write {at}: {proc.stderr[-2000:]}"
+        code = forks.run(run_stage, _main(stage), None, ["--config", str(config)], env={"CAEE_KILL_AT_WRITE": str(at)})
+        assert code == 137, f"{stage} was not killed at write {at} (exit code {code})"
         assert run_stage(_main(stage), None, ["--config", str(config)]) == 0, stage
     killed = _outputs(base / "killed")
     expected = _outputs(straight_dir)

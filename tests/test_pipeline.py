@@ -1,10 +1,8 @@
-"""run_pipeline.py on a miniature synthetic experiment: every artifact, kill-and-resume, results table."""
+"""The pipeline on a miniature synthetic experiment: kill-and-resume, every artifact, the results table."""
 import json
-import os
+import logging
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +12,9 @@ from caee import pipeline
 from caee.data import load_split
 from caee.evaluation import evaluate_dir
 from caee.config import save_config
+import forks
 from conftest import mini_config
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["train_classifier", "train_cgnet", "train_control", "cam_classifier", "cam_cgnet", "cam_control",
           "train_affinity", "pseudo_labels", "train_deeplab"]
 
@@ -37,10 +35,27 @@ def _parse_markdown_table(text: str) -> list[dict]:
     return rows
 
 
-def test_miniature_pipeline_writes_every_artifact_and_a_parsable_table(tmp_path):
+def test_killed_pipeline_resumes_and_writes_every_artifact_and_a_parsable_table(tmp_path, caplog):
+    """A pipeline process killed (SIGKILL) in the stage after train_cgnet, run again: the finished
+    stages are skipped, not retrained, and the resumed run writes every artifact and the table."""
     cfg = _mini(tmp_path)
-    result = pipeline.run(cfg)
     work = Path(cfg.work_dir)
+    proc = forks.start(pipeline.run, cfg)
+    marker = work / "pipeline" / "train_cgnet.done"
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.is_alive():
+        time.sleep(0.02)
+    proc.kill()  # in the middle of the next stage (or just after it started)
+    proc.join()
+    assert marker.exists() and proc.exitcode == -signal.SIGKILL
+    assert not (work / "pipeline" / "train_deeplab.done").exists()
+    oc = work / "train_classifier" / "model.pth"
+    mtime = oc.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="caee"):
+        result = pipeline.run(cfg)
+    skipped = [r.getMessage() for r in caplog.records if "finished earlier" in r.getMessage()]
+    assert [m.split(": ")[1].split(" ")[0] for m in skipped] == ["train_classifier", "train_cgnet"], skipped
+    assert oc.stat().st_mtime_ns == mtime          # not retrained
     for stage in STAGES:
         assert (work / "pipeline" / f"{stage}.done").exists(), stage
     for path in ["train_classifier/model.pth", "train_cgnet/model.pth", "control/train_cgnet/model.pth",
@@ -77,32 +92,6 @@ def test_miniature_pipeline_writes_every_artifact_and_a_parsable_table(tmp_path)
     assert by_stage["total"]["seconds"] == f"{sum(result['stage_seconds'].values()):.0f}"
     # one folder per stage: the pseudo-label stage logs where it writes
     assert (work / "pseudo_labels" / "log.txt").is_file() and not (work / "make_pseudo_labels").exists()
-
-
-def test_interrupted_pipeline_resumes_and_skips_finished_stages(tmp_path):
-    # without the control run and pictures: the resume logic is the same, the test half as long
-    cfg = mini_config(tmp_path, **{"cam.crf_alphas": [4, 24], "pipeline.pictures": 0, "pipeline.control": False})
-    cfg_path = save_config(cfg, tmp_path)
-    cmd = [sys.executable, str(REPO / "run_pipeline.py"), "--config", str(cfg_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = Path(cfg.work_dir) / "pipeline" / "train_cgnet.done"
-    deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # in the middle of the next stage (or just after it started)
-    proc.wait()
-    assert marker.exists()
-    done_before = sorted(p.name for p in (Path(cfg.work_dir) / "pipeline").glob("*.done"))
-    assert "train_deeplab.done" not in done_before
-    oc = Path(cfg.work_dir) / "train_classifier" / "model.pth"
-    mtime = oc.stat().st_mtime_ns
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "train_classifier finished earlier" in out.stderr and "train_cgnet finished earlier" in out.stderr
-    assert oc.stat().st_mtime_ns == mtime          # not retrained
-    assert (Path(cfg.work_dir) / "results.md").exists()
-    assert all((Path(cfg.work_dir) / "pipeline" / f"{s}.done").exists() for s in STAGES if "control" not in s)
 
 
 def test_unknown_stage_is_refused(tmp_path):
