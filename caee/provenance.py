@@ -99,18 +99,33 @@ def check_folder(folder: Any, settings: Mapping[str, Any], section: str, overwri
 
     ``overwrite`` (the stage recomputes every file) replaces the record; ``has_outputs`` False (an
     empty folder) accepts any settings."""
+    refuse_other_settings(folder, settings, section, overwrite, has_outputs)
+    record_settings(folder, settings)
+
+
+def refuse_other_settings(folder: Any, settings: Mapping[str, Any], section: str, overwrite: bool,
+                          has_outputs: bool) -> None:
+    """The check of :func:`check_folder` alone: a stage with several output folders checks them
+    all before it records any, so a refusal leaves every record as it was."""
     import json
+    from pathlib import Path
+
+    if overwrite or not has_outputs:
+        return
+    path = Path(folder) / SETTINGS_FILE
+    recorded = None
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            recorded = None
+    check_same(recorded, settings, str(folder), section)
+
+
+def record_settings(folder: Any, settings: Mapping[str, Any]) -> None:
+    """Write ``<folder>/settings.json``: the settings and their fingerprint."""
     from pathlib import Path
 
     from caee.io import write_json
 
-    path = Path(folder) / SETTINGS_FILE
-    if not overwrite and has_outputs:
-        recorded = None
-        if path.is_file():
-            try:
-                recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                recorded = None
-        check_same(recorded, settings, str(folder), section)
-    write_json(path, {"settings": dict(settings), "fingerprint": fingerprint(settings)})
+    write_json(Path(folder) / SETTINGS_FILE, {"settings": dict(settings), "fingerprint": fingerprint(settings)})

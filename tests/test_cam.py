@@ -265,3 +265,27 @@ def test_make_cam_refuses_mixed_settings_and_missing_weights(stage_setup, capsys
     argv = ["--config", str(tmp_path / "empty.yaml")] + overrides + ["cam.overwrite=true"]
     code = run_stage(make_cam.main, None, argv)
     assert code == 2 and "weights not found" in capsys.readouterr().err
+
+
+def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):
+    """Run stage by stage (no pipeline markers), a CRF folder records its settings: other CRF
+    settings are refused before anything changes; the worker count is free; overwrite starts over."""
+    tmp_path, ids, model, overrides = stage_setup
+    overrides = overrides + ["cam.pictures=0"]
+    make_cam.main(load_config(None, overrides))
+    work = tmp_path / "work"
+    files = sorted(p for p in work.glob("cam_cgnet*/*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    recorded = json.loads((work / "cam_cgnet_crf_24/settings.json").read_text())["settings"]
+    assert recorded["crf.alpha"] == 24 and recorded["crf.bilateral_srgb"] == 13 and "crf.workers" not in recorded
+    assert recorded["cam.scales"] == [1.0, 0.5]  # the CAMs the labels come from
+    with pytest.raises(CaeeError, match=r"cam_cgnet_crf_4 was made with other settings \(crf.bilateral_srgb: 13.0 -> 5.0\)"
+                                        r".*cam.overwrite=true"):
+        make_cam.main(load_config(None, overrides + ["crf.bilateral_srgb=5"]))
+    assert {p: p.read_bytes() for p in files} == before   # no record, config or label touched
+    assert make_cam.main(load_config(None, overrides + ["crf.workers=2"])).computed == 0
+    # a new alpha is a new folder: accepted next to the existing ones
+    make_cam.main(load_config(None, overrides + ["cam.crf_alphas=[4, 24, 8]"]))
+    assert len(list((work / "cam_cgnet_crf_8").glob("*.png"))) == 3
+    make_cam.main(load_config(None, overrides + ["crf.bilateral_srgb=5", "cam.overwrite=true"]))
+    assert json.loads((work / "cam_cgnet_crf_4/settings.json").read_text())["settings"]["crf.bilateral_srgb"] == 5

@@ -3,12 +3,15 @@
 Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
 
     <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.io.save_cam_npz)
-    <out_dir>/{config.yaml, log.txt}
+    <out_dir>/{config.yaml, log.txt, settings.json}
     <out_dir>/DONE                        JSON completion marker, written last (removed at start)
-    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml, DONE)
+    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml,
+                                          settings.json, DONE)
     <out_dir>_pictures/<id>.png           image | GT | CAM per class, first cam.pictures images
 
 Existing outputs are kept unless cam.overwrite; so an interrupted run resumes where it stopped.
+Each folder records the settings that determine its files (settings.json); a re-run with other
+settings is refused before anything is written, unless cam.overwrite.
 Under torchrun every rank does the images ``ids[rank::world]``; nothing is gathered.
 """
 from __future__ import annotations
@@ -58,6 +61,26 @@ def cam_file_settings(cfg: Config) -> dict:
     return provenance.without(provenance.settings_of(cfg, "make_cam"), "cam.crf_alphas", "cam.split", "cam.out_dir",
                               "data.train_split", "data.cam_split", "data.val_split",
                               *[f"crf.{f.name}" for f in dataclasses.fields(CrfConfig)])
+
+
+def crf_label_settings(cfg: Config, alpha: float) -> dict:
+    """The settings that determine the label PNGs of ``<out_dir>_crf_<alpha>``: the CAM files', the
+    CRF's (not its worker count) and alpha."""
+    crf = {k: v for k, v in provenance.settings_of(cfg, "make_cam").items() if k.startswith("crf.")}
+    return {**cam_file_settings(cfg), **crf, "crf.alpha": alpha}
+
+
+def check_output_folders(cfg: Config, out_dir: Path) -> None:
+    """Refuse (before anything is written) to add to the CAM folder or a CRF folder made with other
+    settings; then record the settings in each. Rank 0, from start_stage's ``before_write``."""
+    folders = [(out_dir, cam_file_settings(cfg), "*.npz")]
+    folders += [(crf_dir(out_dir, a), crf_label_settings(cfg, a), "*.png") for a in cfg.cam.crf_alphas]
+    for folder, settings, pattern in folders:
+        provenance.refuse_other_settings(folder, settings, "cam", cfg.cam.overwrite,
+                                         next(folder.glob(pattern), None) is not None)
+    for folder, settings, _ in folders:
+        claim_folder(folder)
+        provenance.record_settings(folder, settings)
 
 
 # ---------------------------------------------------------------- CAMs
@@ -152,13 +175,11 @@ def main(cfg: Config) -> MakeCamResult:
     cfg = expand_work_dir(cfg)
     cc = cfg.cam
     out_dir = Layout(cfg).cam_dir()
-    # CAMs made with other settings are refused before config.yaml / log.txt change
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: provenance.check_folder(
-        d, cam_file_settings(cfg), "cam", cc.overwrite, next(d.glob("*.npz"), None) is not None))
+    # CAMs or CRF labels made with other settings are refused before config.yaml / log.txt change
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: check_output_folders(cfg, d))
     if distributed.is_main():
         (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
-            claim_folder(crf_dir(out_dir, alpha))
             (crf_dir(out_dir, alpha) / DONE).unlink(missing_ok=True)
             save_config(cfg, crf_dir(out_dir, alpha))
     ensure_dataset(cfg.data)
