@@ -15,8 +15,8 @@ computed). Levers are added to it with ``+``: ``bf16`` (autocast), ``channels_la
 (torch.compile of both networks), ``foreach`` / ``fused`` (optimiser kernels), ``oc_grads`` (turns
 the OC's weight gradients back on: what freezing saves), ``step_in_backward`` (each parameter's SGD
 update applied as soon as its gradient is complete, which is then freed: the same update, without
-holding every gradient at once; single process only, see :func:`sgd_in_backward`). CUDA graphs are not offered: the step
-draws its targets on the CPU and indexes by them, which a captured graph cannot replay.
+holding every gradient at once: the engine's ``step_in_backward`` option, caee/sgd_in_backward.py).
+CUDA graphs are not offered: the step draws its targets on the CPU and indexes by them, which a captured graph cannot replay.
 
 Each variant runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU:
 peak RSS of that process) is its own; variants run interleaved ``--repeats`` times. Prints
@@ -114,39 +114,6 @@ def official_step_fn(args, device):
     return step
 
 
-def sgd_in_backward(opt) -> None:
-    """Apply SGD's update to each parameter the moment backward has accumulated its gradient, then
-    free that gradient. The update is torch's single-tensor SGD step (weight decay, momentum
-    buffer kept in ``opt.state`` so that ``opt.state_dict()`` is unchanged, no dampening /
-    Nesterov), read from the parameter's group at that moment; ``opt.step()`` then finds no
-    gradient and does nothing. Only valid without DDP (the gradient must be final when the hook
-    fires) and without a step that reads all gradients (clipping, finite checks)."""
-    import torch
-
-    for group in opt.param_groups:
-        if group.get("nesterov") or group.get("dampening") or group.get("maximize"):
-            raise ValueError("sgd_in_backward covers plain SGD with momentum only")
-
-        def hook(p, group=group):
-            with torch.no_grad():
-                grad = p.grad
-                if group["weight_decay"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    state = opt.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(grad).detach()
-                    else:
-                        buf.mul_(group["momentum"]).add_(grad)
-                    grad = buf
-                p.add_(grad, alpha=-group["lr"])
-                p.grad = None
-
-        for p in group["params"]:
-            p.register_post_accumulate_grad_hook(hook)
-
-
 def caee_step_fn(args, device, levers: set[str]):
     """The library's step: CGNetTask.train_step, the engine's optimiser and zeroing."""
     import torch
@@ -174,8 +141,10 @@ def caee_step_fn(args, device, levers: set[str]):
             g["foreach"] = True
         if "fused" in levers:
             g["fused"] = True
-    if "step_in_backward" in levers:
-        sgd_in_backward(opt)
+    if "step_in_backward" in levers:   # the engine's train_*.step_in_backward
+        from caee.sgd_in_backward import step_in_backward
+
+        step_in_backward(opt)
     model = cgnet
     if "compile" in levers:
         model = torch.compile(cgnet)

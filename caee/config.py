@@ -117,6 +117,9 @@ class TrainConfig:
     seed: int = 0                   # seeds initialisation, data order and augmentation
     amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
     channels_last: bool = True      # CUDA only
+    # SGD update of each parameter inside backward, its gradient freed at once: less peak memory,
+    # the same weights (tests/test_engine.py); sgd, one process, no gradient clipping
+    step_in_backward: bool = False
     checkpoint_every: int = 500     # steps between last.pth writes (and at every epoch end)
     log_every: int = 20             # steps between metrics.jsonl records and INFO lines (loss, lr, images/s, ETA)
     keep_epochs: bool = False       # also keep each epoch's weights as epoch_<n>.pth (the official code saves every epoch)

@@ -161,3 +161,15 @@ def check(cfg: Any) -> None:
             if not rule.holds(float(v)):
                 where = f"{key}[{i}]" if isinstance(value, list) else key
                 raise CaeeError(f"config key '{where}' must be {rule.describe()}, got {v!r}")
+    _check_combinations(cfg)
+
+
+TRAINERS = ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")
+
+
+def _check_combinations(cfg: Any) -> None:
+    """Keys valid alone but not together."""
+    for name in TRAINERS:
+        t = getattr(cfg, name, None)
+        if t is not None and t.step_in_backward and t.optimizer != "sgd":
+            raise CaeeError(f"config key '{name}.step_in_backward' needs {name}.optimizer=sgd, got {t.optimizer}")

@@ -32,6 +32,7 @@ from caee.errors import CaeeError
 from caee.io import write_text
 from caee.logs import MetricsWriter, show_progress
 from caee.monitor import Monitor
+from caee.sgd_in_backward import step_in_backward
 from caee.weights.checkpoints import nonfinite_tensors, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -330,6 +331,11 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(parameter_groups(model, task.head_modules(), cfg), cfg)
+    if cfg.step_in_backward:
+        if world > 1:
+            raise CaeeError(f"{stage}.step_in_backward needs one process (DDP reduces gradients after the update); "
+                            f"this run has {world}")
+        step_in_backward(optimizer)
     step = 0
     last_path = out_dir / "last.pth"
     if ckpt is not None:

@@ -109,30 +109,3 @@ def test_crf_bench_one_and_two_workers(monkeypatch, capsys):
     out = _run_main(bench, ["--images", "2", "--height", "30", "--width", "40", "--repeats", "1"], monkeypatch, capsys)
     assert "labels identical" in out
     assert re.search(r"speed-up of 2 workers over 1 \(median images/s\): [0-9.]+x", out)
-
-
-def test_sgd_in_backward_equals_sgd_step():
-    """The step_in_backward lever makes exactly the parameters and momentum of SGD's own step."""
-    bench = _load("bench_cgnet_step")
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)) for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
-    opts = []
-    for net in nets:
-        w, b = [p for n, p in net.named_parameters() if n.endswith("weight")], [p for n, p in net.named_parameters()
-                                                                               if n.endswith("bias")]
-        opts.append(torch.optim.SGD([{"params": w, "weight_decay": 5e-4}, {"params": b, "lr": 0.2, "weight_decay": 0}],
-                                    lr=0.1, momentum=0.9, foreach=False))
-    bench.sgd_in_backward(opts[1])
-    x = torch.randn(2, 3, 8, 8)
-    for _ in range(3):
-        for net, opt in zip(nets, opts):
-            opt.zero_grad(set_to_none=True)
-            net(x).square().mean().backward()
-            opt.step()
-    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
-        assert torch.equal(p, q) and q.grad is None
-    states = [opt.state_dict()["state"] for opt in opts]
-    assert sorted(states[0]) == sorted(states[1])
-    for k in states[0]:
-        assert torch.equal(states[0][k]["momentum_buffer"], states[1][k]["momentum_buffer"])

@@ -98,6 +98,70 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert ck["step"] == 12
 
 
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_step_in_backward_gives_the_same_weights_and_resumes(tmp_path):
+    """SGD applied inside backward (momentum, weight decay on weights only, 10x head and 2x bias
+    lr, poly schedule) ends on exactly the weights of the ordinary step, also after a resume; the
+    saved optimiser state holds the same momentum buffers."""
+    ds = NoisyDataset()
+    c = dict(max_steps=12, momentum=0.9, weight_decay=1e-2)
+    fit(TinyTask(), ds, cfg(**c), tmp_path / "plain", torch.device("cpu"))
+    fit(TinyTask(), ds, cfg(**c, step_in_backward=True), tmp_path / "inside", torch.device("cpu"))
+    fit(TinyTask(), ds, cfg(**{**c, "max_steps": 5}, step_in_backward=True), tmp_path / "resumed", torch.device("cpu"))
+    fit(TinyTask(), ds, cfg(**c, step_in_backward=True), tmp_path / "resumed", torch.device("cpu"))
+    plain = _weights(tmp_path / "plain" / "model.pth")
+    assert not torch.equal(plain["fc8.weight"], TinyTask().model.state_dict()["fc8.weight"])  # it trained
+    for run in ("inside", "resumed"):
+        got = _weights(tmp_path / run / "model.pth")
+        assert all(torch.equal(plain[k], got[k]) for k in plain), run
+    a = torch.load(tmp_path / "plain" / "last.pth", weights_only=True)["optimizer"]["state"]
+    b = torch.load(tmp_path / "inside" / "last.pth", weights_only=True)["optimizer"]["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+
+
+def test_step_in_backward_equals_sgd_step_and_frees_each_gradient():
+    """Per parameter group (lr, weight decay): exactly the parameters and momentum of SGD's own step."""
+    from caee.sgd_in_backward import step_in_backward
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for net in nets:
+        w, b = [p for n, p in net.named_parameters() if n.endswith("weight")], [p for n, p in net.named_parameters()
+                                                                               if n.endswith("bias")]
+        opts.append(torch.optim.SGD([{"params": w, "weight_decay": 5e-4}, {"params": b, "lr": 0.2, "weight_decay": 0}],
+                                    lr=0.1, momentum=0.9, foreach=False))
+    step_in_backward(opts[1])
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p, q) and q.grad is None
+    states = [opt.state_dict()["state"] for opt in opts]
+    assert sorted(states[0]) == sorted(states[1])
+    for k in states[0]:
+        assert torch.equal(states[0][k]["momentum_buffer"], states[1][k]["momentum_buffer"])
+
+
+def test_step_in_backward_is_refused_where_it_would_be_wrong(tmp_path, monkeypatch):
+    from caee import engine
+    from caee.config import load_config
+
+    with pytest.raises(CaeeError, match=r"'train_cgnet.step_in_backward' needs train_cgnet.optimizer=sgd, got adam"):
+        load_config(None, ["train_cgnet.step_in_backward=true", "train_cgnet.optimizer=adam"])
+    monkeypatch.setattr(engine.distributed, "world_size", lambda: 2)
+    with pytest.raises(CaeeError, match=r"step_in_backward needs one process .* this run has 2"):
+        fit(TinyTask(), NoisyDataset(), cfg(step_in_backward=True), tmp_path, torch.device("cpu"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_training_lowers_loss(tmp_path):
     ds = NoisyDataset()
     task = TinyTask()

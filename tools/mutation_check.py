@@ -159,6 +159,12 @@ MUTATIONS: list[Mutation] = [
       "union = gt_count + pred_count - tp", "union = gt_count", "tests/test_metrics.py"),
     m("poly lr ignores the configured power", "caee/engine.py",
       "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
+    # ---- SGD inside backward (train_*.step_in_backward)
+    m("step_in_backward drops the weight decay", "caee/sgd_in_backward.py",
+      '            d = d.add(p, alpha=group["weight_decay"])\n', "", "tests/test_engine.py"),
+    m("step_in_backward keeps the group of its start (stale lr after a resume)", "caee/sgd_in_backward.py",
+      "_update(p, optimizer.param_groups[gi], optimizer.state[p])", "_update(p, group, optimizer.state[p])",
+      "tests/test_engine.py"),
 ]
 
 
