@@ -30,9 +30,7 @@ Per training sample: both maps go through the same joint augmentation as the ima
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -44,7 +42,7 @@ from torch.utils.data import Dataset
 from caee import distributed, provenance
 from caee.affinity import confident_labels, downsample_labels
 from caee.config import CrfConfig
-from caee.crf import crf_cam_labels, dense_crf
+from caee.crf import crf_cam_labels, dense_crf, label_folder_settings
 from caee.data import SegmentationDataset, SplitIndex
 from caee.data.splits import check_label_values
 from caee.data.transforms import AffinityAugment, CropBox
@@ -77,28 +75,40 @@ def _require_cams(paths: list[str], index: SplitIndex, what: str) -> None:
 
 
 def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[float, Path], crf_cfg: CrfConfig,
-                      workers: int | None = None) -> dict[float, Path]:
+                      workers: int | None = None, overwrite: bool = False) -> dict[float, Path]:
     """Make sure ``crf_dirs[a]/<id>.png`` exists for every image of ``index`` and alpha ``a``
     (the stage names the folders: next to the CAM folder).
 
+    Each folder records what made its labels (:func:`caee.crf.label_folder_settings`): labels made
+    from other CAMs or with other CRF settings are refused, or with ``overwrite`` recomputed.
     Missing PNGs are computed from ``<cam_dir>/<id>.npz`` in a process pool (``workers``: None =
     ``crf.workers``), each rank of a torchrun group taking its share; all ranks wait for each other
     at the end. Returns ``{alpha: folder}``.
     """
     cam_dir = Path(cam_dir)
     dirs = {float(a): Path(d) for a, d in crf_dirs.items()}
+    cams = provenance.folder_fingerprint(cam_dir)
+    if distributed.is_main():
+        for a, d in dirs.items():  # all checked before any record changes
+            provenance.refuse_other_settings(d, label_folder_settings(cams, a, crf_cfg), "train_affinity", overwrite,
+                                             next(d.glob("*.png"), None) is not None)
+        for a, d in dirs.items():
+            claim_folder(d)  # locked; a killed run's temp files removed
+            provenance.record_settings(d, label_folder_settings(cams, a, crf_cfg))
+    distributed.barrier()
     jobs = []
     for i, image_id in enumerate(index.ids):
-        todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items() if not (d / f"{image_id}.png").is_file()]
+        todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items()
+                if overwrite or not (d / f"{image_id}.png").is_file()]
         if todo:
             jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg))
     if jobs:
         _require_cams([j[1] for j in jobs], index, "the CRF labels")
         n_files = sum(len(j[2]) for j in jobs)
-        logger.info("computing %d missing CRF label maps (alphas %s) of %d images from %s",
+        logger.info("computing %d CRF label maps (alphas %s) of %d images from %s",
                     n_files, ", ".join(f"{a:g}" for a in dirs), len(jobs), cam_dir)
         for d in dirs.values():
-            claim_folder(d, main=distributed.is_main())  # locked; a killed run's temp files removed
+            claim_folder(d, main=distributed.is_main())
         mine = distributed.shard(jobs)
         run_pool(_crf_job, mine, workers if workers is not None else workers_for(crf_cfg.workers))
     distributed.barrier()
@@ -196,9 +206,7 @@ def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig]) -> None:
 def _table_settings(cam_dir: Path, la_alpha: float, ha_alpha: float, stride: int, crf_cfg: CrfConfig) -> dict:
     """What determines a cell table: the CRF settings, alphas, stride and the CAMs (the fingerprint
     make_cam recorded in the CAM folder; None for a folder made elsewhere)."""
-    cams = None
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        cams = json.loads((cam_dir / provenance.SETTINGS_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    cams = provenance.folder_fingerprint(cam_dir)
     crf = {f"crf.{k}": v for k, v in dataclasses.asdict(crf_cfg).items() if k != "workers"}
     return {**crf, "la_alpha": float(la_alpha), "ha_alpha": float(ha_alpha), "stride": int(stride), "cams": cams}
 

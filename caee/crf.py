@@ -8,6 +8,7 @@ without it raises :class:`caee.errors.CaeeError`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -98,3 +99,11 @@ def crf_cam_labels(image: np.ndarray, keys: np.ndarray, cams: np.ndarray, alpha:
     bg = np.power(1.0 - np.clip(cams.max(axis=0), 0.0, 1.0), alpha)[None]
     lut = np.concatenate([[0], keys + 1])
     return crf_labels_from_scores(image, np.concatenate([bg, cams], axis=0), params, lut)
+
+
+def label_folder_settings(cams: str | None, alpha: float, params: CrfConfig) -> dict:
+    """What determines a folder of CRF labels made from CAMs: the CAM folder's recorded fingerprint
+    (None: a folder made elsewhere), the CRF settings (not its worker count) and alpha. make_cam and
+    AffinityNet's label step write the same folders, so they record them the same way."""
+    crf = {f"crf.{k}": v for k, v in dataclasses.asdict(params).items() if k != "workers"}
+    return {"input.cams": cams or "unrecorded", **crf, "crf.alpha": float(alpha)}

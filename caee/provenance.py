@@ -129,3 +129,16 @@ def record_settings(folder: Any, settings: Mapping[str, Any]) -> None:
     from caee.io import write_json
 
     write_json(Path(folder) / SETTINGS_FILE, {"settings": dict(settings), "fingerprint": fingerprint(settings)})
+
+
+def folder_fingerprint(folder: Any) -> str | None:
+    """The fingerprint an inference stage recorded in ``<folder>/settings.json``; None for a folder
+    without a record (made elsewhere, or not yet)."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads((Path(folder) / SETTINGS_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -45,7 +45,7 @@ from caee.io import save_label_png, write_json
 from caee.models.deeplab import build_deeplab
 from caee.parallel import run_pool
 from caee.weights.checkpoints import checkpoint_meta, load_model_weights
-from caee.layout import Layout, predictions_name, results_name
+from caee.layout import predictions_name, results_name
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
 from caee.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
-from caee.crf import crf_cam_labels
+from caee import provenance
+from caee.crf import crf_cam_labels, label_folder_settings
 from caee.data import load_split
 from caee.data.transforms import build_train_transform
 from caee.engine import StepContext
@@ -271,9 +272,13 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
     cam_dir = tmp_path / "work" / "cam_cgnet"
     _write_cams(cam_dir, root, ids)
-    # one la file already exists (as make_cam would write it): it must be kept, not recomputed
+    # one la file already exists, and the folder's record (as make_cam writes them): kept, not recomputed
     marker = np.full((96, 96), 6, np.uint8)
     save_label_png(crf_dir(cam_dir, 4) / f"{ids[1]}.png", marker)
+    with pytest.raises(CaeeError, match="cam_cgnet_crf_4 records no settings.*train_affinity.overwrite=true"):
+        ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
+    assert not crf_dir(cam_dir, 24).exists()   # refused before anything was written
+    provenance.record_settings(crf_dir(cam_dir, 4), label_folder_settings(None, 4, CrfConfig()))
     dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
     assert dirs == {4.0: tmp_path / "work" / "cam_cgnet_crf_4", 24.0: tmp_path / "work" / "cam_cgnet_crf_24"}
     np.testing.assert_array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
@@ -292,6 +297,13 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     assert la[20, 40] == 1 and ha[20, 40] == 1       # CAM 1: foreground in both
     assert la[58, 40] == 0 and ha[58, 40] == 1       # CAM 0.2: unsure after merging
     assert la[5, 5] == 0 and ha[5, 5] == 0           # CAM 0: background in both
+    # other CRF settings: refused; with overwrite every label is recomputed and the record replaced
+    with pytest.raises(CaeeError, match=r"cam_cgnet_crf_4 was made with other settings \(crf.bilateral_srgb: 13 -> 5"):
+        ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5))
+    ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5, workers=1), overwrite=True)
+    assert not np.array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
+    assert provenance.folder_fingerprint(dirs[24.0]) == provenance.fingerprint(
+        label_folder_settings(None, 24, CrfConfig(bilateral_srgb=5)))
 
 
 def test_missing_cams_are_reported(tmp_path):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from caee import provenance
 from caee.cam import multiscale_cam, multiscale_cams
 from caee.cli import run_stage
 from caee.config import NetConfig, load_config
@@ -278,7 +279,9 @@ def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):
     before = {p: p.read_bytes() for p in files}
     recorded = json.loads((work / "cam_cgnet_crf_24/settings.json").read_text())["settings"]
     assert recorded["crf.alpha"] == 24 and recorded["crf.bilateral_srgb"] == 13 and "crf.workers" not in recorded
-    assert recorded["cam.scales"] == [1.0, 0.5]  # the CAMs the labels come from
+    assert recorded["input.cams"] == provenance.folder_fingerprint(work / "cam_cgnet")  # the CAMs they come from
+    cam_record = json.loads((work / "cam_cgnet/settings.json").read_text())["settings"]
+    assert cam_record["cam.scales"] == [1.0, 0.5] and cam_record["input.weights"].startswith("sha256:")  # hand-made
     with pytest.raises(CaeeError, match=r"cam_cgnet_crf_4 was made with other settings \(crf.bilateral_srgb: 13.0 -> 5.0\)"
                                         r".*cam.overwrite=true"):
         make_cam.main(load_config(None, overrides + ["crf.bilateral_srgb=5"]))

@@ -54,6 +54,31 @@ def test_finished_run_with_other_lr_refuses_and_keeps_everything(tmp_path, capsy
     assert model["fingerprint"] == provenance.fingerprint(model["settings"])
 
 
+def test_a_stage_run_alone_after_its_input_was_redone_refuses(tmp_path, capsys):
+    """Stage by stage (no `caee run` markers): after the OC is retrained with another lr, the
+    finished CGNet, and then the CAMs of a retrained CGNet, are refused, naming the input; each
+    stage's overwrite redoes it on the new input."""
+    from caee.stages import make_cam, train_cgnet
+
+    config = _write(tmp_path, **{"train_classifier.max_steps": 1, "train_cgnet.max_steps": 1})
+    run = lambda main, *extra: run_stage(main, None, ["--config", str(config), *extra])  # noqa: E731
+    assert run(train_classifier.main) == 0 and run(train_cgnet.main) == 0 and run(make_cam.main) == 0
+    cgnet = tmp_path / "work" / "train_cgnet" / "model.pth"
+    recorded = torch.load(cgnet, weights_only=True)["settings"]
+    oc = torch.load(tmp_path / "work" / "train_classifier" / "model.pth", weights_only=True)
+    assert recorded["input.oc"] == oc["fingerprint"]
+    assert run(train_classifier.main, "train_classifier.lr=0.02", "train_classifier.overwrite=true") == 0
+    before = cgnet.read_bytes()
+    capsys.readouterr()
+    assert run(train_cgnet.main) == 2
+    err = capsys.readouterr().err
+    assert f"input.oc: '{oc['fingerprint']}' -> '" in err and "train_cgnet.overwrite=true" in err
+    assert cgnet.read_bytes() == before
+    assert run(train_cgnet.main, "train_cgnet.overwrite=true") == 0
+    assert run(make_cam.main) == 2 and "cam_cgnet was made with other settings (input.weights: " in capsys.readouterr().err
+    assert run(make_cam.main, "cam.overwrite=true") == 0
+
+
 def test_changed_optimizer_on_a_stale_last_pth_is_a_message(tmp_path):
     ds = NoisyDataset()
     s1 = {"train_x.optimizer": "sgd"}

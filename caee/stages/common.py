@@ -1,6 +1,8 @@
 """Set-up every stage does first: device, process group, output folder, logging, saved config."""
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +16,7 @@ from caee.io import claim_folder as io_claim_folder
 from caee.layout import Layout
 from caee.parallel import available_cpus
 from caee.logs import setup_logging
+from caee.weights.checkpoints import checkpoint_meta
 
 
 _START_THREADS = torch.get_num_threads()  # honours OMP_NUM_THREADS / a caller's set_num_threads before import
@@ -60,12 +63,58 @@ def claim_folder(folder: Path) -> None:
     io_claim_folder(folder, main=distributed.is_main())
 
 
+def stage_inputs(cfg: Config, stage: str) -> dict[str, Path]:
+    """The upstream outputs ``stage`` reads (``cfg`` with {work_dir} expanded)."""
+    layout = Layout(cfg)
+    return {
+        "train_cgnet": lambda: {"oc": layout.oc_weights()},
+        "make_cam": lambda: {"weights": layout.cam_weights()},
+        "train_affinity": lambda: {"cams": layout.affinity_cam_dir()},
+        "make_pseudo_labels": lambda: {"cams": layout.pseudo_label_cam_dir(), "affinitynet": layout.affinity_weights()},
+        "train_deeplab": lambda: {"labels": layout.deeplab_labels()},
+    }.get(stage, dict)()
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def input_fingerprint(path: Path) -> str:
+    """What identifies an upstream output: the fingerprint its stage recorded (a trainer's in
+    model.pth, an inference stage's in settings.json), which covers that stage's own inputs in
+    turn; a checkpoint without one (PSA's, a hand-made file) is hashed; "unrecorded" for a folder
+    made elsewhere, "absent" when there is nothing."""
+    if path.is_dir():
+        return provenance.folder_fingerprint(path) or "unrecorded"
+    if not path.is_file():
+        return "absent"
+    recorded = checkpoint_meta(path).get("fingerprint")
+    if isinstance(recorded, str):
+        return recorded
+    st = path.stat()
+    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+
+
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """``provenance.settings_of(cfg, stage)`` plus ``input.<name>``: the fingerprint of every
+    upstream output the stage reads. A stage run on its own after an upstream stage was redone
+    with other settings is therefore refused, not silently continued on stale outputs."""
+    settings = provenance.settings_of(cfg, stage)
+    settings.update({f"input.{name}": input_fingerprint(p) for name, p in stage_inputs(cfg, stage).items()})
+    return settings
+
+
 def resume_check(cfg: Config, stage: str) -> Callable[[Path], None]:
     """A trainer's ``before_write``: refuse (before config.yaml or the log change) a re-run whose
-    settings differ from those its checkpoints record, unless ``<stage>.overwrite``."""
+    settings (inputs included) differ from those its checkpoints record, unless ``<stage>.overwrite``."""
     from caee.engine import check_resumable
 
-    return lambda out_dir: check_resumable(out_dir, provenance.settings_of(cfg, stage), stage,
+    return lambda out_dir: check_resumable(out_dir, stage_settings(cfg, stage), stage,
                                            getattr(cfg, stage).overwrite)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from caee import distributed, provenance
 from caee.cam import image_keys, multiscale_cams
 from caee.config import Config, CrfConfig, save_config, expand_work_dir
-from caee.crf import crf_cam_labels
+from caee.crf import crf_cam_labels, label_folder_settings
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
 from caee.errors import CaeeError
 from caee.logs import show_progress
@@ -38,7 +38,7 @@ from caee.models.classifier import load_classifier
 from caee.parallel import ThreadWriter, run_pool, workers_for
 from caee.pictures import cam_grid, save_picture
 from caee.layout import Layout, crf_dir, pictures_dir
-from caee.stages.common import claim_folder, start_stage
+from caee.stages.common import claim_folder, stage_settings, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,17 @@ class MakeCamResult:
 
 
 def cam_file_settings(cfg: Config) -> dict:
-    """The settings that determine the npz files (not which images, not the CRF folders' labels)."""
-    return provenance.without(provenance.settings_of(cfg, "make_cam"), "cam.crf_alphas", "cam.split", "cam.out_dir",
+    """The settings that determine the npz files (not which images, not the CRF folders' labels),
+    the network's recorded fingerprint included (``input.weights``)."""
+    return provenance.without(stage_settings(cfg, "make_cam"), "cam.crf_alphas", "cam.split", "cam.out_dir",
                               "data.train_split", "data.cam_split", "data.val_split",
                               *[f"crf.{f.name}" for f in dataclasses.fields(CrfConfig)])
 
 
 def crf_label_settings(cfg: Config, alpha: float) -> dict:
-    """The settings that determine the label PNGs of ``<out_dir>_crf_<alpha>``: the CAM files', the
-    CRF's (not its worker count) and alpha."""
-    crf = {k: v for k, v in provenance.settings_of(cfg, "make_cam").items() if k.startswith("crf.")}
-    return {**cam_file_settings(cfg), **crf, "crf.alpha": alpha}
+    """The settings that determine the label PNGs of ``<out_dir>_crf_<alpha>``: the CAM files'
+    (their fingerprint), the CRF's and alpha, recorded as AffinityNet's label step records them."""
+    return label_folder_settings(provenance.fingerprint(cam_file_settings(cfg)), alpha, cfg.crf)
 
 
 def check_output_folders(cfg: Config, out_dir: Path) -> None:

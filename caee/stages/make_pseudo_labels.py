@@ -39,7 +39,7 @@ from caee.parallel import ProcessWriter, workers_for
 from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
                                 write_crf_labels)
 from caee.layout import Layout
-from caee.stages.common import claim_folder, start_stage
+from caee.stages.common import stage_settings, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,8 @@ def main(cfg: Config) -> Path:
     cfg = expand_work_dir(cfg)
     layout = Layout(cfg)
     out_dir = layout.pseudo_labels()
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0)  # one folder: labels, log, config
     pc = cfg.pseudo_labels
-    ensure_dataset(cfg.data)
     split = pc.split or cfg.data.cam_split
-    index = load_split(cfg.data, split)
     cam_dir, weights = layout.pseudo_label_cam_dir(), layout.affinity_weights()
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split '{split}' or set "
@@ -69,13 +66,15 @@ def main(cfg: Config) -> Path:
     if not weights.is_file():
         raise CaeeError(f"AffinityNet weights not found: {weights}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
-    claim_folder(out_dir)
+    settings = provenance.without(stage_settings(cfg, "make_pseudo_labels"), "pseudo_labels.split",
+                                  "pseudo_labels.out_dir", "data.train_split", "data.cam_split", "data.val_split")
+    # labels made with other settings are refused before config.yaml / log.txt change
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: provenance.check_folder(
+        d, settings, "pseudo_labels", pc.overwrite, next(d.glob("*.png"), None) is not None))
     if distributed.is_main():
-        settings = provenance.without(provenance.settings_of(cfg, "make_pseudo_labels"), "pseudo_labels.split",
-                                      "pseudo_labels.out_dir", "data.train_split", "data.cam_split", "data.val_split")
-        provenance.check_folder(out_dir, settings, "pseudo_labels", pc.overwrite,
-                                next(out_dir.glob("*.png"), None) is not None)
         (out_dir / DONE).unlink(missing_ok=True)
+    ensure_dataset(cfg.data)
+    index = load_split(cfg.data, split)
     distributed.barrier()
 
     model, meta = load_affinitynet(weights, cfg.train_affinity.net)

@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 
 from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
 from caee.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
-from caee import provenance
 from caee.config import AffinityTrainConfig, Config, config_to_dict
 from caee.data import SplitIndex
 from caee.data.transforms import AffinityAugment, build_train_transform
@@ -25,7 +24,7 @@ from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.layout import Layout, crf_dir
-from caee.stages.common import start_trainer
+from caee.stages.common import stage_settings, start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def main(cfg: Config) -> FitResult:
                 stride, len(index.ids), cfg.data.train_split, tc.label_rule, tc.la_alpha, tc.ha_alpha, cam_dir,
                 tc.radius, "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
     return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers, provenance.settings_of(cfg, "train_affinity"),
+               config_to_dict(cfg), cfg.data.num_workers, stage_settings(cfg, "train_affinity"),
                "train_affinity")
 
 
@@ -127,6 +126,7 @@ def build_dataset(cfg: Config, index: SplitIndex, cam_dir: Path, stride: int) ->
         table_dir = ensure_cell_tables(index, cam_dir, tc.la_alpha, tc.ha_alpha, stride, cfg.crf,
                                        overwrite=tc.overwrite)
         return CellLabelDataset(index, table_dir, AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter), stride)
-    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf)
+    dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (tc.la_alpha, tc.ha_alpha)}, cfg.crf,
+                             overwrite=tc.overwrite)
     return AffinityLabelDataset(index, dirs[float(tc.la_alpha)], dirs[float(tc.ha_alpha)],
                                 build_train_transform(tc), stride)

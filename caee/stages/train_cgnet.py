@@ -10,14 +10,14 @@ from torch import nn
 from caee.config import Config, config_to_dict
 from caee.data import ClassificationDataset, load_split
 from caee.data.transforms import build_train_transform
-from caee import distributed, provenance
+from caee import distributed
 from caee.engine import FitResult, StepContext, fit, settings_record
 from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
 from caee.layout import Layout
-from caee.stages.common import start_trainer
+from caee.stages.common import stage_settings, start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
@@ -101,7 +101,7 @@ def main(cfg: Config) -> FitResult:
                 cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     task = CGNetTask(cgnet, oc, cfg, names, oracle)
-    settings = provenance.settings_of(cfg, "train_cgnet")
+    settings = stage_settings(cfg, "train_cgnet")
     result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers,
                  settings, "train_cgnet")
     if oracle is not None and distributed.is_main() and oracle.best() is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee import distributed, provenance, segment
+from caee import distributed, segment
 from caee.config import Config, config_to_dict, expand_work_dir
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
@@ -37,7 +37,7 @@ from caee.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
 from caee.layout import Layout
 from caee.parallel import available_cpus, run_pool, workers_for
-from caee.stages.common import resume_check, start_stage
+from caee.stages.common import resume_check, stage_settings, start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
@@ -251,12 +251,13 @@ def main(cfg: Config) -> dict | None:
                 "batch %d, %d epochs, lr %g", tc.head, tc.net.backbone, tc.net.width, model.output_stride,
                 meta["init"], len(index), split, label_dir, tc.batch_size, tc.epochs, tc.lr)
     dataset = SegmentationDataset(index, label_dir, build_train_transform(tc))
+    recorded = stage_settings(cfg, "train_deeplab")
     fitted = fit(DeeplabTask(model, meta), dataset, tc, env.out_dir, env.device, config_to_dict(cfg),
-                 cfg.data.num_workers, provenance.settings_of(cfg, "train_deeplab"), "train_deeplab")
+                 cfg.data.num_workers, recorded, "train_deeplab")
 
     eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
     info = {"weights": str(fitted.model_path), "init": meta["init"], "label_source": label_source,
             "train_split": split, "head": tc.head, "backbone": tc.net.backbone, "steps": fitted.steps,
             "train_images_per_s": fitted.images_per_s, "eval_only": False,
-            "settings": provenance.settings_of(cfg, "train_deeplab")}
+            "settings": recorded}
     return segment.segment_split(model, eval_index, env.out_dir, settings, env.device, info)
