@@ -54,11 +54,11 @@ from caee.parallel import run_pool, workers_for
 logger = logging.getLogger(__name__)
 
 
-def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfConfig]) -> int:
+def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfConfig, int]) -> int:
     """One image: CRF labels at every missing alpha from one CAM load. Returns the files written."""
-    image_path, cam_path, todo, params = job
+    image_path, cam_path, todo, params, num_classes = job
     image = load_image(image_path)
-    keys, cams = load_cam_npz(cam_path)
+    keys, cams = load_cam_npz(cam_path, num_classes)  # a key out of range would write a wrong label
     if cams.shape[1:] != image.shape[:2]:
         raise CaeeError(f"{cam_path}: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image {image_path} is "
                         f"{image.shape[1]}x{image.shape[0]}; regenerate the CAMs with make_cam.py")
@@ -101,7 +101,7 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
         todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items()
                 if overwrite or not (d / f"{image_id}.png").is_file()]
         if todo:
-            jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg))
+            jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg, index.num_classes))
     if jobs:
         _require_cams([j[1] for j in jobs], index, "the CRF labels")
         n_files = sum(len(j[2]) for j in jobs)
@@ -193,10 +193,10 @@ def cells_from_table(table: np.ndarray, box: CropBox, flip: bool, crop: int, str
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 
 
-def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig]) -> None:
-    image_path, cam_path, out_path, la_alpha, ha_alpha, stride, params = job
+def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig, int]) -> None:
+    image_path, cam_path, out_path, la_alpha, ha_alpha, stride, params, num_classes = job
     image = load_image(image_path)
-    keys, cams = load_cam_npz(cam_path)
+    keys, cams = load_cam_npz(cam_path, num_classes)  # a key >= 255 would wrap to background in the uint8 table
     if cams.shape[1:] != image.shape[:2]:
         raise CaeeError(f"{cam_path}: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image {image_path} is "
                         f"{image.shape[1]}x{image.shape[0]}; regenerate the CAMs with make_cam.py")
@@ -231,7 +231,7 @@ def ensure_cell_tables(index: SplitIndex, cam_dir: str | Path, la_alpha: float, 
     distributed.barrier()
     params = crf_cfg
     jobs = [(str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), str(out_dir / f"{image_id}.png"),
-             float(la_alpha), float(ha_alpha), stride, params)
+             float(la_alpha), float(ha_alpha), stride, params, index.num_classes)
             for i, image_id in enumerate(index.ids) if not (out_dir / f"{image_id}.png").is_file()]
     if jobs:
         _require_cams([j[1] for j in jobs], index, "the affinity labels")

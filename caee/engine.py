@@ -224,8 +224,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _start_over(out_dir: Path) -> None:
     """``overwrite=true``: remove this trainer's previous outputs (atomic replacements come later)."""
     if distributed.is_main():
-        for name in ("last.pth", "model.pth", "metrics.jsonl"):
-            (out_dir / name).unlink(missing_ok=True)
+        # oracle_best.pth and the epoch snapshots belong to the run being replaced, too
+        for path in [out_dir / n for n in ("last.pth", "model.pth", "metrics.jsonl", "oracle_best.pth")] + sorted(
+                out_dir.glob("epoch_*.pth")):
+            path.unlink(missing_ok=True)
     distributed.barrier()
 
 

@@ -18,6 +18,7 @@ import torch
 
 from caee.cam import image_keys, multiscale_cam
 from caee.data import SplitIndex
+from caee.errors import CaeeError
 from caee.io import load_image, load_label_png
 from caee.metrics import ThresholdSweep
 from caee.weights.checkpoints import read_checkpoint, save_checkpoint
@@ -58,7 +59,12 @@ class OracleSelector:
     def best(self) -> dict | None:
         if not self.path.exists():
             return None
-        return read_checkpoint(self.path, "delete it to restart the oracle selection")
+        best = read_checkpoint(self.path, "delete it to restart the oracle selection")
+        if not (isinstance(best, dict) and isinstance(best.get("model"), dict) and isinstance(best.get("epoch"), int)
+                and isinstance(best.get("miou"), float)):
+            raise CaeeError(f"{self.path}: not an oracle record (model, epoch, miou); delete it to restart the "
+                            "oracle selection")
+        return best
 
     def update(self, model: torch.nn.Module, epoch: int) -> None:
         miou = train_cam_miou(model, self.index, self.device)

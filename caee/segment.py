@@ -35,13 +35,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caee import distributed
-from caee.config import Config, CrfConfig, NetConfig
+from caee.config import Config, CrfConfig
 from caee.crf import crf_labels_from_scores, dense_crf
 from caee.data import InferenceDataset, SplitIndex, collate_list, normalize_image
 from caee.errors import CaeeError
 from caee.logs import show_progress
 from caee.evaluation import evaluate_label_dir, format_report, to_jsonable
 from caee.io import save_label_png, write_json
+from caee.models.backbone import net_from_meta
 from caee.models.deeplab import build_deeplab
 from caee.parallel import run_pool
 from caee.weights.checkpoints import checkpoint_meta, load_model_weights
@@ -215,8 +216,7 @@ def load_deeplab(path: str | Path, cfg: Config, num_classes: int) -> tuple[nn.Mo
                         "train_deeplab.weights")
     meta = checkpoint_meta(path)
     tc = cfg.train_deeplab
-    net = NetConfig(**meta["net"]) if "net" in meta else tc.net
-    net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
+    net = net_from_meta(meta, tc.net, path)
     if meta.get("num_classes", num_classes) != num_classes:
         raise CaeeError(f"{path} was trained with {meta['num_classes']} classes but the dataset has {num_classes}")
     model = build_deeplab(net, num_classes + 1, meta.get("head", tc.head), meta.get("head_channels", tc.head_channels),

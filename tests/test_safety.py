@@ -135,6 +135,40 @@ def test_huge_lr_through_the_cli_exits_2_without_poisoned_files(tmp_path, capsys
         load_checkpoint(folder / "last.pth")  # finite
 
 
+def test_nonfinite_weights_are_refused_where_any_network_is_loaded(tmp_path):
+    """A NaN weight would give NaN CAMs or all-background argmaxes without an error of its own."""
+    from caee.config import NetConfig
+    from caee.models.classifier import build_classifier, load_classifier
+
+    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
+    state = build_classifier(net, 3).state_dict()
+    state["fc8.weight"][0, 0] = float("nan")
+    torch.save({"model": state, "arch": "classifier", "net": {**vars(net), "added_later": 1}}, tmp_path / "m.pth")
+    with pytest.raises(CaeeError, match=r"m.pth: 1 tensor\(s\) hold NaN or inf \(first: fc8.weight\)"):
+        load_classifier(tmp_path / "m.pth", net, 3)
+    state["fc8.weight"][0, 0] = 0.0  # finite: loads, the unknown 'net' key of another version ignored
+    torch.save({"model": state, "arch": "classifier", "net": {**vars(net), "added_later": 1}}, tmp_path / "m.pth")
+    assert load_classifier(tmp_path / "m.pth", net, 3) is not None
+    torch.save({"model": state, "arch": "classifier", "net": "tinycnn"}, tmp_path / "m.pth")
+    with pytest.raises(CaeeError, match=r"m.pth: the recorded network \('net'\) is not a mapping"):
+        load_classifier(tmp_path / "m.pth", net, 3)
+
+
+def test_overwrite_also_removes_the_oracle_record_and_epoch_snapshots(tmp_path):
+    for name in ("oracle_best.pth", "epoch_001.pth", "epoch_002.pth", "keep.txt"):
+        (tmp_path / name).write_bytes(b"old run")
+    fit(TinyTask(), NoisyDataset(), tiny_cfg(max_steps=1, overwrite=True), tmp_path, torch.device("cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "last.pth", "metrics.jsonl", "model.pth"]
+
+
+def test_a_foreign_oracle_record_is_a_message(tmp_path):
+    from caee.oracle import OracleSelector
+
+    torch.save({"weights": {}}, tmp_path / "oracle_best.pth")
+    with pytest.raises(CaeeError, match=r"oracle_best.pth: not an oracle record .*delete it"):
+        OracleSelector(tmp_path, None, torch.device("cpu")).best()
+
+
 # ---------------------------------------------------------------- 3. AffinityNet is seeded
 
 
@@ -224,6 +258,27 @@ def test_wrong_size_training_mask_is_refused(tmp_path, fake_voc):
         Image.fromarray(np.zeros((5, 7), np.uint8), mode="L").save(labels / f"{i}.png")
     with pytest.raises(CaeeError, match="label map is 7x5"):
         SegmentationDataset(index, labels)[0]
+
+
+def test_affinity_label_steps_refuse_cam_keys_outside_the_classes(tmp_path):
+    """A key >= 255 would wrap to background in the uint8 cell table; any key >= C is a wrong label."""
+    from caee.affinity_labels import ensure_cell_tables, ensure_crf_labels
+    from caee.config import CrfConfig, DataConfig
+    from caee.data import load_split
+    from caee.layout import crf_dir
+    from conftest import write_fake_voc
+
+    root = write_fake_voc(tmp_path / "VOC2012")
+    index = load_split(DataConfig(dataset="voc", root=str(root)), "train")
+    cams = tmp_path / "cams"
+    for i, image_id in enumerate(index.ids):
+        h, w = load_image(index.image_path(i)).shape[:2]
+        save_cam_npz(cams / f"{image_id}.npz", np.array([20 if i == 1 else 0]), np.full((1, h, w), 0.5, np.float32))
+    bad = f"{index.ids[1]}.npz: CAM class keys must lie in 0..19, got \\[20\\]"
+    with pytest.raises(CaeeError, match=bad):
+        ensure_cell_tables(index, cams, 4, 24, 8, CrfConfig(workers=1))
+    with pytest.raises(CaeeError, match=bad):
+        ensure_crf_labels(index, cams, {4.0: crf_dir(cams, 4)}, CrfConfig(workers=1))
 
 
 # ---------------------------------------------------------------- 6. messages instead of tracebacks

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import dataclasses
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from torch import nn
 
 from caee.config import NetConfig
 from caee.errors import CaeeError
-from caee.models.backbone import Backbone
+from caee.models.backbone import Backbone, net_from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +172,7 @@ def load_affinitynet(path: str | os.PathLike, fallback_net: NetConfig) -> tuple[
     if meta.get("arch", "affinitynet") != "affinitynet":
         raise CaeeError(f"{path} is a {meta['arch']} checkpoint, not an AffinityNet; point "
                         "pseudo_labels.weights at train_affinity/model.pth or a PSA res38_aff.pth")
-    net = fallback_net
-    if isinstance(meta.get("net"), dict):
-        known = {f.name for f in dataclasses.fields(NetConfig)}
-        net = NetConfig(**{k: v for k, v in meta["net"].items() if k in known})
-    net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
+    net = net_from_meta(meta, fallback_net, path)
     model = build_affinitynet(net, meta.get("head_channels", (64, 128, 256)), meta.get("embed_stride", 0))
     load_model_weights(model, path, arch=_arch_name(net), config_key="pseudo_labels.weights")
     return model, meta

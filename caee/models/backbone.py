@@ -7,10 +7,14 @@ result, which :meth:`Backbone.forward` supports through ``edit``.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import dataclasses
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from caee.config import NetConfig
+from caee.errors import CaeeError
 
 FeatureEdit = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -77,3 +81,15 @@ class Backbone(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     for p in m.parameters():
                         p.requires_grad_(False)
+
+
+def net_from_meta(meta: dict, fallback: NetConfig, path: Any) -> NetConfig:
+    """The network a checkpoint records (``meta["net"]``; keys another version added are ignored),
+    else ``fallback``; ``pretrained`` cleared, since the checkpoint's weights replace ImageNet's."""
+    net = meta.get("net")
+    if net is None:
+        return dataclasses.replace(fallback, pretrained="")
+    if not isinstance(net, dict):
+        raise CaeeError(f"{path}: the recorded network ('net') is not a mapping but {type(net).__name__}")
+    known = {f.name for f in dataclasses.fields(NetConfig)}
+    return dataclasses.replace(NetConfig(**{k: v for k, v in net.items() if k in known}), pretrained="")

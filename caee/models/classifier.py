@@ -5,7 +5,6 @@ logits = global average pooling of the class maps; CAM of class c = ReLU of map 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from caee.config import NetConfig
 from caee.errors import CaeeError
-from caee.models.backbone import Backbone, FeatureEdit
+from caee.models.backbone import Backbone, FeatureEdit, net_from_meta
 
 
 class CamClassifier(nn.Module):
@@ -47,8 +46,7 @@ def load_classifier(path: str | Path, fallback_net: NetConfig, num_classes: int)
     meta = checkpoint_meta(path)
     if meta.get("arch", "classifier") != "classifier":
         raise CaeeError(f"{path} is a {meta['arch']} checkpoint, not a CAM classifier (OC or CGNet)")
-    net = NetConfig(**meta["net"]) if "net" in meta else fallback_net
-    net = dataclasses.replace(net, pretrained="")  # the checkpoint replaces ImageNet weights
+    net = net_from_meta(meta, fallback_net, path)
     model = build_classifier(net, num_classes)
     load_model_weights(model, path, arch=f"classifier/{net.backbone} (width {net.width}, {num_classes} classes)")
     return model

@@ -108,6 +108,10 @@ def load_state_dict_file(path: str | os.PathLike, config_key: str = "") -> dict[
     where = f"from config key '{config_key}': " if config_key else ""
     obj = read_checkpoint(path, f"{where}pass a .pth state dict saved with torch.save")
     state = _unwrap(obj, path)
+    bad = nonfinite_tensors(state)
+    if bad:  # NaN weights give NaN CAMs or all-background argmaxes, never an error of their own
+        raise CaeeError(f"{path}: {where}{len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
+                        "these weights cannot be used")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
