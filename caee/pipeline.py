@@ -18,7 +18,7 @@ import time
 from caee.config import Config
 from caee.errors import CaeeError
 from caee.results import write_results
-from caee.runner import jobs_of, run_jobs
+from caee.runner import jobs_of, refuse_stale, run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -47,4 +47,7 @@ def run(cfg: Config, only: list[str] | None = None, nproc: int = 1, overwrite: b
     run_jobs(selected, context=jobs, overwrite=overwrite, nproc=nproc, t0=t0)
     if only and RESULTS not in only:
         return {}
+    for up in jobs:  # the table describes this config: every output it reads must still match it
+        if up not in selected:
+            refuse_stale(up, jobs, RESULTS)
     return write_results(cfg, names)

@@ -112,6 +112,27 @@ def record_of(job: Job, context: Sequence[Job]) -> markers.Record:
     return markers.Record(job.step.name, [job.step.stage] * len(job.calls), job.settings, upstream)
 
 
+def refuse_stale(up: Job, context: Sequence[Job], reader: str) -> None:
+    """CaeeError when ``up`` (a step not run now) finished with other settings or inputs than this
+    config gives it: ``reader``, which reads its outputs, would run on (or tabulate) stale files."""
+    done = markers.read(up.marker)
+    if done is None:
+        return
+    why = markers.changes(done, record_of(up, context))
+    if why:
+        raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which were made with other settings "
+                        f"than this config ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); run "
+                        f"'{up.name()}' too (add it to --stages) or the whole pipeline")
+
+
+def _refuse_stale_upstream(jobs: Sequence[Job], context: Sequence[Job]) -> None:
+    chosen = {j.marker for j in jobs}
+    for job in jobs:
+        for up in upstream_of(job, context):
+            if up.marker not in chosen:
+                refuse_stale(up, context, job.name())
+
+
 def _clear(job: Job) -> None:
     from caee import distributed
 
@@ -171,6 +192,7 @@ def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool =
 
     summary = summary if summary is not None else Summary()
     context = list(context) or list(jobs)
+    _refuse_stale_upstream(jobs, context)
     t0 = time.perf_counter() if t0 is None else t0
     for i, job in enumerate(jobs, 1):
         record = record_of(job, context)

@@ -123,3 +123,26 @@ def test_pipeline_logs_stage_i_of_n_with_the_elapsed_time(tmp_path, calls, caplo
     with caplog.at_level("INFO", logger="caee.runner"):
         pipeline.run(cfg, only=["cam_cgnet"])
     assert [r.getMessage().split(" finished")[0] for r in caplog.records] == ["stage 1 / 1: cam_cgnet"]
+
+
+def test_selected_steps_and_the_table_refuse_stale_upstream_outputs(tmp_path, calls, monkeypatch):
+    """`caee run --stages X` after a key of an unselected upstream step changed: X would run on (and
+    the results table describe) outputs this config did not make, so both are refused, naming the
+    step and the key; selecting the upstream step too runs both."""
+    cfg = mini_config(tmp_path)
+    _run(cfg, calls)
+    changed = mini_config(tmp_path, **{"train_affinity.lr": 0.5})
+    jobs = jobs_of(changed, PLAN)
+    pick = lambda *names: [j for j in jobs if j.step.name in names]  # noqa: E731
+    calls.clear()
+    with pytest.raises(CaeeError, match=r"'pseudo_labels' reads the outputs of 'train_affinity', which were made "
+                                        r"with other settings than this config \(train_affinity.lr: 0.01 -> 0.5\)"):
+        run_jobs(pick("pseudo_labels"), context=jobs)
+    assert calls == []
+    run_jobs(pick("train_affinity", "pseudo_labels"), context=jobs)
+    assert calls == ["train_affinity", "pseudo_labels"]
+    monkeypatch.setattr(pipeline, "write_results", lambda cfg, names: {"rows": []})
+    with pytest.raises(CaeeError, match=r"'results' reads the outputs of 'train_deeplab', which were made with "
+                                        r"other settings than this config \(upstream step 'pseudo_labels' ran again"):
+        pipeline.run(changed, only=["results"])
+    assert pipeline.run(changed, only=["train_deeplab", "results"]) == {"rows": []}

@@ -159,6 +159,13 @@ MUTATIONS: list[Mutation] = [
       "union = gt_count + pred_count - tp", "union = gt_count", "tests/test_metrics.py"),
     m("poly lr ignores the configured power", "caee/engine.py",
       "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
+    # ---- the runner: a selected step must not run on an unselected, stale upstream step's outputs
+    m("caee run --stages X runs on stale upstream outputs", "caee/runner.py",
+      "    _refuse_stale_upstream(jobs, context)\n", "", "tests/test_runner.py"),
+    # ---- provenance: a stage records the fingerprints of the upstream outputs it reads
+    m("stages record no input fingerprints", "caee/stages/common.py",
+      'settings.update({f"input.{name}": input_fingerprint(p) for name, p in stage_inputs(cfg, stage).items()})',
+      "pass", "tests/test_safety.py"),
     # ---- SGD inside backward (train_*.step_in_backward)
     m("step_in_backward drops the weight decay", "caee/sgd_in_backward.py",
       '            d = d.add(p, alpha=group["weight_decay"])\n', "", "tests/test_engine.py"),
