@@ -92,6 +92,12 @@ def test_killed_pipeline_resumes_and_writes_every_artifact_and_a_parsable_table(
     assert by_stage["total"]["seconds"] == f"{sum(result['stage_seconds'].values()):.0f}"
     # one folder per stage: the pseudo-label stage logs where it writes
     assert (work / "pseudo_labels" / "log.txt").is_file() and not (work / "make_pseudo_labels").exists()
+    # each stage run on its own accepts what the pipeline made: `caee run` writes the input paths
+    # out, a stage alone derives them, and both record the same settings
+    from caee.stages import make_cam, make_pseudo_labels, train_affinity, train_cgnet
+
+    assert train_cgnet.main(cfg).steps > 0 and train_affinity.main(cfg).steps > 0
+    assert make_cam.main(cfg).computed == 0 and make_pseudo_labels.main(cfg) == work / "pseudo_labels"
 
 
 def test_unknown_stage_is_refused(tmp_path):

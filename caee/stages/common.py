@@ -63,15 +63,17 @@ def claim_folder(folder: Path) -> None:
     io_claim_folder(folder, main=distributed.is_main())
 
 
-def stage_inputs(cfg: Config, stage: str) -> dict[str, Path]:
-    """The upstream outputs ``stage`` reads (``cfg`` with {work_dir} expanded)."""
+def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[str, Path]]:
+    """The upstream outputs ``stage`` reads: ``{name: (config key, path)}`` (``cfg`` with {work_dir}
+    expanded; an empty key gives the path the Layout derives)."""
     layout = Layout(cfg)
     return {
-        "train_cgnet": lambda: {"oc": layout.oc_weights()},
-        "make_cam": lambda: {"weights": layout.cam_weights()},
-        "train_affinity": lambda: {"cams": layout.affinity_cam_dir()},
-        "make_pseudo_labels": lambda: {"cams": layout.pseudo_label_cam_dir(), "affinitynet": layout.affinity_weights()},
-        "train_deeplab": lambda: {"labels": layout.deeplab_labels()},
+        "train_cgnet": lambda: {"oc": ("train_cgnet.oc_weights", layout.oc_weights())},
+        "make_cam": lambda: {"weights": ("cam.weights", layout.cam_weights())},
+        "train_affinity": lambda: {"cams": ("train_affinity.cam_dir", layout.affinity_cam_dir())},
+        "make_pseudo_labels": lambda: {"cams": ("pseudo_labels.cam_dir", layout.pseudo_label_cam_dir()),
+                                       "affinitynet": ("pseudo_labels.weights", layout.affinity_weights())},
+        "train_deeplab": lambda: {"labels": ("train_deeplab.label_dir", layout.deeplab_labels())},
     }.get(stage, dict)()
 
 
@@ -101,11 +103,15 @@ def input_fingerprint(path: Path) -> str:
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """``provenance.settings_of(cfg, stage)`` plus ``input.<name>``: the fingerprint of every
-    upstream output the stage reads. A stage run on its own after an upstream stage was redone
-    with other settings is therefore refused, not silently continued on stale outputs."""
+    """``provenance.settings_of(cfg, stage)`` with each input's path as the Layout resolves it, plus
+    ``input.<name>``: the fingerprint of every upstream output the stage reads. A stage run on its
+    own after an upstream stage was redone with other settings is therefore refused, not silently
+    continued on stale outputs; `caee run` (which writes the paths out) and a stage run alone
+    record the same settings."""
     settings = provenance.settings_of(cfg, stage)
-    settings.update({f"input.{name}": input_fingerprint(p) for name, p in stage_inputs(cfg, stage).items()})
+    for name, (key, path) in stage_inputs(cfg, stage).items():
+        settings[key] = str(path)  # "" (derived) and the same path written out are one input
+        settings[f"input.{name}"] = input_fingerprint(path)
     return settings
 
 
