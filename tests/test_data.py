@@ -96,14 +96,29 @@ def test_labels_cache_written_and_used(fake_voc, fake_voc_labels):
     assert np.array_equal(idx.labels[0], _multi_hot([1]))
 
 
+def test_labels_cache_from_other_masks_is_not_reused(fake_voc):
+    """Another data.mask_dir under the same root: the cached labels came from other masks, so
+    they are derived again (and the cache records the new source)."""
+    load_split(_voc(fake_voc), "train")
+    other = fake_voc / "OtherMasks"
+    other.mkdir()
+    for image_id in ("2007_000001", "2007_000002", "2007_000003"):
+        save_label_png(other / f"{image_id}.png", np.full((8, 8), 5, np.uint8))  # every image: class 5
+    idx = load_split(_voc(fake_voc, mask_dir="OtherMasks"), "train")
+    assert all(np.array_equal(row, _multi_hot([5])) for row in idx.labels)
+    with np.load(fake_voc / "cls_labels.npz", allow_pickle=False) as z:
+        assert str(z["source"]) == f"masks:{other.resolve()},{(fake_voc / 'SegmentationClass').resolve()}"
+    assert np.array_equal(load_split(_voc(fake_voc), "train").labels[1], _multi_hot([12, 15]))  # and back
+
+
 def test_labels_cache_falls_back_to_user_cache(fake_voc, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     real = splits_mod.save_labels_cache
 
-    def read_only_root(path, ids, labels):
+    def read_only_root(path, ids, labels, source=""):
         if Path(path).parent == fake_voc:
             raise PermissionError("read-only")
-        real(path, ids, labels)
+        real(path, ids, labels, source)
 
     monkeypatch.setattr(splits_mod, "save_labels_cache", read_only_root)
     load_split(_voc(fake_voc), "train")

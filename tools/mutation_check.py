@@ -30,8 +30,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", ".venv", "work_dirs",
-                                "data", "results", "*.pyc")
+_IGNORE_ANYWHERE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", ".venv", "*.pyc")
+_TOP_LEVEL_ONLY = {"work_dirs", "data", "results"}  # datasets and outputs at the root; caee/data is code
+
+
+def IGNORE(folder: str, names: list[str]) -> set[str]:
+    """What the copy leaves out (``shutil.copytree``'s ``ignore``)."""
+    ignored = set(_IGNORE_ANYWHERE(folder, names))
+    if Path(folder) == REPO:
+        ignored |= _TOP_LEVEL_ONLY & set(names)
+    return ignored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +173,8 @@ MUTATIONS: list[Mutation] = [
     # ---- provenance: a stage records the fingerprints of the upstream outputs it reads
     m("stages record no input fingerprints", "caee/stages/common.py",
       'settings[f"input.{name}"] = input_fingerprint(path)', "pass", "tests/test_safety.py"),
+    m("image-label cache derived from other masks is reused", "caee/data/splits.py",
+      'if source and recorded.startswith("masks:") and recorded != source:', "if False:", "tests/test_data.py"),
     # ---- SGD inside backward (train_*.step_in_backward)
     m("step_in_backward drops the weight decay", "caee/sgd_in_backward.py",
       '            d = d.add(p, alpha=group["weight_decay"])\n', "            pass\n", "tests/test_engine.py"),

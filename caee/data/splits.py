@@ -12,13 +12,15 @@ its file stem is the id, so PSA-style lines (``/JPEGImages/x.jpg /SegmentationCl
 also work. ``split`` may also be a path to a ``.txt`` list (relative to the root or absolute).
 
 Image-level labels come from the masks (class k present when any pixel equals k) and are cached
-without pickle in ``<root>/cls_labels.npz`` (``ids``: unicode array, ``labels``: (N, C) uint8).
-Delete that file after changing masks. A read-only root caches under ``~/.cache/caee/``.
+without pickle in ``<root>/cls_labels.npz`` (``ids``: unicode array, ``labels``: (N, C) uint8,
+``source``: the mask folders they came from; a cache from other mask folders is not reused).
+Delete that file after editing masks in place. A read-only root caches under ``~/.cache/caee/``.
 Custom datasets (and any dataset with ``data.labels_csv`` set) take the labels from a CSV instead
 (see :mod:`caee.data.custom`).
 """
 from __future__ import annotations
 
+import contextlib
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -283,7 +285,8 @@ def _mask_labels(paths: tuple[Path, ...], num_classes: int) -> np.ndarray:
 def _labels_from_masks(root: Path, ids: list[str], num_classes: int, mask_dir: Path | None,
                        eval_dir: Path | None) -> np.ndarray:
     """(N, C) uint8 labels of ``ids``, from the cache when present, else computed from the masks and cached."""
-    cache = load_labels_cache(root, num_classes)
+    source = "masks:" + ",".join(str(d.resolve()) for d in (mask_dir, eval_dir) if d is not None)
+    cache = load_labels_cache(root, num_classes, source)
     todo = [i for i in ids if i not in cache]
     if todo:
         dirs = [d for d in (mask_dir, eval_dir) if d is not None]
@@ -297,7 +300,7 @@ def _labels_from_masks(root: Path, ids: list[str], num_classes: int, mask_dir: P
                              total=len(todo), desc="image labels from masks", disable=len(todo) < 2000,
                              leave=False))
         cache.update(zip(todo, rows))
-        _store_labels_cache(root, cache, num_classes)
+        _store_labels_cache(root, cache, num_classes, source)
     return np.stack([cache[i] for i in ids]).astype(np.uint8)
 
 
@@ -320,21 +323,37 @@ def read_labels_cache(path: str | os.PathLike, num_classes: int) -> dict[str, np
     return {str(i): row.astype(np.uint8) for i, row in zip(ids, labels)}
 
 
-def load_labels_cache(root: Path, num_classes: int) -> dict[str, np.ndarray]:
-    """The cached labels of ``root`` (its own cls_labels.npz first, then the per-user cache)."""
+def _labels_source(path: Path) -> str:
+    """What a labels cache records it was derived from ("" when it records nothing)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["source"]) if "source" in z.files else ""
+    return ""
+
+
+def load_labels_cache(root: Path, num_classes: int, source: str = "") -> dict[str, np.ndarray]:
+    """The cached labels of ``root`` (its own cls_labels.npz first, then the per-user cache).
+
+    source: the masks the caller derives labels from (``masks:<dirs>``); a cache derived from other
+    masks (another data.mask_dir under the same root) is left out, not reused."""
     out: dict[str, np.ndarray] = {}
     for path in (_user_cache_path(root), root / LABELS_CACHE):
         if path.is_file():
+            recorded = _labels_source(path)
+            if source and recorded.startswith("masks:") and recorded != source:
+                logger.info("%s holds labels derived from other masks (%s); they are derived again", path,
+                            recorded.removeprefix("masks:"))
+                continue
             out.update(read_labels_cache(path, num_classes))
     return out
 
 
-def _store_labels_cache(root: Path, cache: dict[str, np.ndarray], num_classes: int) -> None:
+def _store_labels_cache(root: Path, cache: dict[str, np.ndarray], num_classes: int, source: str) -> None:
     ids = sorted(cache)
     labels = np.stack([cache[i] for i in ids]) if ids else np.zeros((0, num_classes), np.uint8)
     for path in (root / LABELS_CACHE, _user_cache_path(root)):
         try:
-            save_labels_cache(path, ids, labels)
+            save_labels_cache(path, ids, labels, source)
             return
         except OSError as e:
             logger.debug("cannot write %s: %s", path, e)
