@@ -80,7 +80,8 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
     (the stage names the folders: next to the CAM folder).
 
     Each folder records what made its labels (:func:`caee.crf.label_folder_settings`): labels made
-    from other CAMs or with other CRF settings are refused, or with ``overwrite`` recomputed.
+    from other CAMs or with other CRF settings are refused, or with ``overwrite`` recomputed (only
+    in such a folder: AffinityNet's own settings do not change these labels).
     Missing PNGs are computed from ``<cam_dir>/<id>.npz`` in a process pool (``workers``: None =
     ``crf.workers``), each rank of a torchrun group taking its share; all ranks wait for each other
     at the end. Returns ``{alpha: folder}``.
@@ -88,18 +89,22 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
     cam_dir = Path(cam_dir)
     dirs = {float(a): Path(d) for a, d in crf_dirs.items()}
     cams = provenance.folder_fingerprint(cam_dir)
+    settings = {a: label_folder_settings(cams, a, crf_cfg) for a in dirs}
+    # every rank decides which folders hold other labels before rank 0 rewrites their records
+    redo = {a for a, d in dirs.items() if next(d.glob("*.png"), None) is not None
+            and provenance.folder_fingerprint(d) != provenance.fingerprint(settings[a])}
+    distributed.barrier()
     if distributed.is_main():
-        for a, d in dirs.items():  # all checked before any record changes
-            provenance.refuse_other_settings(d, label_folder_settings(cams, a, crf_cfg), "train_affinity", overwrite,
-                                             next(d.glob("*.png"), None) is not None)
+        for a in sorted(redo):  # all checked before any record changes
+            provenance.refuse_other_settings(dirs[a], settings[a], "train_affinity", overwrite, True)
         for a, d in dirs.items():
             claim_folder(d)  # locked; a killed run's temp files removed
-            provenance.record_settings(d, label_folder_settings(cams, a, crf_cfg))
+            provenance.record_settings(d, settings[a])
     distributed.barrier()
     jobs = []
     for i, image_id in enumerate(index.ids):
         todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items()
-                if overwrite or not (d / f"{image_id}.png").is_file()]
+                if a in redo or not (d / f"{image_id}.png").is_file()]
         if todo:
             jobs.append((str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), todo, crf_cfg, index.num_classes))
     if jobs:

@@ -324,6 +324,9 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     channels_last = cfg.channels_last and use_cuda
 
     stage = stage or out_dir.name
+    if cfg.step_in_backward and world > 1:  # before anything is removed or loaded
+        raise CaeeError(f"{stage}.step_in_backward needs one process (DDP reduces gradients after the update); "
+                        f"this run has {world}")
     record = settings_record(settings)
     if getattr(cfg, "overwrite", False):
         _start_over(out_dir)
@@ -334,9 +337,6 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(parameter_groups(model, task.head_modules(), cfg), cfg)
     if cfg.step_in_backward:
-        if world > 1:
-            raise CaeeError(f"{stage}.step_in_backward needs one process (DDP reduces gradients after the update); "
-                            f"this run has {world}")
         step_in_backward(optimizer)
     step = 0
     last_path = out_dir / "last.pth"

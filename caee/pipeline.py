@@ -44,10 +44,9 @@ def run(cfg: Config, only: list[str] | None = None, nproc: int = 1, overwrite: b
     t0 = time.perf_counter()
     jobs = jobs_of(cfg, names)
     selected = [j for j in jobs if not only or j.step.name in only]
+    if only and RESULTS in only:  # the table describes this config: every output it reads must match it
+        refuse_stale(selected, jobs, {RESULTS: jobs})
     run_jobs(selected, context=jobs, overwrite=overwrite, nproc=nproc, t0=t0)
     if only and RESULTS not in only:
         return {}
-    for up in jobs:  # the table describes this config: every output it reads must still match it
-        if up not in selected:
-            refuse_stale(up, jobs, RESULTS)
     return write_results(cfg, names)

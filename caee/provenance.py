@@ -32,6 +32,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 NON_OUTPUT_KEYS = frozenset({
     "num_workers", "workers", "log_every", "checkpoint_every", "overwrite", "pictures",
     "keep_epochs", "tensorboard", "eval_only",
+    "step_in_backward",  # the same weights as the ordinary step (tests/test_engine.py): a memory lever
 })
 
 

@@ -112,25 +112,35 @@ def record_of(job: Job, context: Sequence[Job]) -> markers.Record:
     return markers.Record(job.step.name, [job.step.stage] * len(job.calls), job.settings, upstream)
 
 
-def refuse_stale(up: Job, context: Sequence[Job], reader: str) -> None:
-    """CaeeError when ``up`` (a step not run now) finished with other settings or inputs than this
-    config gives it: ``reader``, which reads its outputs, would run on (or tabulate) stale files."""
-    done = markers.read(up.marker)
-    if done is None:
-        return
-    why = markers.changes(done, record_of(up, context))
-    if why:
-        raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which were made with other settings "
-                        f"than this config ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); run "
-                        f"'{up.name()}' too (add it to --stages) or the whole pipeline")
+def _out_of_date(job: Job, context: Sequence[Job], memo: dict) -> list[str]:
+    """Why the finished ``job`` no longer matches this config: its own settings or upstream runs
+    changed, or (transitively) a step it reads from is out of date; [] when it still holds or never ran."""
+    if job.marker not in memo:
+        memo[job.marker] = []  # a guard; the context is ordered, so there are no cycles
+        done = markers.read(job.marker)
+        why = [] if done is None else markers.changes(done, record_of(job, context))
+        if done is not None and not why:
+            for up in upstream_of(job, context):
+                inner = _out_of_date(up, context, memo)
+                if inner:
+                    why = [f"its input '{up.name()}' is out of date: {inner[0]}"]
+                    break
+        memo[job.marker] = why
+    return memo[job.marker]
 
 
-def _refuse_stale_upstream(jobs: Sequence[Job], context: Sequence[Job]) -> None:
-    chosen = {j.marker for j in jobs}
-    for job in jobs:
-        for up in upstream_of(job, context):
-            if up.marker not in chosen:
-                refuse_stale(up, context, job.name())
+def refuse_stale(selected: Sequence[Job], context: Sequence[Job], readers: dict[str, Sequence[Job]]) -> None:
+    """CaeeError when a step not run now, whose outputs ``readers`` (name -> the jobs it reads)
+    read, finished with other settings or inputs than this config gives it (directly or through a
+    step upstream of it): they would run on, or tabulate, stale files. Checked before anything runs."""
+    chosen, memo = {j.marker for j in selected}, {}
+    for reader, ups in readers.items():
+        for up in ups:
+            why = [] if up.marker in chosen else _out_of_date(up, context, memo)
+            if why:
+                raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which were made with other "
+                                f"settings than this config ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); "
+                                f"run '{up.name()}' too (add it to --stages) or the whole pipeline")
 
 
 def _clear(job: Job) -> None:
@@ -192,7 +202,7 @@ def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool =
 
     summary = summary if summary is not None else Summary()
     context = list(context) or list(jobs)
-    _refuse_stale_upstream(jobs, context)
+    refuse_stale(jobs, context, {job.name(): upstream_of(job, context) for job in jobs})
     t0 = time.perf_counter() if t0 is None else t0
     for i, job in enumerate(jobs, 1):
         record = record_of(job, context)

@@ -304,6 +304,10 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     assert not np.array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
     assert provenance.folder_fingerprint(dirs[24.0]) == provenance.fingerprint(
         label_folder_settings(None, 24, CrfConfig(bilateral_srgb=5)))
+    # overwrite (train_affinity.overwrite for any AffinityNet change) keeps labels whose record holds
+    kept = {p: p.stat().st_mtime_ns for d in dirs.values() for p in d.glob("*.png")}
+    ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5, workers=1), overwrite=True)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
 
 
 def test_missing_cams_are_reported(tmp_path):

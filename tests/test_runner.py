@@ -135,6 +135,16 @@ def test_selected_steps_and_the_table_refuse_stale_upstream_outputs(tmp_path, ca
     jobs = jobs_of(changed, PLAN)
     pick = lambda *names: [j for j in jobs if j.step.name in names]  # noqa: E731
     calls.clear()
+    # two steps up: the pseudo labels' own record holds, but they were made from the outdated AffinityNet
+    with pytest.raises(CaeeError, match=r"'train_deeplab' reads the outputs of 'pseudo_labels', .*\(its input "
+                                        r"'train_affinity' is out of date: train_affinity.lr: 0.01 -> 0.5\)"):
+        run_jobs(pick("train_deeplab"), context=jobs)
+    # checked before anything runs: retraining the OC first would not make the CGNet current
+    oc_jobs = jobs_of(mini_config(tmp_path, **{"train_classifier.lr": 0.5}), PLAN)
+    with pytest.raises(CaeeError, match=r"'cam_cgnet' reads the outputs of 'train_cgnet', .*its input "
+                                        r"'train_classifier' is out of date"):
+        run_jobs([j for j in oc_jobs if j.step.name in ("train_classifier", "cam_cgnet")], context=oc_jobs)
+    assert calls == []
     with pytest.raises(CaeeError, match=r"'pseudo_labels' reads the outputs of 'train_affinity', which were made "
                                         r"with other settings than this config \(train_affinity.lr: 0.01 -> 0.5\)"):
         run_jobs(pick("pseudo_labels"), context=jobs)

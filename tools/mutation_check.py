@@ -169,7 +169,10 @@ MUTATIONS: list[Mutation] = [
       "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
     # ---- the runner: a selected step must not run on an unselected, stale upstream step's outputs
     m("caee run --stages X runs on stale upstream outputs", "caee/runner.py",
-      "    _refuse_stale_upstream(jobs, context)\n", "", "tests/test_runner.py"),
+      "    refuse_stale(jobs, context, {job.name(): upstream_of(job, context) for job in jobs})\n", "",
+      "tests/test_runner.py"),
+    m("a stale step is judged by its own marker only (not through its inputs)", "caee/runner.py",
+      "        if done is not None and not why:\n", "        if False:\n", "tests/test_runner.py"),
     # ---- provenance: a stage records the fingerprints of the upstream outputs it reads
     m("stages record no input fingerprints", "caee/stages/common.py",
       'settings[f"input.{name}"] = input_fingerprint(path)', "pass", "tests/test_safety.py"),

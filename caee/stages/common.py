@@ -1,6 +1,7 @@
 """Set-up every stage does first: device, process group, output folder, logging, saved config."""
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -103,14 +104,22 @@ def input_fingerprint(path: Path) -> str:
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """``provenance.settings_of(cfg, stage)`` with each input's path as the Layout resolves it, plus
-    ``input.<name>``: the fingerprint of every upstream output the stage reads. A stage run on its
-    own after an upstream stage was redone with other settings is therefore refused, not silently
-    continued on stale outputs; `caee run` (which writes the paths out) and a stage run alone
-    record the same settings."""
+    """``provenance.settings_of(cfg, stage)`` plus ``input.<name>``: the fingerprint of every
+    upstream output the stage reads. A stage run on its own after an upstream stage was redone
+    with other settings is therefore refused, not silently continued on stale outputs. An input
+    path equal to the one the Layout derives is recorded as "", so `caee run` (which writes the
+    paths out) and a stage run alone record the same settings."""
     settings = provenance.settings_of(cfg, stage)
-    for name, (key, path) in stage_inputs(cfg, stage).items():
-        settings[key] = str(path)  # "" (derived) and the same path written out are one input
+    inputs = stage_inputs(cfg, stage)
+    blank = copy.deepcopy(cfg)
+    for key, _ in inputs.values():
+        section, field = key.split(".")
+        setattr(getattr(blank, section), field, "")
+    derived = stage_inputs(blank, stage)
+    for name, (key, path) in inputs.items():
+        # the derived path, left empty or written out (as caee run does), is recorded as "": the
+        # same input either way, and a moved work_dir stays the same experiment
+        settings[key] = "" if path.absolute() == derived[name][1].absolute() else str(path)
         settings[f"input.{name}"] = input_fingerprint(path)
     return settings
 
