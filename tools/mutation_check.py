@@ -182,8 +182,8 @@ MUTATIONS: list[Mutation] = [
     m("step_in_backward drops the weight decay", "caee/sgd_in_backward.py",
       '            d = d.add(p, alpha=group["weight_decay"])\n', "            pass\n", "tests/test_engine.py"),
     m("step_in_backward keeps the group of its start (stale lr after a resume)", "caee/sgd_in_backward.py",
-      "_update(p, optimizer.param_groups[gi], optimizer.state[p])", "_update(p, group, optimizer.state[p])",
-      "tests/test_engine.py"),
+      "lambda p, gi=gi: _update(p, optimizer.param_groups[gi], optimizer.state[p])",
+      "lambda p, gi=gi, g=group: _update(p, g, optimizer.state[p])", "tests/test_engine.py"),
 ]
 
 
