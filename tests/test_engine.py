@@ -108,8 +108,12 @@ def test_step_in_backward_gives_the_same_weights_and_resumes(tmp_path):
     saved optimiser state holds the same momentum buffers."""
     ds = NoisyDataset()
     c = dict(max_steps=12, momentum=0.9, weight_decay=1e-2)
-    fit(TinyTask(), ds, cfg(**c), tmp_path / "plain", torch.device("cpu"))
-    fit(TinyTask(), ds, cfg(**c, step_in_backward=True), tmp_path / "inside", torch.device("cpu"))
+    plain_task, inside_task = TinyTask(), TinyTask()
+    fit(plain_task, ds, cfg(**c), tmp_path / "plain", torch.device("cpu"))
+    fit(inside_task, ds, cfg(**c, step_in_backward=True), tmp_path / "inside", torch.device("cpu"))
+    # the option reached the engine: every gradient was applied and freed inside backward
+    assert all(p.grad is not None for p in plain_task.model.parameters())
+    assert all(p.grad is None for p in inside_task.model.parameters())
     fit(TinyTask(), ds, cfg(**{**c, "max_steps": 5}, step_in_backward=True), tmp_path / "resumed", torch.device("cpu"))
     fit(TinyTask(), ds, cfg(**c, step_in_backward=True), tmp_path / "resumed", torch.device("cpu"))
     plain = _weights(tmp_path / "plain" / "model.pth")

@@ -179,6 +179,8 @@ MUTATIONS: list[Mutation] = [
     m("image-label cache derived from other masks is reused", "caee/data/splits.py",
       'if source and recorded.startswith("masks:") and recorded != source:', "if False:", "tests/test_data.py"),
     # ---- SGD inside backward (train_*.step_in_backward)
+    m("the engine ignores train_*.step_in_backward", "caee/engine.py",
+      "    if cfg.step_in_backward:\n        step_in_backward(optimizer)\n", "", "tests/test_engine.py"),
     m("step_in_backward drops the weight decay", "caee/sgd_in_backward.py",
       '            d = d.add(p, alpha=group["weight_decay"])\n', "            pass\n", "tests/test_engine.py"),
     m("step_in_backward keeps the group of its start (stale lr after a resume)", "caee/sgd_in_backward.py",

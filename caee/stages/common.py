@@ -124,13 +124,13 @@ def stage_settings(cfg: Config, stage: str) -> dict:
     return settings
 
 
-def resume_check(cfg: Config, stage: str) -> Callable[[Path], None]:
+def resume_check(cfg: Config, stage: str, settings: dict) -> Callable[[Path], None]:
     """A trainer's ``before_write``: refuse (before config.yaml or the log change) a re-run whose
-    settings (inputs included) differ from those its checkpoints record, unless ``<stage>.overwrite``."""
+    ``settings`` (:func:`stage_settings`, inputs included) differ from those its checkpoints
+    record, unless ``<stage>.overwrite``."""
     from caee.engine import check_resumable
 
-    return lambda out_dir: check_resumable(out_dir, stage_settings(cfg, stage), stage,
-                                           getattr(cfg, stage).overwrite)
+    return lambda out_dir: check_resumable(out_dir, settings, stage, getattr(cfg, stage).overwrite)
 
 
 @dataclass
@@ -139,6 +139,7 @@ class TrainerStart:
     env: StageEnv
     index: SplitIndex  # data.train_split
     names: list[str]   # class names of the dataset
+    settings: dict     # stage_settings: what fit records and a re-run is checked against
 
 
 def start_trainer(cfg: Config, stage: str) -> TrainerStart:
@@ -147,6 +148,8 @@ def start_trainer(cfg: Config, stage: str) -> TrainerStart:
     are then reproducible, so a pipeline resumed at this stage matches an uninterrupted one) and
     read the training split."""
     cfg = expand_work_dir(cfg)
-    env = start_stage(cfg, stage, seed=getattr(cfg, stage).seed, before_write=resume_check(cfg, stage))
+    settings = stage_settings(cfg, stage)
+    env = start_stage(cfg, stage, seed=getattr(cfg, stage).seed, before_write=resume_check(cfg, stage, settings))
     ensure_dataset(cfg.data)
-    return TrainerStart(cfg, env, load_split(cfg.data, cfg.data.train_split), dataset_class_names(cfg.data))
+    return TrainerStart(cfg, env, load_split(cfg.data, cfg.data.train_split), dataset_class_names(cfg.data),
+                        settings)

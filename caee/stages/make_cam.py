@@ -64,17 +64,14 @@ def cam_file_settings(cfg: Config) -> dict:
                               *[f"crf.{f.name}" for f in dataclasses.fields(CrfConfig)])
 
 
-def crf_label_settings(cfg: Config, alpha: float) -> dict:
-    """The settings that determine the label PNGs of ``<out_dir>_crf_<alpha>``: the CAM files'
-    (their fingerprint), the CRF's and alpha, recorded as AffinityNet's label step records them."""
-    return label_folder_settings(provenance.fingerprint(cam_file_settings(cfg)), alpha, cfg.crf)
-
-
 def check_output_folders(cfg: Config, out_dir: Path) -> None:
     """Refuse (before anything is written) to add to the CAM folder or a CRF folder made with other
     settings; then record the settings in each. Rank 0, from start_stage's ``before_write``."""
-    folders = [(out_dir, cam_file_settings(cfg), "*.npz")]
-    folders += [(crf_dir(out_dir, a), crf_label_settings(cfg, a), "*.png") for a in cfg.cam.crf_alphas]
+    cams = cam_file_settings(cfg)
+    # a CRF folder: the CAM files' fingerprint, the CRF settings and alpha (as AffinityNet's label step)
+    folders = [(out_dir, cams, "*.npz")]
+    folders += [(crf_dir(out_dir, a), label_folder_settings(provenance.fingerprint(cams), a, cfg.crf), "*.png")
+                for a in cfg.cam.crf_alphas]
     for folder, settings, pattern in folders:
         provenance.refuse_other_settings(folder, settings, "cam", cfg.cam.overwrite,
                                          next(folder.glob(pattern), None) is not None)

@@ -24,7 +24,7 @@ from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.layout import Layout, crf_dir
-from caee.stages.common import stage_settings, start_trainer
+from caee.stages.common import start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def main(cfg: Config) -> FitResult:
                 stride, len(index.ids), cfg.data.train_split, tc.label_rule, tc.la_alpha, tc.ha_alpha, cam_dir,
                 tc.radius, "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
     return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers, stage_settings(cfg, "train_affinity"),
+               config_to_dict(cfg), cfg.data.num_workers, start.settings,
                "train_affinity")
 
 

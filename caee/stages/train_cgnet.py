@@ -17,7 +17,7 @@ from caee.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.oracle import OracleSelector
 from caee.layout import Layout
-from caee.stages.common import stage_settings, start_trainer
+from caee.stages.common import start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint
 
@@ -101,7 +101,7 @@ def main(cfg: Config) -> FitResult:
                 cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     task = CGNetTask(cgnet, oc, cfg, names, oracle)
-    settings = stage_settings(cfg, "train_cgnet")
+    settings = start.settings
     result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers,
                  settings, "train_cgnet")
     if oracle is not None and distributed.is_main() and oracle.best() is not None:

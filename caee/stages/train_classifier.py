@@ -12,7 +12,7 @@ from caee.data import ClassificationDataset
 from caee.data.transforms import build_train_transform
 from caee.engine import FitResult, StepContext, TrainTask, fit
 from caee.models.classifier import CamClassifier, build_classifier
-from caee.stages.common import stage_settings, start_trainer
+from caee.stages.common import start_trainer
 from caee.weights.checkpoints import load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -62,5 +62,5 @@ def main(cfg: Config) -> FitResult:
                 tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     return fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers, stage_settings(cfg, "train_classifier"),
+               config_to_dict(cfg), cfg.data.num_workers, start.settings,
                "train_classifier")

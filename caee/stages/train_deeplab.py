@@ -221,7 +221,8 @@ def main(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     if tc.eval_only:
         return evaluate_only(cfg)
-    env = start_stage(cfg, STAGE, before_write=resume_check(cfg, "train_deeplab"))
+    recorded = stage_settings(cfg, "train_deeplab")
+    env = start_stage(cfg, STAGE, before_write=resume_check(cfg, "train_deeplab", recorded))
     settings = settings_from_config(cfg)  # bad test settings fail before training, not after
     ensure_dataset(cfg.data)
     names = dataset_class_names(cfg.data)
@@ -251,7 +252,6 @@ def main(cfg: Config) -> dict | None:
                 "batch %d, %d epochs, lr %g", tc.head, tc.net.backbone, tc.net.width, model.output_stride,
                 meta["init"], len(index), split, label_dir, tc.batch_size, tc.epochs, tc.lr)
     dataset = SegmentationDataset(index, label_dir, build_train_transform(tc))
-    recorded = stage_settings(cfg, "train_deeplab")
     fitted = fit(DeeplabTask(model, meta), dataset, tc, env.out_dir, env.device, config_to_dict(cfg),
                  cfg.data.num_workers, recorded, "train_deeplab")
 
