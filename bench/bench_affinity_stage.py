@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caee.config import AffinityTrainConfig  # noqa: E402
-from caee.engine import StepContext  # noqa: E402
+from caee.core.config import AffinityTrainConfig  # noqa: E402
+from caee.engine.trainer import StepContext  # noqa: E402
 from caee.models import ResNet38  # noqa: E402
 from caee.models.affinitynet import AffinityNet  # noqa: E402
-from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,  # noqa: E402
+from caee.method.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,  # noqa: E402
                                 random_walk_scores)
 from caee.stages.train_affinity import AffinityTask  # noqa: E402
 

@@ -15,7 +15,7 @@ computed). Levers are added to it with ``+``: ``bf16`` (autocast), ``channels_la
 (torch.compile of both networks), ``foreach`` / ``fused`` (optimiser kernels), ``oc_grads`` (turns
 the OC's weight gradients back on: what freezing saves), ``step_in_backward`` (each parameter's SGD
 update applied as soon as its gradient is complete, which is then freed: the same update, without
-holding every gradient at once: the engine's ``step_in_backward`` option, caee/sgd_in_backward.py).
+holding every gradient at once: the engine's ``step_in_backward`` option, caee/engine/sgd_in_backward.py).
 CUDA graphs are not offered: the step draws its targets on the CPU and indexes by them, which a captured graph cannot replay.
 
 Each variant runs in its own subprocess so that peak memory (CUDA: max_memory_allocated; CPU:
@@ -118,8 +118,8 @@ def caee_step_fn(args, device, levers: set[str]):
     """The library's step: CGNetTask.train_step, the engine's optimiser and zeroing."""
     import torch
 
-    from caee.config import Config
-    from caee.engine import StepContext, build_optimizer, parameter_groups
+    from caee.core.config import Config
+    from caee.engine.trainer import StepContext, build_optimizer, parameter_groups
     from caee.stages.train_cgnet import CGNetTask, freeze_module
 
     cfg = Config()
@@ -142,7 +142,7 @@ def caee_step_fn(args, device, levers: set[str]):
         if "fused" in levers:
             g["fused"] = True
     if "step_in_backward" in levers:   # the engine's train_*.step_in_backward
-        from caee.sgd_in_backward import step_in_backward
+        from caee.engine.sgd_in_backward import step_in_backward
 
         step_in_backward(opt)
     model = cgnet

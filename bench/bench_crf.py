@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caee.crf import crf_cam_labels  # noqa: E402
+from caee.method.crf import crf_cam_labels  # noqa: E402
 
-from caee.parallel import available_cpus, run_pool  # noqa: E402
+from caee.core.parallel import available_cpus, run_pool  # noqa: E402
 
 NUM_CLASSES = 20
 ALPHA = 4.0

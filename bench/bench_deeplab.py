@@ -6,7 +6,7 @@ Usage: python bench/bench_deeplab.py [--backbone tinycnn] [--width 1.0] [--head 
 
 Training step = forward, logits upsampled to the crop, cross-entropy (255 ignored), backward, SGD
 step with the engine's parameter groups: the work of one engine step without data loading.
-Inference = caee.segment.predict on one image: single scale, and 4 scales + flip (8 passes).
+Inference = caee.method.segment.predict on one image: single scale, and 4 scales + flip (8 passes).
 Random tensors, no files. Prints images/s.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caee.config import DeeplabTrainConfig, NetConfig  # noqa: E402
-from caee.engine import build_optimizer, parameter_groups  # noqa: E402
+from caee.core.config import DeeplabTrainConfig, NetConfig  # noqa: E402
+from caee.engine.trainer import build_optimizer, parameter_groups  # noqa: E402
 from caee.models.deeplab import build_deeplab  # noqa: E402
-from caee.segment import predict  # noqa: E402
+from caee.method.segment import predict  # noqa: E402
 from caee.stages.train_deeplab import segmentation_loss  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caee.io import save_cam_npz, save_label_png  # noqa: E402
+from caee.core.io import save_cam_npz, save_label_png  # noqa: E402
 
 NUM_CLASSES = 20
 THRESHOLDS = [i / 100.0 + 0.1 for i in range(30)]  # OC-CSE evaluation.py: 0.10 .. 0.39, computed the same way
@@ -89,7 +89,7 @@ def generate(root: Path, n: int, h: int, w: int, seed: int = 0) -> list[str]:
 def reference_mious(root: Path, ids: list[str]) -> list[float]:
     """mIoU (%) per threshold by the plain procedure: label = argmax over [t, cams], one confusion
     matrix per threshold, IoU = TP / (GT + P - TP) over the 21 classes."""
-    from caee.io import load_cam_npz, load_label_png
+    from caee.core.io import load_cam_npz, load_label_png
 
     n = NUM_CLASSES + 1
     conf = np.zeros((len(THRESHOLDS), n, n), np.int64)

@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caee.crf import crf_cam_labels  # noqa: E402
-from caee.parallel import available_cpus, run_pool  # noqa: E402
-from caee.metrics import ThresholdSweep, cam_to_label, confusion_matrix  # noqa: E402
+from caee.method.crf import crf_cam_labels  # noqa: E402
+from caee.core.parallel import available_cpus, run_pool  # noqa: E402
+from caee.core.metrics import ThresholdSweep, cam_to_label, confusion_matrix  # noqa: E402
 
 NUM_CLASSES = 20
 THRESHOLDS = np.arange(10, 40) / 100  # OC-CSE: 0.10..0.39 by 0.01, 30 thresholds

@@ -1,4 +1,4 @@
-"""Benchmark: multi-scale + flip CAM inference (caee.cam.multiscale_cams), images per second.
+"""Benchmark: multi-scale + flip CAM inference (caee.method.cam.multiscale_cams), images per second.
 
 Usage: python bench/bench_make_cam.py [--width 0.25] [--images 4] [--scales 0.5 1 1.5 2]
                                       [--cuda-width 1.0] [--device auto|cpu|cuda] [--threads N]
@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caee.cam import multiscale_cams  # noqa: E402
-from caee.config import NetConfig  # noqa: E402
-from caee.io import save_cam_npz  # noqa: E402
+from caee.method.cam import multiscale_cams  # noqa: E402
+from caee.core.config import NetConfig  # noqa: E402
+from caee.core.io import save_cam_npz  # noqa: E402
 from caee.models.classifier import build_classifier  # noqa: E402
 
 SIZES = {"synthetic 96x96": (96, 96), "VOC 500x375": (375, 500)}

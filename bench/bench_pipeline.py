@@ -37,8 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from caee.config import Config, NetConfig, load_config  # noqa: E402
-from caee.engine import StepContext, build_optimizer, parameter_groups  # noqa: E402
+from caee.core.config import Config, NetConfig, load_config  # noqa: E402
+from caee.engine.trainer import StepContext, build_optimizer, parameter_groups  # noqa: E402
 
 NUM_CLASSES = 20
 
@@ -133,7 +133,7 @@ class Bench:
         return self._train(task, tc, self._cls_batch(tc))
 
     def make_cam(self) -> float:
-        from caee.cam import multiscale_cams
+        from caee.method.cam import multiscale_cams
         from caee.models.classifier import build_classifier
 
         model = build_classifier(self.net(0.0), NUM_CLASSES).eval().to(self.device)
@@ -143,8 +143,8 @@ class Bench:
                       self.args.steps, self.device)
 
     def crf(self) -> float:
-        from caee.crf import crf_cam_labels
-        from caee.parallel import available_cpus
+        from caee.method.crf import crf_cam_labels
+        from caee.core.parallel import available_cpus
 
         img, cams = self.image(), self.cams()
         ac = self.cfg.train_affinity
@@ -169,7 +169,7 @@ class Bench:
     def make_pseudo_labels(self) -> float:
         from caee.models import ResNet38
         from caee.models.affinitynet import AffinityNet
-        from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,
+        from caee.method.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores,
                                                     random_walk_scores)
 
         model = AffinityNet(ResNet38(width=self.args.width)).eval().to(self.device)
@@ -206,7 +206,7 @@ class Bench:
 
     def infer_val(self) -> float:
         from caee.models.deeplab import build_deeplab
-        from caee.segment import predict
+        from caee.method.segment import predict
 
         model = build_deeplab(self.net(0.0), NUM_CLASSES + 1, self.cfg.train_deeplab.head).to(self.device).eval()
         x = torch.from_numpy(self.image()).permute(2, 0, 1).float().to(self.device)

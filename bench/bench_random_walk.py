@@ -1,4 +1,4 @@
-"""Random walk at VOC size: sparse T applied t times (caee.random_walk) vs PSA's dense squaring.
+"""Random walk at VOC size: sparse T applied t times (caee.method.random_walk) vs PSA's dense squaring.
 
 Setting: a 500 x 500 image -> 63 x 63 feature map (n = 3969), 21 score channels (background +
 20 CAMs), radius 5 (PSA's pair set), beta 8, t = 256, float32. Timed: affinities + scores ->
@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from caee.affinity import offset_affinity, pair_indices  # noqa: E402
-from caee.random_walk import (cam_scores_with_background, dense_random_walk_reference,  # noqa: E402
+from caee.method.affinity import offset_affinity, pair_indices  # noqa: E402
+from caee.method.random_walk import (cam_scores_with_background, dense_random_walk_reference,  # noqa: E402
                               random_walk, transition_matrix)
 
 IMG, STRIDE, N_FG, RADIUS, BETA, STEPS, ALPHA = 500, 8, 20, 5, 8.0, 256, 16.0

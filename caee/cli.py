@@ -1,6 +1,6 @@
 """The ``caee`` command: ``caee <command> --config FILE [--print-config] [key=value ...]``.
 
-One subcommand per stage plus ``caee run`` for the whole pipeline (see :mod:`caee.commands`).
+One subcommand per stage plus ``caee run`` for the whole pipeline (see :mod:`caee.pipeline.commands`).
 ``--help`` lists the config keys the command reads with their defaults and meanings, and
 ``--print-config`` prints the resolved config; neither imports a stage module, so both answer
 without loading torch. The top-level scripts (``train_cgnet.py`` ...) are aliases of these.
@@ -14,9 +14,9 @@ import sys
 from typing import Callable
 
 from caee import __version__
-from caee.commands import BY_NAME, COMMANDS, Command
-from caee.config import Config, config_to_dict, expand_work_dir, load_config
-from caee.errors import CaeeError
+from caee.pipeline.commands import BY_NAME, COMMANDS, Command
+from caee.core.config import Config, config_to_dict, expand_work_dir, load_config
+from caee.core.errors import CaeeError
 
 # the config key --overwrite sets for each stage command (start the stage over, its outputs replaced)
 OVERWRITE_KEY = {"train-classifier": "train_classifier.overwrite", "train-cgnet": "train_cgnet.overwrite",
@@ -51,7 +51,7 @@ def print_report(rc: int, report, seconds: float) -> int:
 
 def command_parser(command: Command) -> argparse.ArgumentParser:
     """The parser of one subcommand; its epilog lists the config keys the command reads."""
-    from caee.config_docs import format_key_docs, key_docs
+    from caee.core.config_docs import format_key_docs, key_docs
 
     keys = format_key_docs(key_docs(command.sections or None))
     epilog = ("config keys read by this command (key = default  {choices}  meaning); "
@@ -62,7 +62,7 @@ def command_parser(command: Command) -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides, {work_dir} expanded) as YAML and exit")
     if command.name == "run":
-        parser.add_argument("--stages", nargs="+", help="run only these stages (see caee/steps.py)")
+        parser.add_argument("--stages", nargs="+", help="run only these stages (see caee/pipeline/steps.py)")
         parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun; GPUs or CPU ranks)")
         parser.add_argument("--overwrite", action="store_true",
                             help="start the selected stages over (their recorded outputs are removed first)")
@@ -98,7 +98,7 @@ def run_command(command: Command, argv: list[str]) -> int:
             return
         module = importlib.import_module(command.module)
         if command.name == "run":
-            from caee.logs import setup_logging
+            from caee.core.logs import setup_logging
 
             setup_logging()
             result = module.run(cfg, args.stages, args.nproc, args.overwrite)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caee.io import save_label_png
+from caee.core.io import save_label_png
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def fake_voc_labels() -> dict[str, list[int]]:
 def mini_config(tmp_path: Path, **overrides):
     """A miniature experiment on a tiny synthetic set (64 x 64, 3 classes, 48 + 12 images) with
     TinyCNN networks and a handful of steps per stage: the whole pipeline runs in seconds."""
-    from caee.config import load_config
+    from caee.core.config import load_config
 
     items = {
         "work_dir": str(tmp_path / "work"), "device": "cpu",
@@ -148,7 +148,7 @@ def save_random_cgnet(work: Path, num_classes: int = 20):
 
     import torch
 
-    from caee.config import NetConfig
+    from caee.core.config import NetConfig
     from caee.models.classifier import build_classifier
 
     net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)

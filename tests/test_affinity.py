@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from caee.affinity import (affinity_loss, confident_labels, downsample_labels, pair_indices,
+from caee.method.affinity import (affinity_loss, confident_labels, downsample_labels, pair_indices,
                            pair_label_targets, pair_offsets)
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 from references import pairwise_affinity
 
 
@@ -186,7 +186,7 @@ def test_affinity_loss_finite_at_extremes():
 @pytest.mark.parametrize("psa_border", [True, False])
 @pytest.mark.parametrize("h, w, radius", [(7, 9, 5), (12, 12, 5), (9, 14, 3), (4, 4, 5)])
 def test_offset_affinity_equals_the_gathered_pairs(h, w, radius, psa_border):
-    from caee.affinity import offset_affinity
+    from caee.method.affinity import offset_affinity
     feats = torch.randn(2, 6, h, w, requires_grad=True)
     from_idx, to_idx = pair_indices(h, w, radius, psa_border)
     ref = pairwise_affinity(feats, from_idx, to_idx)

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from caee.affinity import pair_indices, pair_label_targets
-from caee.affinity_labels import (CellLabelDataset, cell_label_table, cell_table_from_cams, cells_from_table,
+from caee.method.affinity import pair_indices, pair_label_targets
+from caee.method.affinity_labels import (CellLabelDataset, cell_label_table, cell_table_from_cams, cells_from_table,
                                   ensure_cell_tables)
-from caee.config import AffinityTrainConfig, CrfConfig, DataConfig, load_config
+from caee.core.config import AffinityTrainConfig, CrfConfig, DataConfig, load_config
 from caee.data import load_split
 from caee.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AffinityAugment, CropBox, random_crop_box
-from caee.errors import CaeeError
-from caee.io import load_label_png, save_cam_npz, save_label_png
-from caee.layout import cell_label_dir
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, save_cam_npz, save_label_png
+from caee.core.layout import cell_label_dir
 
 RADIUS = 5
 
@@ -172,8 +172,8 @@ def test_table_is_exact_at_every_offset():
 
 def test_cell_table_from_cams_uses_both_crf_posteriors():
     pytest.importorskip("pydensecrf")
-    from caee.affinity_labels import cam_crf_scores
-    from caee.crf import dense_crf
+    from caee.method.affinity_labels import cam_crf_scores
+    from caee.method.crf import dense_crf
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
     cams = rng.random((2, 24, 30)).astype(np.float32)

@@ -10,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.affinity_labels import AffinityLabelDataset, ensure_crf_labels
-from caee.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
-from caee import provenance
-from caee.crf import crf_cam_labels, label_folder_settings
+from caee.method.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee.core.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
+from caee.core import provenance
+from caee.method.crf import crf_cam_labels, label_folder_settings
 from caee.data import load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import StepContext
-from caee.errors import CaeeError
-from caee.io import load_label_png, save_cam_npz, save_label_png
+from caee.engine.trainer import StepContext
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.models import ResNet38, TinyCNN
 from caee.models.affinitynet import AffinityNet, init_affinitynet_from, load_affinitynet
 from caee.models.classifier import CamClassifier
 from caee.stages import train_affinity
-from caee.layout import crf_dir
+from caee.core.layout import crf_dir
 from caee.stages.train_affinity import AffinityTask
 from caee.weights.checkpoints import load_model_weights, psa_to_caee
 from conftest import randomise_bn
@@ -282,7 +282,7 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
     assert dirs == {4.0: tmp_path / "work" / "cam_cgnet_crf_4", 24.0: tmp_path / "work" / "cam_cgnet_crf_24"}
     np.testing.assert_array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
-    from caee.io import load_cam_npz, load_image
+    from caee.core.io import load_cam_npz, load_image
     for i, image_id in enumerate(ids):
         keys, cams = load_cam_npz(cam_dir / f"{image_id}.npz")
         image = load_image(index.image_path(i))
@@ -323,7 +323,7 @@ def test_missing_cams_are_reported(tmp_path):
 
 
 def _brute_counts(labels: np.ndarray, radius: int = 5) -> tuple[int, int, int]:
-    """Pair counts of PSA's pair set by plain loops (independent of caee.affinity)."""
+    """Pair counts of PSA's pair set by plain loops (independent of caee.method.affinity)."""
     b, h, w = labels.shape
     offsets = [(0, dx) for dx in range(1, radius)] + [(dy, dx) for dy in range(1, radius)
                                                      for dx in range(-radius + 1, radius) if dy * dy + dx * dx < radius ** 2]

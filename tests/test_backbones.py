@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 from caee.models import BACKBONES, Backbone, ResNet38, ResNet101, TinyCNN, VGG16, build_backbone
 
 # the documented depth tables: depth -> (channels, stride)

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from caee.cli import run_stage
-from caee.config import config_to_dict
-from caee.io import save_cam_npz
+from caee.core.config import config_to_dict
+from caee.core.io import save_cam_npz
 from caee.stages import eval_miou, train_classifier
 from conftest import mini_config
 
@@ -120,7 +120,7 @@ def test_non_utf8_yaml(tmp_path, capsys):
 
 def test_yaml_floats_are_numbers(tmp_path):
     """YAML 1.2 floats (no dot) in a file and in an override are floats, not strings."""
-    from caee.config import load_config
+    from caee.core.config import load_config
 
     path = tmp_path / "f.yaml"
     path.write_text("train_classifier:\n  lr: 5e-4\n  weight_decay: 1E-5\n")
@@ -248,7 +248,7 @@ CAM_CASES = [
 
 @pytest.mark.parametrize("name,damage", CAM_CASES, ids=[c[0] for c in CAM_CASES])
 def test_bad_cam_file(tmp_path, exp, name, damage, capsys):
-    from caee.config import load_config
+    from caee.core.config import load_config
     from caee.data import load_split
 
     cfg = load_config(exp)

@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from caee import provenance
-from caee.cam import multiscale_cam, multiscale_cams
+from caee.core import provenance
+from caee.method.cam import multiscale_cam, multiscale_cams
 from caee.cli import run_stage
-from caee.config import NetConfig, load_config
-from caee.crf import crf_cam_labels
-from caee.errors import CaeeError
-from caee.evaluation import folder_info
-from caee.io import load_cam_npz, load_label_png, save_cam_npz
+from caee.core.config import NetConfig, load_config
+from caee.method.crf import crf_cam_labels
+from caee.core.errors import CaeeError
+from caee.engine.scoring import folder_info
+from caee.core.io import load_cam_npz, load_label_png, save_cam_npz
 from caee.models.classifier import build_classifier
-from caee.pictures import CAPTION_H, cam_grid, compare_cams, save_picture
+from caee.core.pictures import CAPTION_H, cam_grid, compare_cams, save_picture
 from caee.stages import eval_miou, make_cam
 from conftest import save_random_cgnet
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 from caee.models import ResNet38, ResNet101, build_backbone
 from caee.weights.checkpoints import (caee_to_psa, guess_architecture, load_imagenet_weights, load_into,
                                       load_model_weights, load_state_dict_file, psa_to_caee)
@@ -282,7 +282,7 @@ def test_load_into_non_strict_reports_and_ignore():
 
 
 def test_init_weights_from_a_classifier_loads_only_the_backbone(tmp_path):
-    from caee.config import NetConfig
+    from caee.core.config import NetConfig
     from caee.models.classifier import CamClassifier
     from caee.models.deeplab import build_deeplab
     from caee.models.tinycnn import TinyCNN

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from caee.cli import main
-from caee.commands import COMMANDS
-from caee.config_docs import field_comments, key_docs
-from caee.monitor import Monitor, format_eta
+from caee.pipeline.commands import COMMANDS
+from caee.core.config_docs import field_comments, key_docs
+from caee.engine.monitor import Monitor, format_eta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_key_docs_come_from_the_config_comments():
 
 
 def test_every_config_key_has_a_meaning():
-    # each field of caee/config.py carries a comment (its own, a block above it, or its base class's)
+    # each field of caee/core/config.py carries a comment (its own, a block above it, or its base class's)
     assert [d.key for d in key_docs(None) if not d.meaning] == []
 
 
@@ -114,7 +114,7 @@ def test_console_script_entry_point_resolves():
     entry = re.search(r'^caee = "([\w.]+):(\w+)"$', section, re.M)
     module, attr = entry.groups()
     assert (module, attr) == ("caee.cli", "main")
-    from caee.config import Config
+    from caee.core.config import Config
 
     sections = {f.name for f in dataclasses.fields(Config)}
     for c in COMMANDS:
@@ -222,10 +222,10 @@ def test_tensorboard_scalars_or_a_clear_warning(tmp_path, caplog):
 
 
 def test_run_takes_overrides_after_stages(monkeypatch):
-    import caee.pipeline
+    import caee.pipeline.run
 
     seen = {}
-    monkeypatch.setattr(caee.pipeline, "run", lambda cfg, stages, nproc, overwrite: seen.update(
+    monkeypatch.setattr(caee.pipeline.run, "run", lambda cfg, stages, nproc, overwrite: seen.update(
         cfg=cfg, stages=stages, overwrite=overwrite) or {})
     assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--stages", "train_cgnet", "results",
                  "masking.depth=2"]) == 0

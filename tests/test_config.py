@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from caee.config import Config, load_config, save_config, config_to_dict
-from caee.errors import CaeeError
+from caee.core.config import Config, load_config, save_config, config_to_dict
+from caee.core.errors import CaeeError
 
 
 def write(path, data):
@@ -82,7 +82,7 @@ def test_shipped_configs_parse():
 
 
 def test_work_dir_placeholder_is_expanded_with_the_stages_own_work_dir(tmp_path):
-    from caee.config import expand_work_dir
+    from caee.core.config import expand_work_dir
 
     path = tmp_path / "c.yaml"
     path.write_text("work_dir: runs/a\ntrain_deeplab:\n  init: '{work_dir}/train_cgnet/model.pth'\n")

@@ -3,10 +3,10 @@ import builtins
 import numpy as np
 import pytest
 
-from caee import crf as crf_mod
-from caee.config import CrfConfig
-from caee.crf import crf_cam_labels, crf_labels_from_scores, dense_crf
-from caee.errors import CaeeError
+from caee.method import crf as crf_mod
+from caee.core.config import CrfConfig
+from caee.method.crf import crf_cam_labels, crf_labels_from_scores, dense_crf
+from caee.core.errors import CaeeError
 
 H = W = 40
 EDGE = 20

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from caee.config import DataConfig, TrainConfig
+from caee.core.config import DataConfig, TrainConfig
 from caee.data import (COCO_CATEGORY_IDS, COCO_CLASSES, COCO_ID_TO_LABEL, VOC_CLASSES, ClassificationDataset,
                        InferenceDataset, SegmentationDataset, build_train_transform, collate_list,
                        dataset_class_names, ensure_dataset, load_split, normalize_image)
 from caee.data import splits as splits_mod
 from caee.data.custom import read_labels_csv
 from writers import write_labels_csv
-from caee.errors import CaeeError
-from caee.io import load_image, load_label_png, save_label_png
+from caee.core.errors import CaeeError
+from caee.core.io import load_image, load_label_png, save_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 

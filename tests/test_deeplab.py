@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from caee.config import NetConfig, config_from_dict
+from caee.core.config import NetConfig, config_from_dict
 from caee.data import load_split
-from caee.errors import CaeeError
-from caee.io import load_label_png, save_label_png
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, save_label_png
 from caee.models import ResNet38
 from caee.models.deeplab import ASPP, DeepLab, LargeFOV, build_deeplab, default_head_channels
-from caee.segment import predict
+from caee.method.segment import predict
 from caee.stages import train_deeplab
 from caee.stages.train_deeplab import check_label_dir, segmentation_loss
 

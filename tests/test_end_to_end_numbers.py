@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caee.config import config_from_dict, save_config
-from caee.io import load_cam_npz, save_cam_npz, save_label_png
+from caee.core.config import config_from_dict, save_config
+from caee.core.io import load_cam_npz, save_cam_npz, save_label_png
 from caee.stages import eval_miou
 from conftest import FAKE_VOC, fake_voc_mask, mini_config
 
@@ -103,7 +103,7 @@ def test_label_folder_with_known_mistakes_gives_the_hand_computed_miou(fake_voc,
 
 _WRITE_HOOK = '''
 import os
-import caee.io as _io
+import caee.core.io as _io
 
 _save = _io.save_cam_npz
 
@@ -123,7 +123,7 @@ def test_torchrun_cams_equal_a_single_process_and_each_is_written_once(tmp_path,
     """Two ranks share the CAM split: each image's CAM is written exactly once (a start-up hook in
     the rank processes records every save_cam_npz) and equals the CAM of a single-process run; the
     pipeline's results table then equals eval_miou.py run separately on the same folder."""
-    from caee import pipeline
+    from caee.pipeline import run as pipeline
     from caee.stages import make_cam
 
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2})
@@ -144,7 +144,7 @@ def test_torchrun_cams_equal_a_single_process_and_each_is_written_once(tmp_path,
     assert len({pid for pid, p in writes if Path(p).parent.name == "cam_classifier"}) == 2   # both ranks worked
 
     work = Path(cfg.work_dir)
-    from caee.runner import jobs_of
+    from caee.pipeline.runner import jobs_of
     (single_cfg,) = jobs_of(cfg, ["cam_classifier"])[0].calls   # the step's own view of the config
     single_cfg.cam.out_dir = str(tmp_path / "single")
     make_cam.main(single_cfg)

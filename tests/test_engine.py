@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.config import TrainConfig
-from caee.engine import EpochSampler, StepContext, TrainTask, fit, lr_factor, parameter_groups
-from caee.errors import CaeeError
+from caee.core.config import TrainConfig
+from caee.engine.trainer import EpochSampler, StepContext, TrainTask, fit, lr_factor, parameter_groups
+from caee.core.errors import CaeeError
 
 
 class NoisyDataset(torch.utils.data.Dataset):
@@ -128,7 +128,7 @@ def test_step_in_backward_gives_the_same_weights_and_resumes(tmp_path):
 
 def test_step_in_backward_equals_sgd_step_and_frees_each_gradient():
     """Per parameter group (lr, weight decay): exactly the parameters and momentum of SGD's own step."""
-    from caee.sgd_in_backward import step_in_backward
+    from caee.engine.sgd_in_backward import step_in_backward
 
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)) for _ in range(2)]
@@ -155,8 +155,8 @@ def test_step_in_backward_equals_sgd_step_and_frees_each_gradient():
 
 
 def test_step_in_backward_is_refused_where_it_would_be_wrong(tmp_path, monkeypatch):
-    from caee import engine
-    from caee.config import load_config
+    from caee.engine import trainer as engine
+    from caee.core.config import load_config
 
     with pytest.raises(CaeeError, match=r"'train_cgnet.step_in_backward' needs train_cgnet.optimizer=sgd, got adam"):
         load_config(None, ["train_cgnet.step_in_backward=true", "train_cgnet.optimizer=adam"])
@@ -194,7 +194,7 @@ def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from caee import distributed
+    from caee.core import distributed
     distributed.init_distributed(torch.device("cpu"))
     task = TinyTask()
     fit(task, NoisyDataset(), cfg(max_steps=5), out, torch.device("cpu"))
@@ -217,7 +217,7 @@ def test_ddp_two_cpu_processes_keep_replicas_equal(tmp_path):
 def test_stage_threads_count_from_the_start_not_from_the_previous_stage(tmp_path, monkeypatch):
     """run_pipeline runs every stage in one process: a trainer with a DataLoader worker lowers
     the thread count, and the worker-less stage after it must get the cores back."""
-    from caee.config import Config
+    from caee.core.config import Config
     from caee.stages import common
 
     monkeypatch.setattr(common, "available_cpus", lambda: 4)

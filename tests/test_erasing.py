@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, resize_mask, sample_targets
+from caee.method.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, resize_mask, sample_targets
 from caee.models.classifier import CamClassifier
 from caee.models.resnet38 import ResNet38
 

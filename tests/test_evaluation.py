@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caee.config import EvalConfig, load_config
+from caee.core.config import EvalConfig, load_config
 from caee.data import SplitIndex
-from caee.errors import CaeeError
-from caee.evaluation import detect_kind, evaluate_cam_dir, evaluate_dir, evaluate_label_dir, format_report
-from caee.io import save_cam_npz, save_label_png
-from caee.metrics import cam_to_label, confusion_matrix, iou_from_confusion
+from caee.core.errors import CaeeError
+from caee.engine.scoring import detect_kind, evaluate_cam_dir, evaluate_dir, evaluate_label_dir, format_report
+from caee.core.io import save_cam_npz, save_label_png
+from caee.core.metrics import cam_to_label, confusion_matrix, iou_from_confusion
 from caee.stages import eval_miou
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee.cam import multiscale_cam
-from caee.config import NetConfig
+from caee.method.cam import multiscale_cam
+from caee.core.config import NetConfig
 from caee.models.classifier import build_classifier
 from conftest import randomise_bn
 
@@ -88,7 +88,7 @@ def test_msf_cams_equal_the_official_procedure(backbone, width, size):
 
 
 def test_cam_resize_option_is_checked():
-    from caee.errors import CaeeError
+    from caee.core.errors import CaeeError
 
     net = _random_net("tinycnn", 0.25, 2, seed=0)
     with pytest.raises(CaeeError, match="cam.resize"):
@@ -125,8 +125,8 @@ def _random_cams(k: int, h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("alpha", [4, 24, 32])
 def test_crf_labels_and_posteriors_equal_psa_crf_inference(alpha):
-    from caee.config import CrfConfig
-    from caee.crf import crf_cam_labels, dense_crf
+    from caee.core.config import CrfConfig
+    from caee.method.crf import crf_cam_labels, dense_crf
 
     pytest.importorskip("pydensecrf.densecrf")
     image = textured_image(26, 31, seed=alpha)
@@ -147,9 +147,9 @@ def test_crf_labels_and_posteriors_equal_psa_crf_inference(alpha):
 
 def test_crf_min_prob_reaches_every_crf_user():
     """One settings type from the config to the CRF: the DeepLab test CRF gets cfg.crf itself
-    (make_cam and AffinityNet pass cfg.crf straight to caee.crf; tests/test_stage_wiring.py records
+    (make_cam and AffinityNet pass cfg.crf straight to caee.method.crf; tests/test_stage_wiring.py records
     every pydensecrf call of those paths)."""
-    from caee.config import load_config
+    from caee.core.config import load_config
     from caee.stages.train_deeplab import settings_from_config
 
     cfg = load_config(None, ["crf.min_prob=0.001", "train_deeplab.test_crf=true"])
@@ -188,8 +188,8 @@ def official_oracle_miou(model, images, gts, labels, num_classes: int) -> float:
 
 def test_oracle_scores_official_msf_cams_over_official_thresholds(tmp_path):
     from caee.data import ensure_dataset, load_split
-    from caee.io import load_image, load_label_png
-    from caee.oracle import THRESHOLDS, train_cam_miou
+    from caee.core.io import load_image, load_label_png
+    from caee.method.epoch_selection import THRESHOLDS, train_cam_miou
     from conftest import mini_config
 
     assert THRESHOLDS[0] == 0.10 and THRESHOLDS[-1] == 0.39 and len(THRESHOLDS) == 30
@@ -274,7 +274,7 @@ def test_xml_labels_equal_the_official_reader(voc_with_xml):
 def test_prepare_voc_takes_labels_from_xml_and_counts_the_differences(voc_with_xml, tmp_path, caplog):
     import logging
 
-    from caee.config import DataConfig
+    from caee.core.config import DataConfig
     from caee.data import load_split
     from test_data import _tool
 

@@ -1,7 +1,7 @@
 """kill -9 at a random point of every trainer and inference stage, then a re-run, gives the same
 final files as an uninterrupted run (CPU, the miniature pipeline of tests/conftest.py).
 
-The kill is the ``CAEE_KILL_AT_WRITE=N`` fault point of caee.io.atomic_write: the child process
+The kill is the ``CAEE_KILL_AT_WRITE=N`` fault point of caee.core.io.atomic_write: the child process
 dies with os._exit (no clean-up, like SIGKILL) when its N-th write is complete but not renamed,
 leaving the temp file and the folder lock behind, as a real kill at that moment would. The child
 is forked from this process (tests/forks.py), so it computes with the same single thread."""
@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from caee.cli import run_stage
-from caee.config import config_to_dict
+from caee.core.config import config_to_dict
 import forks
 from conftest import mini_config
 

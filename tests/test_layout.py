@@ -1,13 +1,13 @@
-"""caee/layout.py: every path key set alone is honoured by every later stage and the results table."""
+"""caee/core/layout.py: every path key set alone is honoured by every later stage and the results table."""
 import json
 from pathlib import Path
 
 import pytest
 
-from caee import pipeline
-from caee.layout import Layout, crf_dir
-from caee.runner import jobs_of, upstream_of
-from caee.steps import control_config
+from caee.pipeline import run as pipeline
+from caee.core.layout import Layout, crf_dir
+from caee.pipeline.runner import jobs_of, upstream_of
+from caee.pipeline.steps import control_config
 from conftest import mini_config
 
 X = "/elsewhere/x"

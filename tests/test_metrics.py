@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from caee.errors import CaeeError
-from caee.metrics import ThresholdSweep, cam_to_label, confusion_matrix, iou_from_confusion
+from caee.core.errors import CaeeError
+from caee.core.metrics import ThresholdSweep, cam_to_label, confusion_matrix, iou_from_confusion
 
 # 3x4 example, C = 2 (N = 3). The two 255 pixels carry predictions 1 and 9: both must be skipped,
 # even the out-of-range 9.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 from caee.weights.checkpoints import load_resnet38_imagenet
 from caee.weights.mxnet_params import (
     psa_resnet38_keys,

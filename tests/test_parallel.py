@@ -1,12 +1,12 @@
-"""caee.parallel: the process pool, the two background writers and the worker count of a config key."""
+"""caee.core.parallel: the process pool, the two background writers and the worker count of a config key."""
 import numpy as np
 import pytest
 
-from caee import parallel
-from caee.crf import crf_cam_labels
-from caee.errors import CaeeError
-from caee.io import load_label_png, save_label_png
-from caee.parallel import ProcessWriter, ThreadWriter, run_pool, workers_for
+from caee.core import parallel
+from caee.method.crf import crf_cam_labels
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, save_label_png
+from caee.core.parallel import ProcessWriter, ThreadWriter, run_pool, workers_for
 
 
 def _crf_job(seed):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from caee import pipeline
+from caee.pipeline import run as pipeline
 from caee.data import load_split
-from caee.evaluation import evaluate_dir
-from caee.config import save_config
+from caee.engine.scoring import evaluate_dir
+from caee.core.config import save_config
 import forks
 from conftest import mini_config
 
@@ -101,6 +101,6 @@ def test_killed_pipeline_resumes_and_writes_every_artifact_and_a_parsable_table(
 
 
 def test_unknown_stage_is_refused(tmp_path):
-    from caee.errors import CaeeError
+    from caee.core.errors import CaeeError
     with pytest.raises(CaeeError, match="unknown stage.*train_cgnet"):
         pipeline.run(_mini(tmp_path), only=["train_cgnett"])

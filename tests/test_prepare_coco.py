@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caee.config import DataConfig
+from caee.core.config import DataConfig
 from caee.data import load_split
 from caee.data.classes import COCO_ID_TO_LABEL
-from caee.io import load_label_png
+from caee.core.io import load_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee.affinity import pair_indices
-from caee.config import NetConfig, config_from_dict
-from caee.config import CrfConfig
-from caee.errors import CaeeError
-from caee.io import load_label_png, save_cam_npz, save_label_png
+from caee.method.affinity import pair_indices
+from caee.core.config import NetConfig, config_from_dict
+from caee.core.config import CrfConfig
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.models import ResNet38
 from caee.models.affinitynet import AffinityNet
-from caee.random_walk import cam_scores_with_background, dense_random_walk_reference
+from caee.method.random_walk import cam_scores_with_background, dense_random_walk_reference
 from caee.stages import make_pseudo_labels as mpl
-from caee.pseudo_labels import PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores
+from caee.method.pseudo_labels import PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores
 from references import pairwise_affinity
 
 WIDTH = 0.125

@@ -4,10 +4,10 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from caee.affinity import pair_indices
-from caee.errors import CaeeError
-from caee.pseudo_labels import WalkParams, labels_from_scores, random_walk_scores
-from caee.random_walk import cam_scores_with_background, dense_random_walk_reference, random_walk, transition_matrix
+from caee.method.affinity import pair_indices
+from caee.core.errors import CaeeError
+from caee.method.pseudo_labels import WalkParams, labels_from_scores, random_walk_scores
+from caee.method.random_walk import cam_scores_with_background, dense_random_walk_reference, random_walk, transition_matrix
 from references import pairwise_affinity
 
 
@@ -178,7 +178,7 @@ def test_walk_labels_match_dense_pipeline():
 def test_cached_transition_pattern_gives_the_same_matrix():
     """The sparsity pattern is shared by every image of a grid size: building T from a cached one
     gives exactly the matrix built from scratch, for one image and for a batch."""
-    from caee.random_walk import transition_pattern
+    from caee.method.random_walk import transition_pattern
 
     fi, ti = pair_indices(7, 9, 3, False)
     torch.manual_seed(0)

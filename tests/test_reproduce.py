@@ -1,4 +1,4 @@
-"""The reproduction drivers (caee/variants.py, caee/reports/, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
+"""The reproduction drivers (caee/pipeline/variants.py, caee/reports/, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
 on the miniature synthetic experiment: tables that parse and agree with the evaluation files, the
 chart, markers that make a second run skip finished work, and failures that name their variant."""
 import importlib.util
@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from caee.data import load_split
-from caee.evaluation import evaluate_label_dir
-from caee import variants as var
+from caee.engine.scoring import evaluate_label_dir
+from caee.pipeline import variants as var
 from caee.reports import common, masking_depth, table1
-from caee.runner import jobs_of
-from caee.config import save_config
-from caee.errors import CaeeError
+from caee.pipeline.runner import jobs_of
+from caee.core.config import save_config
+from caee.core.errors import CaeeError
 from conftest import mini_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The step runner's markers (caee/runner.py, caee/markers.py): same settings skip, a changed key
+"""The step runner's markers (caee/pipeline/runner.py, caee/core/markers.py): same settings skip, a changed key
 re-runs exactly the steps it affects (and those downstream), records without settings are refused
 unless --overwrite, an interrupted run with other settings starts over. The stages are replaced by
 a stub that writes each step's folders, so these tests train nothing."""
@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from caee import markers, pipeline, runner
-from caee.errors import CaeeError
-from caee.runner import jobs_of, run_jobs
+from caee.core import markers
+
+from caee.pipeline import run as pipeline
+
+from caee.pipeline import runner
+from caee.core.errors import CaeeError
+from caee.pipeline.runner import jobs_of, run_jobs
 from conftest import mini_config
 
 PLAN = ["train_classifier", "train_cgnet", "cam_classifier", "cam_cgnet", "train_affinity", "pseudo_labels",
@@ -112,15 +116,15 @@ def test_an_interrupted_run_with_other_settings_starts_over(tmp_path, calls):
 def test_pipeline_logs_stage_i_of_n_with_the_elapsed_time(tmp_path, calls, caplog, monkeypatch):
     monkeypatch.setattr(pipeline, "write_results", lambda cfg, steps: {"steps": steps})
     cfg = mini_config(tmp_path)
-    with caplog.at_level("INFO", logger="caee.runner"):
+    with caplog.at_level("INFO", logger="caee.pipeline.runner"):
         result = pipeline.run(cfg)
-    lines = [r.getMessage() for r in caplog.records if r.name == "caee.runner"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "caee.pipeline.runner"]
     n = len(pipeline.plan(cfg))
     assert result["steps"] == pipeline.plan(cfg) and n == 9
     assert lines[0] == "stage 1 / 9: train_classifier (elapsed 0:00:00)"
     assert lines[-1].startswith("stage 9 / 9: train_deeplab (elapsed 0:")
     caplog.clear()
-    with caplog.at_level("INFO", logger="caee.runner"):
+    with caplog.at_level("INFO", logger="caee.pipeline.runner"):
         pipeline.run(cfg, only=["cam_cgnet"])
     assert [r.getMessage().split(" finished")[0] for r in caplog.records] == ["stage 1 / 1: cam_cgnet"]
 

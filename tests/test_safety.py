@@ -15,12 +15,14 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from caee import config_rules, provenance
+from caee.core import config_rules
+
+from caee.core import provenance
 from caee.cli import run_stage
-from caee.config import Config, TrainConfig, config_to_dict, load_config
-from caee.engine import StepContext, TrainTask, fit, load_checkpoint, save_checkpoint
-from caee.errors import CaeeError
-from caee.io import StageLock, atomic_write, load_cam_npz, load_image, save_cam_npz, write_text
+from caee.core.config import Config, TrainConfig, config_to_dict, load_config
+from caee.engine.trainer import StepContext, TrainTask, fit, load_checkpoint, save_checkpoint
+from caee.core.errors import CaeeError
+from caee.core.io import StageLock, atomic_write, load_cam_npz, load_image, save_cam_npz, write_text
 from caee.stages import train_classifier
 from conftest import mini_config
 from test_engine import NoisyDataset, TinyTask, cfg as tiny_cfg
@@ -137,7 +139,7 @@ def test_huge_lr_through_the_cli_exits_2_without_poisoned_files(tmp_path, capsys
 
 def test_nonfinite_weights_are_refused_where_any_network_is_loaded(tmp_path):
     """A NaN weight would give NaN CAMs or all-background argmaxes without an error of its own."""
-    from caee.config import NetConfig
+    from caee.core.config import NetConfig
     from caee.models.classifier import build_classifier, load_classifier
 
     net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
@@ -162,7 +164,7 @@ def test_overwrite_also_removes_the_oracle_record_and_epoch_snapshots(tmp_path):
 
 
 def test_a_foreign_oracle_record_is_a_message(tmp_path):
-    from caee.oracle import OracleSelector
+    from caee.method.epoch_selection import OracleSelector
 
     torch.save({"weights": {}}, tmp_path / "oracle_best.pth")
     with pytest.raises(CaeeError, match=r"oracle_best.pth: not an oracle record .*delete it"):
@@ -248,7 +250,7 @@ def test_split_ids_are_used_verbatim(tmp_path):
 
 
 def test_wrong_size_training_mask_is_refused(tmp_path, fake_voc):
-    from caee.config import DataConfig
+    from caee.core.config import DataConfig
     from caee.data import SegmentationDataset, load_split
 
     index = load_split(DataConfig(dataset="voc", root=str(fake_voc)), "train")
@@ -262,10 +264,10 @@ def test_wrong_size_training_mask_is_refused(tmp_path, fake_voc):
 
 def test_affinity_label_steps_refuse_cam_keys_outside_the_classes(tmp_path):
     """A key >= 255 would wrap to background in the uint8 cell table; any key >= C is a wrong label."""
-    from caee.affinity_labels import ensure_cell_tables, ensure_crf_labels
-    from caee.config import CrfConfig, DataConfig
+    from caee.method.affinity_labels import ensure_cell_tables, ensure_crf_labels
+    from caee.core.config import CrfConfig, DataConfig
     from caee.data import load_split
-    from caee.layout import crf_dir
+    from caee.core.layout import crf_dir
     from conftest import write_fake_voc
 
     root = write_fake_voc(tmp_path / "VOC2012")
@@ -320,7 +322,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    code = (f"import os; from caee.io import StageLock; StageLock({str(tmp_path)!r}).acquire(); os._exit(9)")
+    code = (f"import os; from caee.core.io import StageLock; StageLock({str(tmp_path)!r}).acquire(); os._exit(9)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 9
     assert "pid" in (tmp_path / ".lock").read_text()

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee import distributed
-from caee.config import NetConfig, config_from_dict
-from caee.engine import StepContext
-from caee.io import load_label_png, save_cam_npz, save_label_png
+from caee.core import distributed
+from caee.core.config import NetConfig, config_from_dict
+from caee.engine.trainer import StepContext
+from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.models import build_backbone
 from caee.models.affinitynet import AffinityNet
 from caee.models.classifier import CamClassifier
@@ -201,7 +201,7 @@ def _hand_walk_scores(f: torch.Tensor, s: int, image: np.ndarray, cams: np.ndarr
 
 
 def _load(root, work, image_id):
-    from caee.io import load_cam_npz
+    from caee.core.io import load_cam_npz
     image = np.array(Image.open(root / "JPEGImages" / f"{image_id}.png").convert("RGB"))
     keys, cams = load_cam_npz(work / "cams" / f"{image_id}.npz")
     return image, keys, cams.astype(np.float64)
@@ -309,9 +309,9 @@ def test_pseudo_label_crf_gets_every_setting_and_the_walk_scores(tmp_path, recor
 
 
 def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recording_crf):
-    from caee.affinity_labels import ensure_crf_labels
-    from caee.config import load_config
-    from caee.layout import crf_dir
+    from caee.method.affinity_labels import ensure_crf_labels
+    from caee.core.config import load_config
+    from caee.core.layout import crf_dir
     from caee.data import load_split
     from caee.stages import make_cam
     overrides, n_images = stage_setup_crf
@@ -325,7 +325,7 @@ def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recordin
 
 
 def test_deeplab_test_crf_gets_every_setting(tmp_path, recording_crf):
-    from caee.crf import crf_labels_from_scores
+    from caee.method.crf import crf_labels_from_scores
     from caee.stages.train_deeplab import settings_from_config
     cfg = mini_config(tmp_path, **{"train_deeplab.test_crf": True, **{f"crf.{k}": v for k, v in CRF.items()}})
     settings = settings_from_config(cfg)

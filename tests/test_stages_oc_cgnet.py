@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caee.config import load_config
+from caee.core.config import load_config
 from caee.data import ClassificationDataset, load_split
-from caee.engine import StepContext
-from caee.errors import CaeeError
+from caee.engine.trainer import StepContext
+from caee.core.errors import CaeeError
 from caee.models import build_backbone
 from caee.models.classifier import CamClassifier, load_classifier
 from caee.stages import train_cgnet, train_classifier
@@ -117,7 +117,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
-    from caee import oracle
+    from caee.method import epoch_selection as oracle
     scores = iter([0.4, 0.7, 0.5])   # epoch 2 is the best
     monkeypatch.setattr(oracle, "train_cam_miou", lambda model, index, device: next(scores))
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "train_cgnet.epochs": 3,
@@ -135,8 +135,8 @@ def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
 def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
     """The oracle's score equals the best-threshold mIoU that the CAM and evaluation stages give for
     the same model's CAMs of the train split made with the oracle's (official) settings."""
-    from caee.evaluation import evaluate_cam_dir
-    from caee.oracle import FLIP, RESIZE, SCALES, THRESHOLDS, train_cam_miou
+    from caee.engine.scoring import evaluate_cam_dir
+    from caee.method.epoch_selection import FLIP, RESIZE, SCALES, THRESHOLDS, train_cam_miou
     from caee.stages import make_cam
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "cam.source": "classifier", "cam.split": "train",
                                    "cam.scales": list(SCALES), "cam.flip": FLIP, "cam.resize": RESIZE,

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caee.config import DataConfig, SyntheticConfig
+from caee.core.config import DataConfig, SyntheticConfig
 from caee.data import dataset_class_names, ensure_dataset, load_split
 from caee.data.synthetic import MARKER, generate_synthetic, render_sample
-from caee.errors import CaeeError
-from caee.io import load_image, load_label_png
+from caee.core.errors import CaeeError
+from caee.core.io import load_image, load_label_png
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SyntheticConfig(num_train=24, num_val=8)
@@ -199,7 +199,7 @@ def test_concurrent_ensure_generates_once(tmp_path):
     """Two processes (like torchrun ranks) call ensure_dataset at once: one generates, both succeed."""
     code = (
         "import sys, dataclasses\n"
-        "from caee.config import DataConfig, SyntheticConfig\n"
+        "from caee.core.config import DataConfig, SyntheticConfig\n"
         "from caee.data.splits import ensure_dataset\n"
         "from caee.data import synthetic\n"
         "calls = []\n"

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from caee.config import TrainConfig
+from caee.core.config import TrainConfig
 from caee.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomLongSideResize, build_eval_transform,
                                   build_train_transform, denormalize, normalize_image)
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import torch
 
-from caee.io import atomic_write, write_text
+from caee.core.io import atomic_write, write_text
 from caee.weights.mxnet_params import LIST_MAGIC, TYPE_FLAGS, V1_MAGIC, V2_MAGIC, V3_MAGIC
 
 DENSE_STORAGE = 0

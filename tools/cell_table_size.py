@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from caee.affinity_labels import cell_table_from_cams
-from caee.config import SyntheticConfig
-from caee.config import CrfConfig
+from caee.method.affinity_labels import cell_table_from_cams
+from caee.core.config import SyntheticConfig
+from caee.core.config import CrfConfig
 from caee.data.synthetic import render_sample
-from caee.io import save_label_png
+from caee.core.io import save_label_png
 
 VOC_TRAIN_AUG = 10582
 H, W = 375, 500

@@ -13,11 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from caee.config import load_config
+from caee.core.config import load_config
 from caee.data import ensure_dataset, load_split
-from caee.errors import CaeeError
-from caee.io import load_cam_npz, load_image, load_label_png
-from caee.pictures import compare_cams, save_picture
+from caee.core.errors import CaeeError
+from caee.core.io import load_cam_npz, load_image, load_label_png
+from caee.core.pictures import compare_cams, save_picture
 
 
 def main(argv: list[str] | None = None) -> int:

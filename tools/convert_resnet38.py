@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from caee.errors import CaeeError
-from caee.io import atomic_write
+from caee.core.errors import CaeeError
+from caee.core.io import atomic_write
 from caee.weights.checkpoints import load_resnet38_imagenet
 
 

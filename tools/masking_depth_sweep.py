@@ -31,7 +31,7 @@ from pathlib import Path
 from caee.cli import print_report
 from caee.reports.common import run_guarded
 from caee.reports.masking_depth import DEPTH_DEMO_CAPS, run_depth_sweep
-from caee.variants import caps_note, load_experiment_config
+from caee.pipeline.variants import caps_note, load_experiment_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

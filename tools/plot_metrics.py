@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from caee.cli import guarded
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 
 METRICS = "metrics.jsonl"
 # rows in pipeline order (the control run's train_cgnet right after the CGNet's)
@@ -73,7 +73,7 @@ def plot(files: list[Path], out: Path, root: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from caee.io import atomic_write
+    from caee.core.io import atomic_write
 
     fig, axes = plt.subplots(len(files), 3, figsize=(13, 3.0 * len(files)), squeeze=False)
     for row, path in zip(axes, files):

@@ -34,8 +34,8 @@ from caee.cli import guarded
 from caee.data.classes import COCO_ID_TO_LABEL
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.data.splits import labels_from_mask
-from caee.errors import CaeeError
-from caee.io import save_label_png, write_text
+from caee.core.errors import CaeeError
+from caee.core.io import save_label_png, write_text
 
 logger = logging.getLogger("prepare_coco")
 _COCO = None  # the pycocotools COCO object of the split being converted (shared with forked workers)

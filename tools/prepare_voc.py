@@ -33,12 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from caee.cli import guarded
-from caee.config import DataConfig
+from caee.core.config import DataConfig
 from caee.data.classes import VOC_CLASSES
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.data.splits import check_label_values, labels_from_mask, load_split, read_split_file
-from caee.errors import CaeeError
-from caee.io import atomic_write, load_label_png, save_label_png, write_text
+from caee.core.errors import CaeeError
+from caee.core.io import atomic_write, load_label_png, save_label_png, write_text
 
 logger = logging.getLogger("prepare_voc")
 TRAIN_AUG_SIZE = 10582

@@ -32,7 +32,7 @@ from pathlib import Path
 from caee.cli import print_report
 from caee.reports.common import run_guarded
 from caee.reports.table1 import TABLE1_DEMO_CAPS, TABLE1_DEMO_OCS, run_table1
-from caee.variants import caps_note, load_experiment_config, section_overrides
+from caee.pipeline.variants import caps_note, load_experiment_config, section_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 
 
 def read_labels_csv(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:

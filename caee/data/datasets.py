@@ -18,8 +18,8 @@ from torchvision import tv_tensors
 
 from caee.data.splits import SplitIndex, check_label_values
 from caee.data.transforms import build_eval_transform
-from caee.errors import CaeeError
-from caee.io import load_image, load_label_png
+from caee.core.errors import CaeeError
+from caee.core.io import load_image, load_label_png
 
 
 def _read_image(path: Path) -> tv_tensors.Image:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from caee.io import atomic_write
+from caee.core.io import atomic_write
 
 SPLIT_DIR = "ImageSets/Segmentation"
 LABELS_CACHE = "cls_labels.npz"

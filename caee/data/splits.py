@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caee.config import DataConfig
+from caee.core.config import DataConfig
 from caee.data.classes import COCO_CLASSES, VOC_CLASSES, synthetic_class_names
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
-from caee.errors import CaeeError
-from caee.io import load_label_png
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png
 
 logger = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from caee.config import SyntheticConfig
+from caee.core.config import SyntheticConfig
 from caee.data.classes import synthetic_class_names
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
-from caee.errors import CaeeError
-from caee.io import atomic_write, voc_palette, write_text
+from caee.core.errors import CaeeError
+from caee.core.io import atomic_write, voc_palette, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _write_chunk(root: str, cfg: SyntheticConfig, split: str, start: int, stop: 
     return ids, labels, rows
 
 
-# Images and masks are written straight into the temporary folder, without caee.io.atomic_write:
+# Images and masks are written straight into the temporary folder, without caee.core.io.atomic_write:
 # the folder as a whole is the atomic unit (renamed into place when complete, after one os.sync()
 # and with the marker written last), and a per-file fsync would make generation ~8x slower.
 

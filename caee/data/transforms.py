@@ -24,7 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +59,7 @@ def _normalise_steps() -> list[v2.Transform]:
 
 
 def build_train_transform(train_cfg) -> v2.Compose:
-    """The training augmentation of a :class:`caee.config.TrainConfig` (resize_long, hflip, color_jitter, crop_size).
+    """The training augmentation of a :class:`caee.core.config.TrainConfig` (resize_long, hflip, color_jitter, crop_size).
 
     ``resize_long: [0, 0]`` or ``crop_size: 0`` switch that step off.
     """

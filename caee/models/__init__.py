@@ -1,10 +1,10 @@
-"""Backbones by name and the one function that builds them from a :class:`~caee.config.NetConfig`."""
+"""Backbones by name and the one function that builds them from a :class:`~caee.core.config.NetConfig`."""
 from __future__ import annotations
 
 import logging
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 from caee.models.backbone import Backbone
 from caee.models.resnet38 import ResNet38
 from caee.models.resnet101 import ResNet101

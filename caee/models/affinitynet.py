@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 from caee.models.backbone import Backbone, net_from_meta
 
 logger = logging.getLogger(__name__)

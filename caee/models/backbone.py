@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 
 FeatureEdit = Callable[[int, torch.Tensor], torch.Tensor]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from caee.config import NetConfig
-from caee.errors import CaeeError
+from caee.core.config import NetConfig
+from caee.core.errors import CaeeError
 from caee.models.backbone import Backbone, FeatureEdit, net_from_meta
 
 

@@ -5,7 +5,7 @@
 ResNet38, ResNet101 and VGG16 run at output stride 8; TinyCNN (CPU demos) at 4. The model returns
 logits at the feature resolution and never upsamples: the loss upsamples them bilinearly to the
 label size (so the CE is computed on every labelled pixel, as in current DeepLab code; DeepLab-v1
-downsampled the labels instead) and inference (:mod:`caee.segment`) upsamples them to the image
+downsampled the labels instead) and inference (:mod:`caee.method.segment`) upsamples them to the image
 size. Keeping the resize out of the model keeps one forward usable at any test scale.
 
 Heads (channel 0 of the output is the background, 1..C the classes):
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 from caee.models.backbone import Backbone
 
 HEADS = ("largefov", "aspp")
@@ -135,7 +135,7 @@ class DeepLab(nn.Module):
 
 def build_deeplab(net_cfg, num_classes: int, head: str = "largefov", head_channels: int = 0,
                   dilations: list[int] | None = None, dropout: float = 0.5) -> DeepLab:
-    """A DeepLab on the backbone ``net_cfg`` (a :class:`~caee.config.NetConfig`; ImageNet weights
+    """A DeepLab on the backbone ``net_cfg`` (a :class:`~caee.core.config.NetConfig`; ImageNet weights
     when ``net_cfg.pretrained`` is set). ``num_classes`` counts the background;
     ``head_channels`` 0 = :func:`default_head_channels`."""
     from caee.models import build_backbone

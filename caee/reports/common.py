@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from caee.config import Config
-from caee.io import write_json, write_text
-from caee.variants import Outcome
+from caee.core.config import Config
+from caee.core.io import write_json, write_text
+from caee.pipeline.variants import Outcome
 
 
 # the demos' own work_dir: configs/demo.yaml's work_dirs/demo belongs to the pipeline demo, which may

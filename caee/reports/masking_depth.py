@@ -5,14 +5,14 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from caee.config import Config
-from caee.errors import CaeeError
-from caee.io import atomic_write
-from caee.layout import Layout
-from caee.logs import setup_logging
+from caee.core.config import Config
+from caee.core.errors import CaeeError
+from caee.core.io import atomic_write
+from caee.core.layout import Layout
+from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
                                  fmt_threshold, footer, markdown_table, pct, settings_line, write_report)
-from caee.variants import Outcome, Variant, make_variant, run_variants
+from caee.pipeline.variants import Outcome, Variant, make_variant, run_variants
 
 
 DEPTH_OC_STAGES = ("train_classifier", "cam_classifier")

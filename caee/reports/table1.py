@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from caee.config import Config
-from caee.layout import Layout
-from caee.logs import setup_logging
+from caee.core.config import Config
+from caee.core.layout import Layout
+from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
                                  fmt_threshold, footer, markdown_table, settings_line, write_report)
-from caee.variants import Outcome, Variant, make_variant, run_variants
+from caee.pipeline.variants import Outcome, Variant, make_variant, run_variants
 
 
 TABLE1_STAGES = ("train_classifier", "cam_classifier", "train_cgnet", "cam_cgnet")

@@ -10,13 +10,15 @@ from typing import Callable
 
 import torch
 
-from caee import distributed, provenance
-from caee.config import Config, expand_work_dir, save_config
+from caee.core import distributed
+
+from caee.core import provenance
+from caee.core.config import Config, expand_work_dir, save_config
 from caee.data import SplitIndex, dataset_class_names, ensure_dataset, load_split
-from caee.io import claim_folder as io_claim_folder
-from caee.layout import Layout
-from caee.parallel import available_cpus
-from caee.logs import setup_logging
+from caee.core.io import claim_folder as io_claim_folder
+from caee.core.layout import Layout
+from caee.core.parallel import available_cpus
+from caee.core.logs import setup_logging
 from caee.weights.checkpoints import checkpoint_meta
 
 
@@ -59,7 +61,7 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
 
 
 def claim_folder(folder: Path) -> None:
-    """:func:`caee.io.claim_folder` on rank 0 (the ranks of one torchrun group share their stage
+    """:func:`caee.core.io.claim_folder` on rank 0 (the ranks of one torchrun group share their stage
     folders); the other ranks only make sure it exists."""
     io_claim_folder(folder, main=distributed.is_main())
 
@@ -128,7 +130,7 @@ def resume_check(cfg: Config, stage: str, settings: dict) -> Callable[[Path], No
     """A trainer's ``before_write``: refuse (before config.yaml or the log change) a re-run whose
     ``settings`` (:func:`stage_settings`, inputs included) differ from those its checkpoints
     record, unless ``<stage>.overwrite``."""
-    from caee.engine import check_resumable
+    from caee.engine.trainer import check_resumable
 
     return lambda out_dir: check_resumable(out_dir, settings, stage, getattr(cfg, stage).overwrite)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caee import provenance
-from caee.config import Config, expand_work_dir, save_config
+from caee.core import provenance
+from caee.core.config import Config, expand_work_dir, save_config
 from caee.data import ensure_dataset, load_split
-from caee.evaluation import evaluate_dir, format_report
-from caee.io import claim_folder, write_json
-from caee.layout import Layout
-from caee.logs import setup_logging
+from caee.engine.scoring import evaluate_dir, format_report
+from caee.core.io import claim_folder, write_json
+from caee.core.layout import Layout
+from caee.core.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 

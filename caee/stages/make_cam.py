@@ -2,7 +2,7 @@
 
 Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
 
-    <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.io.save_cam_npz)
+    <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.core.io.save_cam_npz)
     <out_dir>/{config.yaml, log.txt, settings.json}
     <out_dir>/DONE                        JSON completion marker, written last (removed at start)
     <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml,
@@ -26,18 +26,20 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from caee import distributed, provenance
-from caee.cam import image_keys, multiscale_cams
-from caee.config import Config, CrfConfig, save_config, expand_work_dir
-from caee.crf import crf_cam_labels, label_folder_settings
+from caee.core import distributed
+
+from caee.core import provenance
+from caee.method.cam import image_keys, multiscale_cams
+from caee.core.config import Config, CrfConfig, save_config, expand_work_dir
+from caee.method.crf import crf_cam_labels, label_folder_settings
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
-from caee.errors import CaeeError
-from caee.logs import show_progress
-from caee.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
+from caee.core.errors import CaeeError
+from caee.core.logs import show_progress
+from caee.core.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
 from caee.models.classifier import load_classifier
-from caee.parallel import ThreadWriter, run_pool, workers_for
-from caee.pictures import cam_grid, save_picture
-from caee.layout import Layout, crf_dir, pictures_dir
+from caee.core.parallel import ThreadWriter, run_pool, workers_for
+from caee.core.pictures import cam_grid, save_picture
+from caee.core.layout import Layout, crf_dir, pictures_dir
 from caee.stages.common import claim_folder, stage_settings, start_stage
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Per image of ``pseudo_labels.split`` (default ``data.cam_split``):
    ``h x w = ceil(H/8) x ceil(W/8)`` embeddings tile the padded image exactly.
 2. Affinities ``exp(-mean_c |f_i - f_j|)`` of every pixel pair within ``radius`` (both directions,
    self-affinity 1; ``psa_border: true`` uses PSA's smaller pair set instead), raised to ``beta``,
-   column-normalised: the transition matrix ``T`` (:mod:`caee.random_walk`).
+   column-normalised: the transition matrix ``T`` (:mod:`caee.method.random_walk`).
 3. Scores: background ``(1 - max_c CAM_c)^alpha`` + the image's CAMs (from ``cam_dir``), zero-padded
    like the image and average-pooled by 8; ``steps`` random-walk steps ``X @ T^steps``.
 4. Bilinear upsampling (align_corners=False) to the padded size, crop to ``H x W``, argmax over
@@ -28,17 +28,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from caee import distributed, provenance
-from caee.config import Config, CrfConfig, expand_work_dir
+from caee.core import distributed
+
+from caee.core import provenance
+from caee.core.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
-from caee.errors import CaeeError
-from caee.logs import show_progress
-from caee.io import load_cam_npz, load_image, save_label_png, write_json
+from caee.core.errors import CaeeError
+from caee.core.logs import show_progress
+from caee.core.io import load_cam_npz, load_image, save_label_png, write_json
 from caee.models.affinitynet import load_affinitynet
-from caee.parallel import ProcessWriter, workers_for
-from caee.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
+from caee.core.parallel import ProcessWriter, workers_for
+from caee.method.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
                                 write_crf_labels)
-from caee.layout import Layout
+from caee.core.layout import Layout
 from caee.stages.common import stage_settings, start_stage
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Stage 4: train AffinityNet on confident pair labels from the CAMs' la/ha CRF results (PSA).
 
-Labels (``train_affinity.label_rule``, :mod:`caee.affinity_labels`): ``psa`` reads cell label
+Labels (``train_affinity.label_rule``, :mod:`caee.method.affinity_labels`): ``psa`` reads cell label
 tables from ``<cam_dir>_cells_<la>_<ha>_s<stride>/<id>.png`` and crops them with the image
 (:class:`caee.data.transforms.AffinityAugment`); ``top_left`` reads the CRF label PNGs of
 ``<cam_dir>_crf_<alpha>/``. Missing ones are computed from the CAMs first.
@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from caee.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
-from caee.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
-from caee.config import AffinityTrainConfig, Config, config_to_dict
+from caee.method.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
+from caee.method.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
+from caee.core.config import AffinityTrainConfig, Config, config_to_dict
 from caee.data import SplitIndex
 from caee.data.transforms import AffinityAugment, build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
-from caee.errors import CaeeError
+from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
+from caee.core.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
-from caee.layout import Layout, crf_dir
+from caee.core.layout import Layout, crf_dir
 from caee.stages.common import start_trainer
 
 logger = logging.getLogger(__name__)

@@ -7,16 +7,16 @@ import logging
 import torch
 from torch import nn
 
-from caee.config import Config, config_to_dict
+from caee.core.config import Config, config_to_dict
 from caee.data import ClassificationDataset, load_split
 from caee.data.transforms import build_train_transform
-from caee import distributed
-from caee.engine import FitResult, StepContext, fit, settings_record
-from caee.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
-from caee.errors import CaeeError
+from caee.core import distributed
+from caee.engine.trainer import FitResult, StepContext, fit, settings_record
+from caee.method.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
+from caee.core.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
-from caee.oracle import OracleSelector
-from caee.layout import Layout
+from caee.method.epoch_selection import OracleSelector
+from caee.core.layout import Layout
 from caee.stages.common import start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.weights.checkpoints import load_model_weights, save_checkpoint

@@ -7,10 +7,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from caee.config import Config, config_to_dict
+from caee.core.config import Config, config_to_dict
 from caee.data import ClassificationDataset
 from caee.data.transforms import build_train_transform
-from caee.engine import FitResult, StepContext, TrainTask, fit
+from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
 from caee.models.classifier import CamClassifier, build_classifier
 from caee.stages.common import start_trainer
 from caee.weights.checkpoints import load_model_weights

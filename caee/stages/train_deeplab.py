@@ -11,7 +11,7 @@ Loss: cross-entropy over the C+1 classes of the logits upsampled bilinearly to t
 255 ignored, averaged over the labelled pixels of the batch (a batch with none gives 0, not NaN).
 Augmentation: the shared train transform (random long-side resize, flip, crop padded with 255).
 Schedule: poly SGD, head (LargeFOV / ASPP) at ``head_lr_mult`` x lr; bf16, DDP and resume from
-``last.pth`` come from the engine. Afterwards :mod:`caee.segment` segments ``eval_split`` ("" =
+``last.pth`` come from the engine. Afterwards :mod:`caee.method.segment` segments ``eval_split`` ("" =
 ``data.val_split``) and writes ``results_<split>.json``. ``eval_only: true`` skips training.
 """
 from __future__ import annotations
@@ -26,17 +26,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee import distributed, segment
-from caee.config import Config, config_to_dict, expand_work_dir
+from caee.core import distributed
+
+from caee.method import segment
+from caee.core.config import Config, config_to_dict, expand_work_dir
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
-from caee.engine import StepContext, TrainTask, fit
-from caee.errors import CaeeError
-from caee.io import load_label_png, write_json
-from caee.logs import setup_logging
+from caee.engine.trainer import StepContext, TrainTask, fit
+from caee.core.errors import CaeeError
+from caee.core.io import load_label_png, write_json
+from caee.core.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
-from caee.layout import Layout
-from caee.parallel import available_cpus, run_pool, workers_for
+from caee.core.layout import Layout
+from caee.core.parallel import available_cpus, run_pool, workers_for
 from caee.stages.common import resume_check, stage_settings, start_stage
 from caee.weights.checkpoints import init_weights_from
 

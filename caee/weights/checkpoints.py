@@ -10,7 +10,7 @@ Three kinds of files reach us:
 * PSA-format checkpoints (``res38_cls.pth``, OC-CSE's ``od_cam.pth``, ``res38_aff.pth``): the same
   layers with the backbone at top level; :func:`psa_to_caee` / :func:`caee_to_psa` convert.
 
-Every load accounts for every key: a mismatch raises :class:`~caee.errors.CaeeError` listing the
+Every load accounts for every key: a mismatch raises :class:`~caee.core.errors.CaeeError` listing the
 missing / unexpected keys and shape mismatches, naming our architecture and a guess of the file's.
 Only ``num_batches_tracked`` buffers (absent from old PyTorch checkpoints) may be missing.
 """
@@ -25,9 +25,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from caee import distributed
-from caee.errors import CaeeError
-from caee.io import atomic_write
+from caee.core import distributed
+from caee.core.errors import CaeeError
+from caee.core.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import struct
 import numpy as np
 import torch
 
-from caee.errors import CaeeError
+from caee.core.errors import CaeeError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,175 @@
+"""Allowed ranges of the numeric config keys, kept in one table apart from the dataclasses.
+
+A rule is looked up by the full dotted key first (``train_affinity.head_channels``), then by the
+section-less suffix (``synthetic.num_classes``), then by the leaf name (``lr``: every trainer), so
+one line covers a key shared by the four trainer sections. Every numeric field of
+:class:`caee.core.config.Config` must have a rule (tests/test_safety.py::test_every_numeric_config_key_has_a_range_rule checks it), so a new key
+cannot slip through unchecked. Lists of numbers are checked item by item.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+from caee.core.errors import CaeeError
+
+
+class Range(NamedTuple):
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False       # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        if math.isnan(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, lo_open=True)          # sizes, counts, learning rates, scales
+NON_NEGATIVE = Range(0)                    # optional counts (0 = off / default), decays
+AT_LEAST_ONE = Range(1)
+PROBABILITY = Range(0, 1)
+FRACTION = Range(0, 1, hi_open=True)       # dropout, momentum: 1 would stop learning
+THRESHOLD = Range(0, 1, lo_open=True, hi_open=True)
+
+RULES: dict[str, Range] = {
+    # top level / data
+    "num_workers": NON_NEGATIVE,
+    "workers": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
+    "pictures": NON_NEGATIVE,
+    # synthetic data
+    "synthetic.image_size": Range(8),
+    "synthetic.num_classes": AT_LEAST_ONE,
+    "synthetic.num_train": AT_LEAST_ONE,
+    "synthetic.num_val": AT_LEAST_ONE,
+    "synthetic.objects_per_image": AT_LEAST_ONE,
+    "synthetic.object_radius": AT_LEAST_ONE,
+    "synthetic.part_size": AT_LEAST_ONE,
+    "synthetic.part_hidden_prob": PROBABILITY,
+    "synthetic.body_saturation": PROBABILITY,
+    "synthetic.stripe_period": POSITIVE,
+    "synthetic.stripe_amplitude": PROBABILITY,
+    "synthetic.stripe_jitter_deg": NON_NEGATIVE,
+    "synthetic.object_aspect": Range(0, 1, lo_open=True),
+    "synthetic.wobble": Range(0, 1, hi_open=True),
+    "synthetic.noise_std": NON_NEGATIVE,
+    "synthetic.min_visible_px": NON_NEGATIVE,
+    "synthetic.ignore_band": NON_NEGATIVE,
+    # networks
+    "width": POSITIVE,
+    "dropout": FRACTION,
+    "head_dropout": FRACTION,
+    # the four trainers
+    "batch_size": AT_LEAST_ONE,               # also cam.batch_size
+    "epochs": AT_LEAST_ONE,
+    "max_steps": NON_NEGATIVE,                # 0 = the whole schedule
+    "lr": POSITIVE,
+    "momentum": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "poly_power": POSITIVE,
+    "head_lr_mult": POSITIVE,
+    "bias_lr_mult": POSITIVE,
+    "crop_size": NON_NEGATIVE,                # 0 = no crop
+    "resize_long": NON_NEGATIVE,              # [0, 0] = no resize
+    "color_jitter": NON_NEGATIVE,
+    "checkpoint_every": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+    # class-specific erasing
+    "masking.depth": NON_NEGATIVE,
+    "masking.cse_init": NON_NEGATIVE,
+    "masking.cse_slope": NON_NEGATIVE,
+    # CAMs and CRF
+    "cam.scales": POSITIVE,
+    "cam.crf_alphas": POSITIVE,
+    "crf.iterations": NON_NEGATIVE,
+    "crf.gaussian_sxy": POSITIVE,
+    "crf.gaussian_compat": NON_NEGATIVE,
+    "crf.bilateral_sxy": POSITIVE,
+    "crf.bilateral_srgb": POSITIVE,
+    "crf.bilateral_compat": NON_NEGATIVE,
+    "crf.min_prob": Range(0, 1, lo_open=True, hi_open=True),  # unary clip; 1 would flatten every score
+    # evaluation
+    "eval.thresholds": THRESHOLD,
+    "eval.threshold": THRESHOLD,
+    # AffinityNet and the random walk
+    "train_affinity.la_alpha": POSITIVE,
+    "train_affinity.ha_alpha": POSITIVE,
+    "train_affinity.head_channels": AT_LEAST_ONE,
+    "train_affinity.embed_stride": NON_NEGATIVE,  # 0 = the backbone's stride
+    "radius": AT_LEAST_ONE,
+    "pseudo_labels.beta": POSITIVE,
+    "pseudo_labels.steps": NON_NEGATIVE,
+    "pseudo_labels.alpha": POSITIVE,
+    # DeepLab
+    "train_deeplab.test_scales": POSITIVE,
+    "train_deeplab.head_channels": NON_NEGATIVE,  # 0 = the default width
+    "train_deeplab.head_dilations": AT_LEAST_ONE,
+}
+
+
+def rule_for(dotted: str) -> Range | None:
+    """The rule of ``dotted`` (full key, then shorter suffixes down to the leaf name)."""
+    parts = dotted.split(".")
+    for start in range(len(parts)):
+        rule = RULES.get(".".join(parts[start:]))
+        if rule is not None:
+            return rule
+    return None
+
+
+def numeric_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every int / float field (lists included) of a config dataclass."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += numeric_fields(value, key + ".")
+        elif _is_number(value) or (isinstance(value, list) and value and all(_is_number(v) for v in value)):
+            out.append((key, value))
+        elif isinstance(value, list) and not value and _list_of_numbers(f.type):
+            out.append((key, value))
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of_numbers(annotation: Any) -> bool:
+    text = str(annotation)
+    return text.startswith("list[int]") or text.startswith("list[float]")
+
+
+def check(cfg: Any) -> None:
+    """CaeeError naming the first key whose value is out of its range (or NaN)."""
+    for key, value in numeric_fields(cfg):
+        rule = rule_for(key)
+        if rule is None:
+            raise CaeeError(f"config key '{key}' has no range rule in caee/core/config_rules.py")
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if not rule.holds(float(v)):
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                raise CaeeError(f"config key '{where}' must be {rule.describe()}, got {v!r}")
+    _check_combinations(cfg)
+
+
+TRAINERS = ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")
+
+
+def _check_combinations(cfg: Any) -> None:
+    """Keys valid alone but not together."""
+    for name in TRAINERS:
+        t = getattr(cfg, name, None)
+        if t is not None and t.step_in_backward and t.optimizer != "sgd":
+            raise CaeeError(f"config key '{name}.step_in_backward' needs {name}.optimizer=sgd, got {t.optimizer}")
