@@ -1,6 +1,6 @@
 """The ``caee`` command: ``caee <command> --config FILE [--print-config] [key=value ...]``.
 
-One subcommand per stage plus ``caee run`` for the whole pipeline (see :mod:`caee.pipeline.commands`).
+One subcommand per row of the table of stages (caee/stages/table.py) plus ``caee run`` for the whole pipeline.
 ``--help`` lists the config keys the command reads with their defaults and meanings, and
 ``--print-config`` prints the resolved config; neither imports a stage module, so both answer
 without loading torch. The top-level scripts (``train_cgnet.py`` ...) are aliases of these.
@@ -14,14 +14,27 @@ import sys
 from typing import Callable
 
 from caee import __version__
-from caee.pipeline.commands import BY_NAME, COMMANDS, Command
+from dataclasses import dataclass
+
 from caee.core.config import Config, config_to_dict, expand_work_dir, load_config
 from caee.core.errors import CaeeError
+from caee.stages.table import RUN_DOC, STAGES
 
-# the config key --overwrite sets for each stage command (start the stage over, its outputs replaced)
-OVERWRITE_KEY = {"train-classifier": "train_classifier.overwrite", "train-cgnet": "train_cgnet.overwrite",
-                 "make-cam": "cam.overwrite", "train-affinity": "train_affinity.overwrite",
-                 "make-pseudo-labels": "pseudo_labels.overwrite", "train-deeplab": "train_deeplab.overwrite"}
+
+@dataclass(frozen=True)
+class Command:
+    name: str                    # subcommand, e.g. "train-cgnet"
+    module: str                  # module whose main(cfg) runs it
+    sections: tuple[str, ...]    # config sections it reads (listed by --help); () = every section
+    doc: str                     # usage: inputs, outputs, examples
+    overwrite: str = ""          # the key --overwrite sets ("" = no --overwrite)
+
+
+COMMANDS: tuple[Command, ...] = tuple(
+    Command(s.command, s.module, tuple(dict.fromkeys(s.reads + s.sections)), s.doc,
+            f"{s.overwrite}.overwrite" if s.output is not None else "") for s in STAGES.values()
+) + (Command("run", "caee.pipeline.run", (), RUN_DOC),)
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 _OVERRIDES_HELP = "dotted overrides, e.g. train_cgnet.lr=0.01; quote lists: 'cam.scales=[1.0]'"
 
 
@@ -62,13 +75,13 @@ def command_parser(command: Command) -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (file + overrides, {work_dir} expanded) as YAML and exit")
     if command.name == "run":
-        parser.add_argument("--stages", nargs="+", help="run only these stages (see caee/pipeline/steps.py)")
+        parser.add_argument("--stages", nargs="+", help="run only these stages (the steps of caee/stages/table.py, and results)")
         parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun; GPUs or CPU ranks)")
         parser.add_argument("--overwrite", action="store_true",
                             help="start the selected stages over (their recorded outputs are removed first)")
-    elif command.name in OVERWRITE_KEY:
+    elif command.overwrite:
         parser.add_argument("--overwrite", action="store_true",
-                            help=f"start over: the same as {OVERWRITE_KEY[command.name]}=true")
+                            help=f"start over: the same as {command.overwrite}=true")
     parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     return parser
 
@@ -86,8 +99,8 @@ def run_command(command: Command, argv: list[str]) -> int:
     if getattr(args, "stages", None):  # `--stages a b key=value`: argparse gives the overrides to --stages
         args.overrides += [s for s in args.stages if "=" in s]
         args.stages = [s for s in args.stages if "=" not in s]
-    if getattr(args, "overwrite", False) and command.name in OVERWRITE_KEY:
-        args.overrides.append(f"{OVERWRITE_KEY[command.name]}=true")
+    if getattr(args, "overwrite", False) and command.overwrite:
+        args.overrides.append(f"{command.overwrite}=true")
     if args.config is None and not args.print_config:
         parser.error("--config is required (an experiment YAML, e.g. configs/demo.yaml)")
 

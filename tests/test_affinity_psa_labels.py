@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from caee.method.affinity import pair_indices, pair_label_targets
-from caee.method.affinity_labels import (CellLabelDataset, cell_label_table, cell_table_from_cams, cells_from_table,
-                                  ensure_cell_tables)
+from caee.stages.label_cache import CellLabelDataset, ensure_cell_tables
+from caee.method.affinity_labels import cell_label_table, cell_table_from_cams, cells_from_table
 from caee.core.config import AffinityTrainConfig, CrfConfig, DataConfig, load_config
 from caee.data import load_split
 from caee.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AffinityAugment, CropBox, random_crop_box

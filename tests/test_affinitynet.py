@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caee.method.affinity_labels import AffinityLabelDataset, ensure_crf_labels
+from caee.stages.label_cache import AffinityLabelDataset, ensure_crf_labels
 from caee.core.config import AffinityTrainConfig, CrfConfig, DataConfig, NetConfig, TrainConfig, config_from_dict
-from caee.core import provenance
+from caee.core import records
 from caee.method.crf import crf_cam_labels, label_folder_settings
 from caee.data import load_split
 from caee.data.transforms import build_train_transform
@@ -275,10 +275,11 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
     # one la file already exists, and the folder's record (as make_cam writes them): kept, not recomputed
     marker = np.full((96, 96), 6, np.uint8)
     save_label_png(crf_dir(cam_dir, 4) / f"{ids[1]}.png", marker)
-    with pytest.raises(CaeeError, match="cam_cgnet_crf_4 records no settings.*train_affinity.overwrite=true"):
+    with pytest.raises(CaeeError, match="cam_cgnet_crf_4 holds outputs without a record.*train_affinity.overwrite=true"):
         ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
     assert not crf_dir(cam_dir, 24).exists()   # refused before anything was written
-    provenance.record_settings(crf_dir(cam_dir, 4), label_folder_settings(None, 4, CrfConfig()))
+    records.write(crf_dir(cam_dir, 4), {**records.new("make_cam", label_folder_settings(None, 4, CrfConfig())),
+                                       "complete": ["train"]})
     dirs = ensure_crf_labels(index, cam_dir, {a: crf_dir(cam_dir, a) for a in (4, 24)}, CrfConfig(workers=2))
     assert dirs == {4.0: tmp_path / "work" / "cam_cgnet_crf_4", 24.0: tmp_path / "work" / "cam_cgnet_crf_24"}
     np.testing.assert_array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
@@ -302,8 +303,7 @@ def test_missing_crf_labels_are_computed_and_cached(tmp_path):
         ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5))
     ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5, workers=1), overwrite=True)
     assert not np.array_equal(load_label_png(dirs[4.0] / f"{ids[1]}.png"), marker)
-    assert provenance.folder_fingerprint(dirs[24.0]) == provenance.fingerprint(
-        label_folder_settings(None, 24, CrfConfig(bilateral_srgb=5)))
+    assert records.read(dirs[24.0])["settings"] == label_folder_settings(None, 24, CrfConfig(bilateral_srgb=5))
     # overwrite (train_affinity.overwrite for any AffinityNet change) keeps labels whose record holds
     kept = {p: p.stat().st_mtime_ns for d in dirs.values() for p in d.glob("*.png")}
     ensure_crf_labels(index, cam_dir, dirs, CrfConfig(bilateral_srgb=5, workers=1), overwrite=True)

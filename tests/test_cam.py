@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from caee.core import provenance
+from caee.core import records
 from caee.method.cam import multiscale_cam, multiscale_cams
 from caee.cli import run_stage
 from caee.core.config import NetConfig, load_config
@@ -200,7 +200,7 @@ def test_make_cam_end_to_end(stage_setup):
     result = make_cam.main(load_config(None, overrides))
     out = tmp_path / "work/cam_cgnet"
     assert result.out_dir == out and result.computed == 3
-    assert json.loads((out / "DONE").read_text())["num_images"] == 3
+    assert records.read(out)["complete"] == ["train"] and records.read(out)["stage"] == "make_cam"
     assert (out / "config.yaml").is_file()
     npz = [out / f"{i}.npz" for i in ids]
     crf = [tmp_path / f"work/cam_cgnet_crf_{a}/{i}.png" for a in (4, 24) for i in ids]
@@ -240,7 +240,7 @@ def test_make_cam_end_to_end(stage_setup):
     # re-run: nothing recomputed
     before = _mtimes(npz + crf + pictures)
     assert make_cam.main(load_config(None, overrides)).computed == 0
-    assert _mtimes(npz + crf + pictures) == before and (out / "DONE").is_file()
+    assert _mtimes(npz + crf + pictures) == before and records.read(out)["complete"] == ["train"]
 
     # a lost CRF file is redone alone
     crf[1].unlink()
@@ -269,7 +269,7 @@ def test_make_cam_refuses_mixed_settings_and_missing_weights(stage_setup, capsys
 
 
 def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):
-    """Run stage by stage (no pipeline markers), a CRF folder records its settings: other CRF
+    """Run stage by stage, a CRF folder records its settings: other CRF
     settings are refused before anything changes; the worker count is free; overwrite starts over."""
     tmp_path, ids, model, overrides = stage_setup
     overrides = overrides + ["cam.pictures=0"]
@@ -277,10 +277,10 @@ def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):
     work = tmp_path / "work"
     files = sorted(p for p in work.glob("cam_cgnet*/*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
-    recorded = json.loads((work / "cam_cgnet_crf_24/settings.json").read_text())["settings"]
+    recorded = records.read(work / "cam_cgnet_crf_24")["settings"]
     assert recorded["crf.alpha"] == 24 and recorded["crf.bilateral_srgb"] == 13 and "crf.workers" not in recorded
-    assert recorded["input.cams"] == provenance.folder_fingerprint(work / "cam_cgnet")  # the CAMs they come from
-    cam_record = json.loads((work / "cam_cgnet/settings.json").read_text())["settings"]
+    assert recorded["input.cams"] == records.read(work / "cam_cgnet")["run"]  # the CAMs they come from
+    cam_record = records.read(work / "cam_cgnet")["settings"]
     assert cam_record["cam.scales"] == [1.0, 0.5] and cam_record["input.weights"].startswith("sha256:")  # hand-made
     with pytest.raises(CaeeError, match=r"cam_cgnet_crf_4 was made with other settings \(crf.bilateral_srgb: 13.0 -> 5.0\)"
                                         r".*cam.overwrite=true"):
@@ -291,4 +291,4 @@ def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):
     make_cam.main(load_config(None, overrides + ["cam.crf_alphas=[4, 24, 8]"]))
     assert len(list((work / "cam_cgnet_crf_8").glob("*.png"))) == 3
     make_cam.main(load_config(None, overrides + ["crf.bilateral_srgb=5", "cam.overwrite=true"]))
-    assert json.loads((work / "cam_cgnet_crf_4/settings.json").read_text())["settings"]["crf.bilateral_srgb"] == 5
+    assert records.read(work / "cam_cgnet_crf_4")["settings"]["crf.bilateral_srgb"] == 5

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from caee.cli import main
-from caee.pipeline.commands import COMMANDS
+from caee.cli import COMMANDS
 from caee.core.config_docs import field_comments, key_docs
 from caee.engine.monitor import Monitor, format_eta
 

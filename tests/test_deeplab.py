@@ -11,6 +11,7 @@ from torch import nn
 
 from caee.core.config import NetConfig, config_from_dict
 from caee.data import load_split
+from caee.core import records
 from caee.core.errors import CaeeError
 from caee.core.io import load_label_png, save_label_png
 from caee.models import ResNet38
@@ -296,7 +297,7 @@ def test_tiny_deeplab_overfits_then_eval_only_with_flip_and_crf(tmp_path):
     assert saved["miou"] == pytest.approx(res["miou"])
     pred = Image.open(out / "pred_train" / "img0.png")
     assert pred.mode == "P" and pred.size == (SIZE, SIZE)
-    assert json.loads((out / "pred_train" / "DONE").read_text())["init"] == "random"
+    assert saved["init"] == "random" and records.read(out)["complete"] == ["all"]
     squares = sum(int((load_label_png(tmp_path / "data" / "SegmentationClass" / f"img{i}.png") == 1).sum())
                   for i in range(4))
     assert json.loads((out / "label_histogram.json").read_text())["pixels"]["square"] == squares
@@ -310,7 +311,7 @@ def test_tiny_deeplab_overfits_then_eval_only_with_flip_and_crf(tmp_path):
     assert res2["without_crf"]["miou"] > 0.8 and res2["with_crf"]["miou"] > 0.7
     assert res2["miou"] == res2["with_crf"]["miou"]
     assert sorted(p.name for p in (out / "pred_train_crf").glob("*.png")) == [f"img{i}.png" for i in range(4)]
-    done = json.loads((out / "pred_train_crf" / "DONE").read_text())
+    done = json.loads((out / "results_train.json").read_text())
     assert done["crf"] is True and done["flip"] is True and done["num_images"] == 4
 
 

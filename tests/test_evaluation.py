@@ -143,7 +143,7 @@ def test_evaluate_dir_auto_and_json_has_no_nan(hand_made):
 
 
 def test_eval_miou_stage(tmp_path):
-    """eval_miou.main on a VOC-layout folder: default output path, header info from config.yaml."""
+    """eval_miou.main on a VOC-layout folder: default output path, header info from the folder's record."""
     root = tmp_path / "voc"
     (root / "JPEGImages").mkdir(parents=True)
     (root / "ImageSets/Segmentation").mkdir(parents=True)
@@ -155,7 +155,8 @@ def test_eval_miou_stage(tmp_path):
     cams = tmp_path / "work/cam_cgnet"
     save_cam_npz(cams / "x1.npz", np.array([2]), np.array([[[0.35, 0.9, 0.4, 0.9]]], np.float32))
     save_cam_npz(cams / "x2.npz", np.array([14]), np.array([[[0.8, 0.6, 0.2, 0.0]]], np.float32))
-    (cams / "config.yaml").write_text("cam:\n  scales: [0.5, 1.0]\n  flip: true\n  source: cgnet\n")
+    from caee.core import records
+    records.write(cams, records.new("make_cam", {"cam.scales": [0.5, 1.0], "cam.flip": True, "cam.source": "cgnet"}))
     cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc",
                              f"data.root={root}", "data.mask_dir=SegmentationClass", "eval.workers=1",
                              "eval.thresholds=[0.3, 0.5]", "eval.threshold=0.5"])
@@ -170,6 +171,6 @@ def test_eval_miou_stage(tmp_path):
     assert saved["summary"]["split"] == "train" and saved["summary"]["num_images"] == 2
     assert saved["info"]["scales"] == [0.5, 1.0] and saved["info"]["done"] is False
     report = format_report(saved)
-    assert "scales [0.5, 1.0], flip on, CAMs of the cgnet; CRF off" in report and "no DONE marker" in report
+    assert "scales [0.5, 1.0], flip on, CAMs of the cgnet; CRF off" in report and "does not say it is complete" in report
     assert saved["summary"]["miou_at_threshold"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
     assert saved["best"]["iou"][1] is None  # classes absent from GT and prediction: NaN -> null

@@ -190,6 +190,7 @@ def test_oracle_scores_official_msf_cams_over_official_thresholds(tmp_path):
     from caee.data import ensure_dataset, load_split
     from caee.core.io import load_image, load_label_png
     from caee.method.epoch_selection import THRESHOLDS, train_cam_miou
+    from caee.stages.train_cgnet import OracleSelector
     from conftest import mini_config
 
     assert THRESHOLDS[0] == 0.10 and THRESHOLDS[-1] == 0.39 and len(THRESHOLDS) == 30
@@ -202,7 +203,7 @@ def test_oracle_scores_official_msf_cams_over_official_thresholds(tmp_path):
     net = _random_net("tinycnn", 0.5, 3, seed=11)
     want = official_oracle_miou(net, [load_image(index.image_path(i)) for i in range(len(index))], gts,
                                 list(index.labels), 3)
-    got = train_cam_miou(net, index, torch.device("cpu"))
+    got = train_cam_miou(net, OracleSelector(tmp_path, index, None).samples(), 3, torch.device("cpu"))
     assert got == pytest.approx(want, abs=1e-6)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from caee.method.affinity import pair_indices
 from caee.core.config import NetConfig, config_from_dict
 from caee.core.config import CrfConfig
+from caee.core import records
 from caee.core.errors import CaeeError
 from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.models import ResNet38
@@ -186,14 +187,15 @@ def test_stage_writes_hand_predictable_labels_and_skips_existing(tmp_path):
         lab = load_label_png(out / f"{image_id}.png")
         assert lab.shape == sizes[image_id]
         assert (lab == value).all(), (image_id, np.unique(lab))
-    done = json.loads((out / "DONE").read_text())
-    assert done["images"] == 4 and done["steps"] == 64 and done["crf"] is False
+    done = records.read(out)
+    assert done["complete"] == ["train"] and done["settings"]["pseudo_labels.steps"] == 64
+    assert done["settings"]["pseudo_labels.crf"] is False
 
     # skip existing: a changed file survives a re-run, overwrite=true restores it
     save_label_png(out / "a.png", np.full(sizes["a"], 3, np.uint8))
     mpl.main(config_from_dict(cfg))
     assert (load_label_png(out / "a.png") == 3).all()
-    assert (out / "DONE").is_file()
+    assert records.read(out)["complete"] == ["train"]
     cfg["pseudo_labels"]["overwrite"] = True
     mpl.main(config_from_dict(cfg))
     assert (load_label_png(out / "a.png") == 5).all()
@@ -204,12 +206,12 @@ def test_stage_with_crf_and_sharding(tmp_path, monkeypatch):
     cfg, work, sizes = _setup(tmp_path)
     cfg["pseudo_labels"].update(crf=True, out_dir=str(tmp_path / "pl_crf"))
     cfg["crf"] = {"workers": 1}
-    # pretend to be rank 1 of 2: only images b and d are this rank's; the DONE check is rank 0's
+    # pretend to be rank 1 of 2: only images b and d are this rank's; the record is rank 0's
     monkeypatch.setattr(mpl.distributed, "shard", lambda items: items[1::2])
     monkeypatch.setattr(mpl.distributed, "is_main", lambda: False)
     mpl.main(config_from_dict(cfg))
     written = sorted(p.stem for p in (tmp_path / "pl_crf").glob("*.png"))
-    assert written == ["b", "d"] and not (tmp_path / "pl_crf" / "DONE").exists()
+    assert written == ["b", "d"] and not (tmp_path / "pl_crf" / "record.json").exists()
     assert (load_label_png(tmp_path / "pl_crf" / "b.png") == 10).all()
 
 

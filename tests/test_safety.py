@@ -15,9 +15,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from caee.core import config_rules
-
-from caee.core import provenance
+from caee.core import config_rules, records
 from caee.cli import run_stage
 from caee.core.config import Config, TrainConfig, config_to_dict, load_config
 from caee.engine.trainer import StepContext, TrainTask, fit, load_checkpoint, save_checkpoint
@@ -51,9 +49,8 @@ def test_finished_run_with_other_lr_refuses_and_keeps_everything(tmp_path, capsy
     assert run_stage(train_classifier.main, None, ["--config", str(config)]) == 0
     new = ["--config", str(config), "train_classifier.lr=0.0001", "train_classifier.overwrite=true"]
     assert run_stage(train_classifier.main, None, new) == 0
-    model = torch.load(folder / "model.pth", weights_only=True)
-    assert model["settings"]["train_classifier.lr"] == 0.0001
-    assert model["fingerprint"] == provenance.fingerprint(model["settings"])
+    record = records.read(folder)
+    assert record["settings"]["train_classifier.lr"] == 0.0001 and record["complete"] == ["all"]
 
 
 def test_a_stage_run_alone_after_its_input_was_redone_refuses(tmp_path, capsys):
@@ -66,15 +63,15 @@ def test_a_stage_run_alone_after_its_input_was_redone_refuses(tmp_path, capsys):
     run = lambda main, *extra: run_stage(main, None, ["--config", str(config), *extra])  # noqa: E731
     assert run(train_classifier.main) == 0 and run(train_cgnet.main) == 0 and run(make_cam.main) == 0
     cgnet = tmp_path / "work" / "train_cgnet" / "model.pth"
-    recorded = torch.load(cgnet, weights_only=True)["settings"]
-    oc = torch.load(tmp_path / "work" / "train_classifier" / "model.pth", weights_only=True)
-    assert recorded["input.oc"] == oc["fingerprint"]
+    recorded = records.read(cgnet.parent)["settings"]
+    oc = records.read(tmp_path / "work" / "train_classifier")
+    assert recorded["input.oc"] == oc["run"]
     assert run(train_classifier.main, "train_classifier.lr=0.02", "train_classifier.overwrite=true") == 0
     before = cgnet.read_bytes()
     capsys.readouterr()
     assert run(train_cgnet.main) == 2
     err = capsys.readouterr().err
-    assert f"input.oc: '{oc['fingerprint']}' -> '" in err and "train_cgnet.overwrite=true" in err
+    assert f"input.oc: '{oc['run']}' -> '" in err and "train_cgnet.overwrite=true" in err
     assert cgnet.read_bytes() == before
     assert run(train_cgnet.main, "train_cgnet.overwrite=true") == 0
     assert run(make_cam.main) == 2 and "cam_cgnet was made with other settings (input.weights: " in capsys.readouterr().err
@@ -157,14 +154,23 @@ def test_nonfinite_weights_are_refused_where_any_network_is_loaded(tmp_path):
 
 
 def test_overwrite_also_removes_the_oracle_record_and_epoch_snapshots(tmp_path):
-    for name in ("oracle_best.pth", "epoch_001.pth", "epoch_002.pth", "keep.txt"):
+    """A trainer's folder started over keeps only its log: the oracle's best epoch and the epoch
+    snapshots belong to the run being replaced (caee.stages.common.open_output)."""
+    from caee.stages.common import open_output
+
+    records.write(tmp_path, records.new("train_cgnet", {"train_cgnet.lr": 0.1}))
+    for name in ("oracle_best.pth", "epoch_001.pth", "epoch_002.pth", "last.pth", "log.txt"):
         (tmp_path / name).write_bytes(b"old run")
-    fit(TinyTask(), NoisyDataset(), tiny_cfg(max_steps=1, overwrite=True), tmp_path, torch.device("cpu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "last.pth", "metrics.jsonl", "model.pth"]
+    with pytest.raises(CaeeError, match=r"train_cgnet.lr: 0.1 -> 0.2.*train_cgnet.overwrite=true"):
+        open_output(tmp_path, "train_cgnet", {"train_cgnet.lr": 0.2}, False, "*.pth")
+    assert (tmp_path / "oracle_best.pth").is_file()  # a refusal removes nothing
+    record = open_output(tmp_path, "train_cgnet", {"train_cgnet.lr": 0.2}, True, "*.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "record.json"]
+    assert record["settings"] == {"train_cgnet.lr": 0.2} and record["complete"] == []
 
 
 def test_a_foreign_oracle_record_is_a_message(tmp_path):
-    from caee.method.epoch_selection import OracleSelector
+    from caee.stages.train_cgnet import OracleSelector
 
     torch.save({"weights": {}}, tmp_path / "oracle_best.pth")
     with pytest.raises(CaeeError, match=r"oracle_best.pth: not an oracle record .*delete it"):
@@ -264,7 +270,7 @@ def test_wrong_size_training_mask_is_refused(tmp_path, fake_voc):
 
 def test_affinity_label_steps_refuse_cam_keys_outside_the_classes(tmp_path):
     """A key >= 255 would wrap to background in the uint8 cell table; any key >= C is a wrong label."""
-    from caee.method.affinity_labels import ensure_cell_tables, ensure_crf_labels
+    from caee.stages.label_cache import ensure_cell_tables, ensure_crf_labels
     from caee.core.config import CrfConfig, DataConfig
     from caee.data import load_split
     from caee.core.layout import crf_dir
@@ -369,13 +375,17 @@ def test_atomic_writes_follow_the_umask(tmp_path):
 
 
 def test_inference_folder_refuses_outputs_made_with_other_settings(tmp_path):
-    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=False)
+    from caee.stages.common import open_output
+
+    first = open_output(tmp_path, "make_cam", {"cam.scales": [1.0]}, False, "*.npz")  # empty: starts
     (tmp_path / "a.npz").write_bytes(b"")
-    provenance.check_folder(tmp_path, {"cam.scales": [1.0]}, "cam", overwrite=False, has_outputs=True)  # same
+    assert open_output(tmp_path, "make_cam", {"cam.scales": [1.0]}, False, "*.npz")["run"] == first["run"]  # resumes
     with pytest.raises(CaeeError, match=r"cam.scales: \[1.0\] -> \[0.5\].*cam.overwrite=true"):
-        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
-    provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=True, has_outputs=True)
-    assert json.loads((tmp_path / "settings.json").read_text())["settings"] == {"cam.scales": [0.5]}
-    (tmp_path / "settings.json").unlink()  # outputs of unknown settings
-    with pytest.raises(CaeeError, match="records no settings"):
-        provenance.check_folder(tmp_path, {"cam.scales": [0.5]}, "cam", overwrite=False, has_outputs=True)
+        open_output(tmp_path, "make_cam", {"cam.scales": [0.5]}, False, "*.npz")
+    second = open_output(tmp_path, "make_cam", {"cam.scales": [0.5]}, True, "*.npz")
+    assert second["run"] != first["run"] and not (tmp_path / "a.npz").exists()
+    assert records.read(tmp_path)["settings"] == {"cam.scales": [0.5]}
+    (tmp_path / "a.npz").write_bytes(b"")
+    (tmp_path / "record.json").unlink()  # outputs of unknown settings
+    with pytest.raises(CaeeError, match="holds outputs without a record"):
+        open_output(tmp_path, "make_cam", {"cam.scales": [0.5]}, False, "*.npz")

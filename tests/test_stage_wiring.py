@@ -309,7 +309,7 @@ def test_pseudo_label_crf_gets_every_setting_and_the_walk_scores(tmp_path, recor
 
 
 def test_cam_and_affinity_label_crfs_get_every_setting(stage_setup_crf, recording_crf):
-    from caee.method.affinity_labels import ensure_crf_labels
+    from caee.stages.label_cache import ensure_crf_labels
     from caee.core.config import load_config
     from caee.core.layout import crf_dir
     from caee.data import load_split

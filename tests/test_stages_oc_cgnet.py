@@ -117,9 +117,8 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_oracle_selection_keeps_the_best_epoch(tmp_path, monkeypatch):
-    from caee.method import epoch_selection as oracle
     scores = iter([0.4, 0.7, 0.5])   # epoch 2 is the best
-    monkeypatch.setattr(oracle, "train_cam_miou", lambda model, index, device: next(scores))
+    monkeypatch.setattr(train_cgnet, "train_cam_miou", lambda model, samples, num_classes, device: next(scores))
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "train_cgnet.epochs": 3,
                                    "train_cgnet.select_by_oracle": True})
     train_classifier.main(cfg)
@@ -143,7 +142,8 @@ def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
                                    "cam.dtype": "float32", "cam.amp": False})
     model = load_classifier(train_classifier.main(cfg).model_path, cfg.train_classifier.net, 3)
     index = load_split(cfg.data, "train")
-    miou = train_cam_miou(model, index, torch.device("cpu"))
+    from caee.stages.train_cgnet import OracleSelector
+    miou = train_cam_miou(model, OracleSelector(tmp_path, index, None).samples(), 3, torch.device("cpu"))
     make_cam.main(cfg)
     summary = evaluate_cam_dir(Path(cfg.work_dir) / "cam_classifier", index, THRESHOLDS, THRESHOLDS[0], 1)["summary"]
     assert summary["num_evaluated"] == len(index) == 48

@@ -14,7 +14,7 @@ empty the path follows ``work_dir``::
     <work_dir>/pseudo_labels/<id>.png                pseudo_labels.out_dir (+ its log and config)
     <work_dir>/train_deeplab/{model.pth, pred_<split>/, pred_<split>_crf/, results_<split>.json}
     <work_dir>/eval/<folder>_<split>.json            eval_miou.py
-    <work_dir>/pipeline/<step>.done                  completion markers (caee/core/markers.py)
+    <work_dir>/pipeline/<step>/config.yaml           a step's config when run under torchrun
     <work_dir>/control/...                           the w = 0 control run: a work_dir of its own
     <work_dir>/results.{md,json}, fig3_cams.png, fig4_segmentation.png
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from caee.core.config import Config
 
-MARKERS = "pipeline"
+STEP_CONFIGS = "pipeline"
 CONTROL = "control"
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
@@ -187,12 +187,9 @@ class Layout:
 
     # ------------------------------------------------------------ the pipeline's own files
 
-    def markers(self) -> Path:
-        """Folder of the completion markers (and of the configs of steps run under torchrun)."""
-        return self.work / MARKERS
-
-    def marker(self, step: str) -> Path:
-        return self.markers() / f"{step}.done"
+    def step_configs(self) -> Path:
+        """The configs of the pipeline's steps run under torchrun."""
+        return self.work / STEP_CONFIGS
 
     def control_work_dir(self) -> Path:
         """The w = 0 control run's own work_dir."""

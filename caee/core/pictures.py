@@ -8,6 +8,9 @@ Every function returns a uint8 (H, W, 3) RGB array; :func:`save_picture` writes 
 """
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import os
 from typing import Sequence
 
@@ -102,9 +105,14 @@ def compare_cams(rows: Sequence[tuple], titles: Sequence[str] = ("image", "groun
 
 
 def save_picture(path: str | os.PathLike, picture: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 picture as a PNG (atomically)."""
+    """Write an (H, W, 3) uint8 picture as a PNG (atomically); an identical file is left alone."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(picture, np.uint8)).save(buffer, format="PNG")
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == buffer.getvalue():
+        return
     with atomic_write(path) as f:
-        Image.fromarray(np.asarray(picture, np.uint8)).save(f, format="PNG")
+        f.write(buffer.getvalue())
 
 
 def compare_labels(rows: Sequence[tuple], titles: Sequence[str] = ("image", "ground truth", "DeepLab"),

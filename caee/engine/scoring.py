@@ -15,17 +15,15 @@ which case such images are left out of the scores and counted.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import yaml
 
+from caee.core import records
 from caee.core.parallel import available_cpus, run_pool
 from caee.core.errors import CaeeError
 from caee.core.io import load_cam_npz, load_label_png
@@ -260,35 +258,26 @@ def evaluate_dir(folder: str | Path, index, eval_cfg, kind: str = "auto") -> dic
 # ---------------------------------------------------------------- settings recorded with a folder
 
 
-def _read_mapping(path: Path, reader) -> dict | None:
-    try:
-        data = reader(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        logger.warning("cannot read %s: %s", path, e)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def folder_info(folder: str | Path) -> dict:
-    """How a folder was made, from what its stage left there: ``config.yaml`` (CAM scales / flip /
-    source; CRF parameters) and the ``DONE`` marker (a JSON dict: scales, flip, crf, alpha, ...).
-    ``done`` tells whether the marker is there; a ``*_crf_<alpha>`` folder name gives the alpha."""
+    """How a folder was made, from its record (caee/core/records.py): the CAM settings of a CAM
+    folder, the CRF settings and alpha of a CRF label folder, the CRF switch of pseudo labels.
+    ``done``: whether the record says a part is complete; ``record``: its path (None without one)."""
     folder = Path(folder)
-    info: dict = {"config": None, "done": (folder / "DONE").is_file()}
-    m = re.search(r"_crf_([0-9.eE+-]+)$", folder.name)
-    if m:
-        info["crf_alpha"] = float(m.group(1))
-    config = _read_mapping(folder / "config.yaml", yaml.safe_load) if (folder / "config.yaml").is_file() else None
-    if config is not None:
-        info["config"] = str(folder / "config.yaml")
-        cam = config.get("cam") or {}
-        info.update(cam_source=cam.get("source"), scales=cam.get("scales"), flip=cam.get("flip"))
-        if m and isinstance(config.get("crf"), dict):
-            info["crf"] = config["crf"]
-    done = _read_mapping(folder / "DONE", json.loads) if info["done"] else None
-    for key in ("scales", "flip", "crf", "alpha", "source"):
-        if done and key in done:
-            info[{"alpha": "crf_alpha", "source": "cam_source"}.get(key, key)] = done[key]
+    try:
+        record = records.read(folder)
+    except CaeeError as e:
+        logger.warning("%s", e)
+        record = None
+    info: dict = {"record": str(folder / records.RECORD) if record else None,
+                  "done": bool(record and record["complete"])}
+    settings = record["settings"] if record else {}
+    if "cam.scales" in settings:
+        info.update(scales=settings["cam.scales"], flip=settings.get("cam.flip"), cam_source=settings.get("cam.source"))
+    if "crf.alpha" in settings:
+        info["crf_alpha"] = settings["crf.alpha"]
+        info["crf"] = {k[4:]: v for k, v in settings.items() if k.startswith("crf.") and k != "crf.alpha"}
+    elif "pseudo_labels.crf" in settings:
+        info["crf"] = settings["pseudo_labels.crf"]
     return info
 
 
@@ -314,8 +303,8 @@ def _describe_settings(kind: str, info: dict) -> str:
         parts.append("CRF off")
     else:
         parts.append("CRF not recorded")
-    if info.get("config") is None and not info.get("done"):
-        parts.append("(no config.yaml or DONE in the folder to tell more)")
+    if info.get("record") is None:
+        parts.append("(no record.json in the folder to tell more)")
     return "; ".join(parts)
 
 
@@ -341,7 +330,8 @@ def format_report(result: dict) -> str:
              f"{s['num_images']} images",
              _describe_settings(s["kind"], result.get("info", {}))]
     if not result.get("info", {}).get("done", True):
-        lines.append("warning: the folder has no DONE marker: the stage that writes it may not have finished")
+        lines.append("warning: the folder's record does not say it is complete: the stage that writes it may not "
+                     "have finished")
     if s["num_missing"]:
         detail = ", ".join(f"{len(ids)} {reason} (first: {ids[0]})" for reason, ids in result["skipped"].items())
         lines.append(f"skipped {s['num_missing']} images (eval.allow_missing): {detail}")

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from caee.core import distributed
+from caee.core.records import LAST, MODEL
 
-from caee.core import provenance
 from caee.core.config import TrainConfig
 from caee.core.errors import CaeeError
 from caee.core.io import write_text
@@ -223,68 +223,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def _start_over(out_dir: Path) -> None:
-    """``overwrite=true``: remove this trainer's previous outputs (atomic replacements come later)."""
-    if distributed.is_main():
-        # oracle_best.pth and the epoch snapshots belong to the run being replaced, too
-        for path in [out_dir / n for n in ("last.pth", "model.pth", "metrics.jsonl", "oracle_best.pth")] + sorted(
-                out_dir.glob("epoch_*.pth")):
-            path.unlink(missing_ok=True)
-    distributed.barrier()
-
-
-def _resume_view(settings: dict) -> dict:
-    """Settings compared on resume: ``max_steps`` only says where to stop on the same trajectory
-    (the schedule spans ``epochs``), so a run may be continued with a larger one."""
-    return {k: v for k, v in settings.items() if not k.endswith(".max_steps")}
-
-
-def _check_same(recorded: dict | None, settings: dict, where: Path, stage: str) -> None:
-    provenance.check_same(None if recorded is None else _resume_view(recorded), _resume_view(settings),
-                          str(where), stage)
-
-
-def check_resumable(out_dir: Path, settings: dict, stage: str, overwrite: bool) -> None:
-    """The settings check of :func:`fit`, run by the stage before it writes anything (config.yaml):
-    a refused re-run leaves the folder as it was. Memory-maps the files: cheap for big checkpoints."""
-    if overwrite:
-        return
-    last_path = out_dir / "last.pth"
-    if last_path.is_file():
-        _check_same(load_checkpoint(last_path, mmap=True).get("settings"), settings, last_path, stage)
-        return
-    for path in (out_dir / "model.pth",):
-        if path.is_file():
-            recorded = read_checkpoint(path, f"delete it or set {stage}.overwrite=true", mmap=True)
-            _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, path, stage)
-            return
-
-
-def _previous_run(out_dir: Path, settings: dict | None, stage: str) -> dict | None:
-    """The checkpoint to resume (None: start afresh) after checking its settings and values.
-
-    A ``last.pth`` or ``model.pth`` made with other settings is refused (``provenance.check_same``)
-    before any of its tensors is loaded, so a changed optimiser or width never meets a stale file."""
-    last_path, model_path = out_dir / "last.pth", out_dir / "model.pth"
-    if last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        if settings is not None:
-            _check_same(ckpt.get("settings"), settings, last_path, stage)
-        return ckpt
-    if settings is not None and model_path.is_file():
-        recorded = read_checkpoint(model_path, f"delete it or set {stage}.overwrite=true", mmap=True)
-        _check_same(recorded.get("settings") if isinstance(recorded, dict) else None, settings, model_path, stage)
-    return None
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def settings_record(settings: dict | None) -> dict:
-    """What ``last.pth`` / ``model.pth`` store about the settings that made them."""
-    return {} if settings is None else {"settings": dict(settings), "fingerprint": provenance.fingerprint(settings)}
-
-
 def _diverged(out_dir: Path, what: str, step: int, epoch: int, last_path: Path) -> None:
     kept = f"the last finite checkpoint {last_path} is kept" if last_path.is_file() else "no checkpoint was written"
     raise CaeeError(f"{out_dir.name}: {what} at step {step} (epoch {epoch}); training stopped, {kept}. "
@@ -303,15 +241,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, device: torch.device,
-        full_config: dict | None = None, num_workers: int = 0, settings: dict | None = None,
-        stage: str = "") -> FitResult:
+        full_config: dict | None = None, num_workers: int = 0, stage: str = "") -> FitResult:
     """Train ``task.model`` on ``dataset``; resume from ``out_dir/last.pth`` when it exists.
 
-    Writes ``last.pth`` (model, optimiser, step, RNG, config, settings) every ``checkpoint_every``
-    steps and at each epoch end, ``metrics.jsonl``, and finally ``model.pth`` = {"model": weights,
-    **export, settings}. ``settings`` (``provenance.settings_of(cfg, stage)``) is recorded in both
-    files; a re-run with other settings is refused unless ``cfg.overwrite``. Only finite tensors are
-    ever written: a non-finite loss or weight stops the run (CaeeError), the last checkpoint stays.
+    Writes ``last.pth`` (model, optimiser, step, RNG, config) every ``checkpoint_every`` steps and
+    at each epoch end, ``metrics.jsonl``, and finally ``model.pth`` = {"model": weights, **export}.
+    Whether ``last.pth`` belongs to this run is the stage's question, answered by the folder's
+    record before ``fit`` is called (caee/stages/common.py). Only finite tensors are ever written:
+    a non-finite loss or weight stops the run (CaeeError), the last checkpoint stays.
     """
     out_dir = Path(out_dir)
     world = distributed.world_size()
@@ -329,10 +266,8 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     if cfg.step_in_backward and world > 1:  # before anything is removed or loaded
         raise CaeeError(f"{stage}.step_in_backward needs one process (DDP reduces gradients after the update); "
                         f"this run has {world}")
-    record = settings_record(settings)
-    if getattr(cfg, "overwrite", False):
-        _start_over(out_dir)
-    ckpt = _previous_run(out_dir, settings, stage)
+    last_path = out_dir / LAST
+    ckpt = load_checkpoint(last_path) if last_path.is_file() else None
 
     model = task.model.to(device)
     if channels_last:
@@ -341,7 +276,6 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     if cfg.step_in_backward:
         step_in_backward(optimizer)
     step = 0
-    last_path = out_dir / "last.pth"
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -364,7 +298,7 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
 
     def checkpoint() -> None:
         save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "step": step, "rng": _rng_state(), "config": full_config or {}, **record})
+                                    "step": step, "rng": _rng_state(), "config": full_config or {}})
 
     metrics_log = MetricsWriter(out_dir / "metrics.jsonl")
     monitor = Monitor.for_fit(out_dir, cfg, full_config, stop_at, step, distributed.is_main())
@@ -419,8 +353,8 @@ def fit(task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: Path, devi
     monitor.close()
     elapsed = time.perf_counter() - t_start
     ips = n_images / elapsed if n_images else 0.0
-    model_path = out_dir / "model.pth"
-    save_checkpoint(model_path, {"model": _unwrap(model).state_dict(), **task.export(), **record})
+    model_path = out_dir / MODEL
+    save_checkpoint(model_path, {"model": _unwrap(model).state_dict(), **task.export()})
     distributed.barrier()
     logger.info("%s: %d steps, %.1f images/s; weights in %s", out_dir.name, step, ips, model_path)
     return FitResult(model_path, step, ips)

@@ -9,14 +9,14 @@ import json
 import logging
 from pathlib import Path
 
-from caee.core import markers
 from caee.core.config import Config
 from caee.data import ensure_dataset, load_split
 from caee.engine.scoring import evaluate_cam_dir, evaluate_label_dir
-from caee.core.io import load_cam_npz, load_image, load_label_png, write_json, write_text
+from caee.core.io import load_cam_npz, load_image, load_label_png, write_text
 from caee.core.layout import Layout, crf_dir
 from caee.core.pictures import compare_cams, compare_labels, save_picture
-from caee.pipeline.steps import control_config
+from caee.pipeline.runner import step_timings
+from caee.stages.table import control_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,23 +92,17 @@ def _stage_label(step: str, cfg: Config) -> str:
     return f"{step} (+ {n} CRF{'s' if n > 1 else ''})" if n else step
 
 
-def _speed_cell(record: dict) -> str:
+def _speed_cell(timing: dict) -> str:
     """Training images/s of a trainer; ``(N images/s)`` of an inference step; blank when unknown."""
-    ips = record.get("images_per_s")
+    ips = timing.get("images_per_s")
     if ips is None:
         return ""
-    return f"{ips:.0f}" if record.get("speed") == "train" else f"({ips:.0f} images/s)"
+    return f"{ips:.0f}" if timing.get("speed") == "train" else f"({ips:.0f} images/s)"
 
 
-def stage_table(cfg: Config, steps: list[str]) -> list[dict]:
-    """``[{"step", "stage" (its label), "seconds", "images_per_s", "speed"}]`` of the finished steps, from their markers."""
-    layout, out = Layout(cfg), []
-    for step in steps:
-        record = markers.read(layout.marker(step))
-        if record is not None and record.get("seconds") is not None:
-            out.append({"step": step, "stage": _stage_label(step, cfg), "seconds": record["seconds"],
-                        "images_per_s": record.get("images_per_s"), "speed": record.get("speed", "")})
-    return out
+def stage_table(cfg: Config, jobs: list) -> list[dict]:
+    """``[{"step", "stage" (its label), "seconds", "images_per_s", "speed"}]`` of the finished steps, from their records."""
+    return [{**t, "stage": _stage_label(t["step"], cfg)} for t in step_timings(jobs)]
 
 
 def markdown(rows: list[dict], stages: list[dict]) -> str:
@@ -164,13 +158,17 @@ def _fig4(cfg: Config, n: int) -> Path | None:
     return path
 
 
-def write_results(cfg: Config, steps: list[str]) -> dict:
-    """Measure and write results.md / results.json (+ pictures); ``steps``: the pipeline's step
-    names, whose markers give the stage table. Returns the JSON dict (``markdown``: the text)."""
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2) + "\n"  # as caee.core.io.write_json
+
+
+def write_results(cfg: Config, jobs: list) -> dict:
+    """Measure and write results.md / results.json (+ pictures); ``jobs``: the pipeline's steps,
+    whose records give the stage table. Returns the JSON dict (``markdown``: the text)."""
     ensure_dataset(cfg.data)
     layout = Layout(cfg)
     rows = measure(cfg)
-    stages = stage_table(cfg, steps)
+    stages = stage_table(cfg, jobs)
     pictures = [p for p in (_fig3(cfg, cfg.pipeline.pictures), _fig4(cfg, cfg.pipeline.pictures)) if p]
     md = markdown(rows, stages)
     if pictures:
@@ -179,8 +177,10 @@ def write_results(cfg: Config, steps: list[str]) -> dict:
     # give identical files; the wall times go to timings.json
     result = {"rows": rows, "pictures": [str(p) for p in pictures]}
     timings = {"stages": stages, "stage_seconds": {s["step"]: s["seconds"] for s in stages}}
-    write_text(layout.results_md(), md)
-    write_json(layout.results_json(), result)
-    write_json(layout.timings_json(), timings)
+    # a finished work_dir copied elsewhere (even read-only) re-runs nothing and rewrites nothing
+    for path, text in ((layout.results_md(), md), (layout.results_json(), _json_text(result)),
+                       (layout.timings_json(), _json_text(timings))):
+        if not path.is_file() or path.read_text() != text:
+            write_text(path, text)
     logger.info("results: %s, %s (wall times: %s)", layout.results_md(), layout.results_json(), layout.timings_json())
     return {**result, **timings, "markdown": md}

@@ -1,42 +1,31 @@
-"""The whole pipeline from one config: every step in order (caee/pipeline/steps.py), then the results table.
+"""The whole pipeline from one config: every step of the table of stages in order, then the results table.
 
-Steps (run in this process, or each under torchrun with ``nproc`` > 1)::
+Steps (caee/stages/table.py ``STEPS``; run in this process, or each under torchrun with ``nproc`` > 1)::
 
     train_classifier, train_cgnet, [train_control], cam_classifier, cam_cgnet, [cam_control],
     train_affinity, pseudo_labels, train_deeplab, results
 
-(the control steps when ``pipeline.control``). Skipping, re-running and resuming are the
-runner's (caee/pipeline/runner.py): a finished step whose recorded settings and upstream runs still hold is
-skipped, one whose settings changed runs again with everything downstream of it, an interrupted
-one resumes. Markers: ``<work_dir>/pipeline/<step>.done`` (caee/core/markers.py).
+(the control steps when ``pipeline.control``). Skipping, re-running and resuming follow the records
+the stages write (caee/pipeline/runner.py): a finished step whose settings and inputs still hold is
+skipped, one whose settings or inputs changed runs again, an interrupted one resumes.
 """
 from __future__ import annotations
 
-import logging
 import time
 
 from caee.core.config import Config
 from caee.core.errors import CaeeError
 from caee.pipeline.results import write_results
 from caee.pipeline.runner import jobs_of, refuse_stale, run_jobs
-
-logger = logging.getLogger(__name__)
+from caee.stages.table import plan
 
 RESULTS = "results"
-
-
-def plan(cfg: Config) -> list[str]:
-    """The pipeline's step names, in order (without ``results``)."""
-    control = bool(cfg.pipeline.control)
-    return (["train_classifier", "train_cgnet"] + (["train_control"] if control else [])
-            + ["cam_classifier", "cam_cgnet"] + (["cam_control"] if control else [])
-            + ["train_affinity", "pseudo_labels", "train_deeplab"])
 
 
 def run(cfg: Config, only: list[str] | None = None, nproc: int = 1, overwrite: bool = False) -> dict:
     """Run the steps (all, or those named in ``only``) and write the results table.
 
-    overwrite: start the selected steps over even when their markers still hold."""
+    overwrite: start the selected steps over even when their records still hold."""
     names = plan(cfg)
     unknown = sorted(set(only or []) - set(names + [RESULTS]))
     if unknown:
@@ -49,4 +38,4 @@ def run(cfg: Config, only: list[str] | None = None, nproc: int = 1, overwrite: b
     run_jobs(selected, context=jobs, overwrite=overwrite, nproc=nproc, t0=t0)
     if only and RESULTS not in only:
         return {}
-    return write_results(cfg, names)
+    return write_results(cfg, jobs)

@@ -1,28 +1,23 @@
-"""The one step runner of the pipeline and of the reproduction drivers: skip, re-run or resume each step.
+"""The step runner of the pipeline and of the reproduction drivers: skip, resume or redo each step, by its records.
 
-For each step (in order) the runner builds its record (:mod:`caee.core.markers`): the settings of
-every stage call and the run id of every upstream step whose outputs it reads (found by the
-paths: a step reads what another step of the experiment writes). Then:
+A step's outputs carry one record each (caee/core/records.py), written by its stage. For each step
+(in order) and each of its stage calls the runner computes the settings the stage would record now
+(its config and the run ids of the upstream outputs it reads, caee/stages/common.py) and reads the
+record of the call's output folder:
 
-- marker present, same record: the step is skipped;
-- marker present, other settings or an upstream step that ran again since: the step's outputs
-  are removed and it runs again (logged with the differing keys), so a changed key re-runs exactly
-  the steps that it affects, and the ones downstream of them;
-- no marker: the step runs and resumes its own way (trainers from ``last.pth``, inference stages
-  skip finished images), unless an interrupted run of it (``<step>.started``) had other settings:
-  then it starts over;
-- a marker without a record (older version) or an unreadable one stops with a message; with
-  ``overwrite`` every selected step starts over.
+- same settings and the call's part complete: skipped;
+- same settings, not complete (an interrupted run): the stage resumes its own way;
+- other settings: the stage runs with ``overwrite``: it checks its inputs, then replaces the old
+  outputs (an upstream output that ran again has a new run id, so everything downstream follows);
+- ``overwrite`` (``--overwrite``): every selected step starts over.
 
-The marker is written only after the stage returned; ``<step>.started`` meanwhile. The outputs
-removed before a redo are the folders the step owns by the layout (caee/core/layout.py), a folder named
-by a path key included: the marker proves this work_dir's runs wrote it.
+There is no other bookkeeping: a stage run on its own and ``caee run`` read and write the same records.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -31,58 +26,67 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from caee.core import markers
-from caee.core.config import Config, save_config
+from caee.core import records
+from caee.core.config import Config, expand_work_dir, save_config
 from caee.core.errors import CaeeError
 from caee.core.layout import Layout
-from caee.pipeline.steps import STEPS, Step, images_per_s, paths_in
-
-logger = logging.getLogger(__name__)
+from caee.stages import table
+from caee.stages.common import stage_settings
 
 
 @dataclass
 class Job:
     """One step of one experiment (or variant): ``cfg`` is that experiment's config, ``plan`` the
     step names it runs (a step's calls may depend on what follows), ``label`` its name in logs."""
-    step: Step
+    step: table.Step
     cfg: Config
     plan: tuple[str, ...]
     label: str = ""
 
     @cached_property
-    def calls(self) -> list[Config]:
-        return self.step.calls(self.cfg, self.plan)
+    def stage(self) -> table.Stage:
+        return table.STAGES[self.step.stage]
 
     @cached_property
-    def marker(self) -> Path:
-        return Layout(self.cfg).marker(self.step.name)
+    def calls(self) -> list[Config]:
+        return [expand_work_dir(c) for c in self.step.calls(self.cfg, self.plan)]
+
+    def output(self, call: Config) -> Path:
+        return Path(self.stage.output(Layout(call))).absolute()
 
     @cached_property
     def writes(self) -> list[Path]:
-        return [_abs(p) for p in self.step.writes(self.cfg)]
-
-    @cached_property
-    def settings(self) -> list[dict]:
-        return self.step.settings(self.calls)
+        return list(dict.fromkeys(self.output(c) for c in self.calls))
 
     @cached_property
     def reads(self) -> list[Path]:
-        return [_abs(p) for p in self.step.reads(self.cfg) + [q for s in self.settings for q in paths_in(s)]]
+        return [Path(p).absolute() for c in self.calls for _, p in self.stage.inputs(Layout(c)).values()]
 
     def name(self) -> str:
         return self.label or self.step.name
 
+    def status(self) -> list[str]:
+        """Why this step's outputs are not the finished outputs of its config; [] when they are.
+        An input that is missing or unreadable is a reason, not an error: the step has to run."""
+        why: list[str] = []
+        for call in self.calls:
+            try:
+                settings = stage_settings(call, self.stage.name)
+            except CaeeError as e:
+                return [str(e)]
+            why += records.status(self.output(call), settings, self.stage.part(call))
+        return why
+
+
+logger = logging.getLogger(__name__)
+
 
 def jobs_of(cfg: Config, plan: Sequence[str], label: str = "") -> list[Job]:
     """The jobs of ``plan`` (step names, in order) for the experiment ``cfg``."""
-    unknown = [n for n in plan if n not in STEPS]
+    unknown = [n for n in plan if n not in table.STEPS]
     if unknown:
-        raise CaeeError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STEPS)}")
-    return [Job(STEPS[n], cfg, tuple(plan), f"{label}{n}") for n in plan]
-
-
-def _abs(p: Path) -> Path:
-    return Path(p).expanduser().absolute()
+        raise CaeeError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(table.STEPS)}")
+    return [Job(table.STEPS[n], cfg, tuple(plan), f"{label}{n}") for n in plan]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -91,99 +95,77 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def upstream_of(job: Job, context: Sequence[Job]) -> list[Job]:
     """The jobs before ``job`` in ``context`` (the experiment's jobs in run order) whose outputs it reads."""
-    position = next((i for i, j in enumerate(context) if j.marker == job.marker), len(context))
+    position = next((i for i, j in enumerate(context) if j is job), len(context))
     return [j for j in context[:position] if any(_inside(r, w) for r in job.reads for w in j.writes)]
 
 
 @dataclass
 class Summary:
-    """What a run did: the steps run and skipped (names as in the markers) and the seconds of each run."""
+    """What a run did: the steps run and skipped and the seconds of each run."""
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def record_of(job: Job, context: Sequence[Job]) -> markers.Record:
-    """The record ``job`` would write now: its settings and the current run of each upstream step."""
-    upstream = {}
-    for up in upstream_of(job, context):
-        done = markers.read(up.marker)
-        upstream[up.name()] = done.get("run") if done else None
-    return markers.Record(job.step.name, [job.step.stage] * len(job.calls), job.settings, upstream)
-
-
-def _out_of_date(job: Job, context: Sequence[Job], memo: dict) -> list[str]:
-    """Why the finished ``job`` no longer matches this config: its own settings or upstream runs
-    changed, or (transitively) a step it reads from is out of date; [] when it still holds or never ran."""
-    if job.marker not in memo:
-        memo[job.marker] = []  # a guard; the context is ordered, so there are no cycles
-        done = markers.read(job.marker)
-        why = [] if done is None else markers.changes(done, record_of(job, context))
-        if done is not None and not why:
-            for up in upstream_of(job, context):
-                inner = _out_of_date(up, context, memo)
-                if inner:
-                    why = [f"its input '{up.name()}' is out of date: {inner[0]}"]
-                    break
-        memo[job.marker] = why
-    return memo[job.marker]
+def _stale(job: Job, context: Sequence[Job], memo: dict[int, list[str]]) -> list[str]:
+    """Why the outputs of ``job`` (not run now) do not belong to this config, directly or through a
+    step upstream of it; [] when they do."""
+    if id(job) not in memo:
+        memo[id(job)] = job.status()
+        for up in upstream_of(job, context):
+            if not memo[id(job)] and _stale(up, context, memo):
+                memo[id(job)] = [f"its input '{up.name()}' is out of date: {_stale(up, context, memo)[0]}"]
+    return memo[id(job)]
 
 
 def refuse_stale(selected: Sequence[Job], context: Sequence[Job], readers: dict[str, Sequence[Job]]) -> None:
     """CaeeError when a step not run now, whose outputs ``readers`` (name -> the jobs it reads)
-    read, finished with other settings or inputs than this config gives it (directly or through a
-    step upstream of it): they would run on, or tabulate, stale files. Checked before anything runs."""
-    chosen, memo = {j.marker for j in selected}, {}
+    read, does not hold the outputs of this config: they would run on, or tabulate, stale files.
+    Checked before anything runs."""
+    chosen, memo = {id(j) for j in selected}, {}
     for reader, ups in readers.items():
         for up in ups:
-            why = [] if up.marker in chosen else _out_of_date(up, context, memo)
+            why = [] if id(up) in chosen else _stale(up, context, memo)
             if why:
-                raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which were made with other "
-                                f"settings than this config ({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); "
+                raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which do not match this config "
+                                f"({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); "
                                 f"run '{up.name()}' too (add it to --stages) or the whole pipeline")
 
 
-def _clear(job: Job) -> None:
-    from caee.core import distributed
-    if distributed.is_main():
-        for path in job.writes:
-            if path.is_dir():
-                shutil.rmtree(path)
-        job.marker.unlink(missing_ok=True)
-    distributed.barrier()
-
-
-def _decide(job: Job, record: markers.Record, overwrite: bool) -> str:
-    """"skip", "run" (resume what is there) or "redo" (remove the outputs first)."""
-    if overwrite:
-        return "redo"
-    done = markers.read(job.marker)
-    if done is not None:
-        why = markers.changes(done, record)
-        if not why:
-            return "skip"
-        logger.info("%s: finished earlier with other inputs (%s%s); its outputs are removed and it runs again",
-                    job.name(), "; ".join(why[:6]), "; ..." if len(why) > 6 else "")
-        return "redo"
-    started = markers.read(markers.started_path(job.marker))
-    if started is not None and "settings" in started and markers.changes(started, record):
-        logger.info("%s: an interrupted run had other settings; it starts over", job.name())
-        return "redo"
-    return "run"
-
-
-def _call_stage(job: Job, call: Config, k: int, nproc: int) -> Any:
+def _call_stage(job: Job, call: Config, k: int, nproc: int) -> None:
     if nproc <= 1:
-        return importlib.import_module(f"caee.stages.{job.step.stage}").main(call)
-    folder = job.marker.parent / job.step.name
+        importlib.import_module(job.stage.module).main(call)
+        return
+    folder = Layout(job.cfg).step_configs() / job.step.name
     cfg_path = save_config(call, folder if len(job.calls) == 1 else folder / str(k))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "caee", job.step.stage, "--config", str(cfg_path)]  # works without a checkout too
+           "-m", "caee", job.stage.name, "--config", str(cfg_path)]  # works without a checkout too
     logger.info("running %s", " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
         raise CaeeError(f"stage {job.name()} failed under torchrun (see its log in {job.cfg.work_dir}); "
                         "re-run to resume it")
-    return None
+
+
+def _with_overwrite(job: Job, call: Config) -> Config:
+    section = getattr(call, job.stage.overwrite)
+    return dataclasses.replace(call, **{job.stage.overwrite: dataclasses.replace(section, overwrite=True)})
+
+
+def _run_call(job: Job, call: Config, k: int, nproc: int, overwrite: bool) -> bool:
+    """Run one stage call unless its output is finished and current; True when it ran.
+    ``overwrite``: start the output over (the first call of a step on each folder only)."""
+    settings = stage_settings(call, job.stage.name)  # a missing or unreadable input stops here
+    output = job.output(call)
+    why = records.status(output, settings, job.stage.part(call))
+    if not why and not overwrite:
+        return False
+    record = records.read(output)
+    diffs = records.differences(record["settings"], settings) if record else []
+    if overwrite or (diffs and not records.resumable(diffs)):
+        logger.info("%s: %s; it starts over", job.name(), "; ".join((why or ["--overwrite"])[:6]))
+        call = _with_overwrite(job, call)
+    _call_stage(job, call, k, nproc)
+    return True
 
 
 def _elapsed(t0: float) -> str:
@@ -197,27 +179,16 @@ def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool =
     looked up there; default ``jobs``). Progress is logged as ``stage i / N: <name>`` with the time
     since ``t0`` (default: now). ``summary`` is filled as the jobs finish (kept when one fails).
     where: names the experiment in errors (``variant 'x'`` -> "variant 'x' failed at stage 'y': ...")."""
-    from caee.core import distributed
     summary = summary if summary is not None else Summary()
     context = list(context) or list(jobs)
     refuse_stale(jobs, context, {job.name(): upstream_of(job, context) for job in jobs})
     t0 = time.perf_counter() if t0 is None else t0
     for i, job in enumerate(jobs, 1):
-        record = record_of(job, context)
-        action = _decide(job, record, overwrite)
-        if action == "skip":
-            logger.info("stage %d / %d: %s finished earlier (%s), skipped (elapsed %s)", i, len(jobs), job.name(),
-                        job.marker, _elapsed(t0))
-            summary.skipped.append(job.step.name)
-            continue
-        if action == "redo":
-            _clear(job)
-        logger.info("stage %d / %d: %s (elapsed %s)", i, len(jobs), job.name(), _elapsed(t0))
-        if distributed.is_main():
-            markers.write_started(job.marker, record)
         start = time.perf_counter()
         try:
-            results = [_call_stage(job, call, k, nproc) for k, call in enumerate(job.calls)]
+            first = {job.output(c): k for k, c in reversed(list(enumerate(job.calls)))}
+            ran = [_run_call(job, call, k, nproc, overwrite and first[job.output(call)] == k)
+                   for k, call in enumerate(job.calls)]
         except CaeeError as e:
             if not where:
                 raise
@@ -226,10 +197,23 @@ def run_jobs(jobs: Sequence[Job], context: Sequence[Job] = (), overwrite: bool =
             e.add_note(f"while running stage '{job.step.name}'{f' of {where}' if where else ''} "
                        f"(work_dir {job.cfg.work_dir})")
             raise
-        seconds = time.perf_counter() - start
-        distributed.barrier()
-        if distributed.is_main():
-            markers.write_done(job.marker, record, seconds, images_per_s(job.step, results, seconds), job.step.speed)
+        if not any(ran):
+            logger.info("stage %d / %d: %s finished earlier, skipped (elapsed %s)", i, len(jobs), job.name(),
+                        _elapsed(t0))
+            summary.skipped.append(job.step.name)
+            continue
+        logger.info("stage %d / %d: %s done (elapsed %s)", i, len(jobs), job.name(), _elapsed(t0))
         summary.ran.append(job.step.name)
-        summary.seconds[job.step.name] = round(seconds, 1)
+        summary.seconds[job.step.name] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def step_timings(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """``[{"step", "seconds", "images_per_s", "speed"}]`` of the finished steps, from their records."""
+    out = []
+    for job in jobs:
+        found = [r for r in (records.read(p) for p in job.writes) if r is not None and r["complete"]]
+        if found:
+            out.append({"step": job.step.name, "seconds": sum(r["seconds"] for r in found),
+                        "images_per_s": found[-1]["images_per_s"], "speed": job.stage.speed})
+    return out

@@ -4,7 +4,7 @@ An experiment (a reproduction driver) has a root folder (``<work_dir>/table1``,
 ``<work_dir>/masking_depth``) with one sub-folder per variant, which is that variant's ``work_dir``::
 
     <root>/<variant>/train_classifier, cam_classifier, train_cgnet, cam_cgnet, ...   step outputs
-    <root>/<variant>/pipeline/<step>.done     markers (caee/core/markers.py), as in run_pipeline.py
+    (each output folder holds its record.json, caee/core/records.py, as in run_pipeline.py)
     <root>/<variant>/eval/<set>_<split>.json  evaluate_cam_dir / evaluate_label_dir result
 
 Skipping, re-running and resuming are the runner's (caee/pipeline/runner.py): a second run skips every
@@ -99,7 +99,7 @@ class Variant:
     """One configuration of an experiment.
 
     name: folder name under the experiment root (and the table key); cfg: the complete config,
-    ``cfg.work_dir = <root>/<name>``; steps: step names (caee/pipeline/steps.py), in order; after: variants
+    ``cfg.work_dir = <root>/<name>``; steps: step names (caee/stages/table.py), in order; after: variants
     whose outputs this one reads (they run first; if they fail this one is not run); meta: table
     columns such as the masking depth.
     """

@@ -1,25 +1,26 @@
 """Set-up every stage does first: device, process group, output folder, logging, saved config."""
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from caee.core import distributed
-
-from caee.core import provenance
+from caee.core import distributed, records
 from caee.core.config import Config, expand_work_dir, save_config
 from caee.data import SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.core.io import claim_folder as io_claim_folder
 from caee.core.layout import Layout
 from caee.core.parallel import available_cpus
 from caee.core.logs import setup_logging
-from caee.weights.checkpoints import checkpoint_meta
+from caee.core.errors import CaeeError
+from caee.stages import table
+from caee.weights.checkpoints import read_checkpoint
 
 
 _START_THREADS = torch.get_num_threads()  # honours OMP_NUM_THREADS / a caller's set_num_threads before import
@@ -54,6 +55,7 @@ def start_stage(cfg: Config, name: str, seed: int | None = None, out_dir: Path |
     claim_folder(out_dir)
     if before_write is not None and distributed.is_main():
         before_write(out_dir)
+    distributed.barrier()  # the other ranks start once rank 0 has checked (and maybe cleared) the folder
     setup_logging(out_dir)
     if distributed.is_main():
         save_config(cfg, out_dir)
@@ -66,18 +68,26 @@ def claim_folder(folder: Path) -> None:
     io_claim_folder(folder, main=distributed.is_main())
 
 
-def stage_inputs(cfg: Config, stage: str) -> dict[str, tuple[str, Path]]:
-    """The upstream outputs ``stage`` reads: ``{name: (config key, path)}`` (``cfg`` with {work_dir}
-    expanded; an empty key gives the path the Layout derives)."""
-    layout = Layout(cfg)
-    return {
-        "train_cgnet": lambda: {"oc": ("train_cgnet.oc_weights", layout.oc_weights())},
-        "make_cam": lambda: {"weights": ("cam.weights", layout.cam_weights())},
-        "train_affinity": lambda: {"cams": ("train_affinity.cam_dir", layout.affinity_cam_dir())},
-        "make_pseudo_labels": lambda: {"cams": ("pseudo_labels.cam_dir", layout.pseudo_label_cam_dir()),
-                                       "affinitynet": ("pseudo_labels.weights", layout.affinity_weights())},
-        "train_deeplab": lambda: {"labels": ("train_deeplab.label_dir", layout.deeplab_labels())},
-    }.get(stage, dict)()
+def _input_id(path: Path, key: str) -> str:
+    """What identifies an upstream output: the run id in its folder's record (a trainer's folder for
+    its model.pth, which must be readable), else a hash of a file made elsewhere (PSA's weights).
+    A missing, unreadable or unfinished input is a CaeeError naming ``key``: checked before a stage
+    removes or writes anything."""
+    folder = path if path.is_dir() else path.parent
+    record = records.read(folder) if path.exists() else None
+    if path.is_file():
+        read_checkpoint(path, f"it is the input set by {key}; re-run the stage that makes it", mmap=True)
+    if record is not None and (path.is_dir() or path.name == records.MODEL):
+        if not record["complete"]:
+            raise CaeeError(f"{folder} is unfinished (its record lists no complete part); finish the stage that "
+                            f"makes it, or set {key}")
+        return record["run"]
+    if path.is_file():
+        st = path.stat()
+        return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+    if path.is_dir():
+        return "unrecorded"  # a folder made elsewhere (e.g. CAMs of another code base)
+    raise CaeeError(f"input not found: {path} (config key {key}); run the stage that makes it first, or set {key}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -89,50 +99,59 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     return f"sha256:{h.hexdigest()[:16]}"
 
 
-def input_fingerprint(path: Path) -> str:
-    """What identifies an upstream output: the fingerprint its stage recorded (a trainer's in
-    model.pth, an inference stage's in settings.json), which covers that stage's own inputs in
-    turn; a checkpoint without one (PSA's, a hand-made file) is hashed; "unrecorded" for a folder
-    made elsewhere, "absent" when there is nothing."""
-    if path.is_dir():
-        return provenance.folder_fingerprint(path) or "unrecorded"
-    if not path.is_file():
-        return "absent"
-    recorded = checkpoint_meta(path).get("fingerprint")
-    if isinstance(recorded, str):
-        return recorded
-    st = path.stat()
-    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+def stage_settings(cfg: Config, name: str) -> dict:
+    """What the output of stage ``name`` records (its row in caee/stages/table.py): the settings of its
+    sections, less the keys that only choose which files are made, and ``input.<name>``: the id of
+    every upstream output it reads (:func:`_input_id`). An input path key is recorded by the id
+    alone, so a moved work_dir and a stage run alone (an empty key) record the same settings as
+    ``caee run`` (which writes the paths out)."""
+    row = table.stage(name)
+    settings = records.settings_of(cfg, row.sections)
+    for input_name, (key, path) in row.inputs(Layout(cfg)).items():
+        settings.pop(key, None)
+        settings[f"input.{input_name}"] = _input_id(Path(path), key)
+    return {k: v for k, v in settings.items() if k not in row.not_recorded}
 
 
-def stage_settings(cfg: Config, stage: str) -> dict:
-    """``provenance.settings_of(cfg, stage)`` plus ``input.<name>``: the fingerprint of every
-    upstream output the stage reads. A stage run on its own after an upstream stage was redone
-    with other settings is therefore refused, not silently continued on stale outputs. An input
-    path equal to the one the Layout derives is recorded as "", so `caee run` (which writes the
-    paths out) and a stage run alone record the same settings."""
-    settings = provenance.settings_of(cfg, stage)
-    inputs = stage_inputs(cfg, stage)
-    blank = copy.deepcopy(cfg)
-    for key, _ in inputs.values():
-        section, field = key.split(".")
-        setattr(getattr(blank, section), field, "")
-    derived = stage_inputs(blank, stage)
-    for name, (key, path) in inputs.items():
-        # the derived path, left empty or written out (as caee run does), is recorded as "": the
-        # same input either way, and a moved work_dir stays the same experiment
-        settings[key] = "" if path.absolute() == derived[name][1].absolute() else str(path)
-        settings[f"input.{name}"] = input_fingerprint(path)
-    return settings
+def open_output(folder: Path, name: str, settings: dict, overwrite: bool, outputs: str = "*") -> dict:
+    """The record of the output ``folder`` of stage ``name`` before anything is written in it (rank 0):
+
+    - no record: an empty folder starts, one holding files made elsewhere is refused;
+    - the same settings: resumed (kept run id);
+    - other settings: refused unless ``overwrite`` (or only max_steps changed: a trainer continues);
+      with ``overwrite`` the folder's files go and a new run starts.
+    ``outputs``: the glob of the files whose presence means outputs exist."""
+    record = records.read(folder)
+    row = table.stage(name)
+    if record is not None:
+        diffs = records.differences(record["settings"], settings)
+        if not diffs:
+            return record
+        if records.resumable(diffs) and not overwrite:
+            record = {**record, "settings": dict(settings), "complete": []}
+            record["run"] = records.new(name, settings)["run"]
+            records.write(folder, record)
+            return record
+        if not overwrite:
+            raise records.refusal(folder, diffs, f"{row.overwrite}.overwrite")
+    elif not overwrite and next(folder.glob(outputs), None) is not None:
+        raise CaeeError(f"{folder} holds outputs without a record (made elsewhere or by an older version); "
+                        f"use a new work_dir or re-run with {row.overwrite}.overwrite=true (or --overwrite)")
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name not in ("log.txt", ".lock"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    record = records.new(name, settings)
+    records.write(folder, record)
+    return record
 
 
 def resume_check(cfg: Config, stage: str, settings: dict) -> Callable[[Path], None]:
-    """A trainer's ``before_write``: refuse (before config.yaml or the log change) a re-run whose
-    ``settings`` (:func:`stage_settings`, inputs included) differ from those its checkpoints
-    record, unless ``<stage>.overwrite``."""
-    from caee.engine.trainer import check_resumable
-
-    return lambda out_dir: check_resumable(out_dir, settings, stage, getattr(cfg, stage).overwrite)
+    """A trainer's ``before_write``: open its folder's record (refuse, resume, or start over) before
+    config.yaml or the log change."""
+    def check(out_dir: Path) -> None:
+        open_output(out_dir, stage, settings, getattr(cfg, stage).overwrite, "*.pth")
+    return check
 
 
 @dataclass
@@ -141,7 +160,8 @@ class TrainerStart:
     env: StageEnv
     index: SplitIndex  # data.train_split
     names: list[str]   # class names of the dataset
-    settings: dict     # stage_settings: what fit records and a re-run is checked against
+    settings: dict     # stage_settings: what the record holds and a re-run is checked against
+    t0: float          # when the stage started (its record's seconds)
 
 
 def start_trainer(cfg: Config, stage: str) -> TrainerStart:
@@ -149,9 +169,17 @@ def start_trainer(cfg: Config, stage: str) -> TrainerStart:
     re-run's settings, set up the stage seeded by ``<stage>.seed`` (the new layers' initial weights
     are then reproducible, so a pipeline resumed at this stage matches an uninterrupted one) and
     read the training split."""
+    t0 = time.perf_counter()
     cfg = expand_work_dir(cfg)
     settings = stage_settings(cfg, stage)
     env = start_stage(cfg, stage, seed=getattr(cfg, stage).seed, before_write=resume_check(cfg, stage, settings))
     ensure_dataset(cfg.data)
     return TrainerStart(cfg, env, load_split(cfg.data, cfg.data.train_split), dataset_class_names(cfg.data),
-                        settings)
+                        settings, t0)
+
+
+def finish_trainer(start: TrainerStart, images_per_s: float | None) -> None:
+    """The trainer's last write: its record says it is complete (rank 0)."""
+    if distributed.is_main():
+        record = records.read(start.env.out_dir)
+        records.finish(start.env.out_dir, record, "all", time.perf_counter() - start.t0, images_per_s)

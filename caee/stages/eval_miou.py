@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caee.core import provenance
+from caee.core import records
 from caee.core.config import Config, expand_work_dir, save_config
 from caee.data import ensure_dataset, load_split
 from caee.engine.scoring import evaluate_dir, format_report
@@ -43,6 +43,6 @@ def main(cfg: Config) -> dict:
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
     result = evaluate_dir(folder, index, cfg.eval, cfg.eval.kind)
-    write_json(out, {**result, "settings": provenance.settings_of(cfg, "eval_miou")})  # what made these numbers
+    write_json(out, {**result, "settings": records.settings_of(cfg, ("data", "eval"))})  # what made these numbers
     logger.info("\n%s\nresult: %s", format_report(result), out)
     return result

@@ -3,14 +3,13 @@
 Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
 
     <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.core.io.save_cam_npz)
-    <out_dir>/{config.yaml, log.txt, settings.json}
-    <out_dir>/DONE                        JSON completion marker, written last (removed at start)
+    <out_dir>/{config.yaml, log.txt, record.json}   record.json: settings, input, complete splits
     <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml,
-                                          settings.json, DONE)
+                                          record.json)
     <out_dir>_pictures/<id>.png           image | GT | CAM per class, first cam.pictures images
 
 Existing outputs are kept unless cam.overwrite; so an interrupted run resumes where it stopped.
-Each folder records the settings that determine its files (settings.json); a re-run with other
+Each folder records the settings that determine its files (record.json); a re-run with other
 settings is refused before anything is written, unless cam.overwrite.
 Under torchrun every rank does the images ``ids[rank::world]``; nothing is gathered.
 """
@@ -26,26 +25,21 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from caee.core import distributed
-
-from caee.core import provenance
+from caee.core import distributed, records
 from caee.method.cam import image_keys, multiscale_cams
 from caee.core.config import Config, CrfConfig, save_config, expand_work_dir
 from caee.method.crf import crf_cam_labels, label_folder_settings
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
 from caee.core.errors import CaeeError
 from caee.core.logs import show_progress
-from caee.core.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png, write_json
+from caee.core.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png
 from caee.models.classifier import load_classifier
 from caee.core.parallel import ThreadWriter, run_pool, workers_for
 from caee.core.pictures import cam_grid, save_picture
 from caee.core.layout import Layout, crf_dir, pictures_dir
-from caee.stages.common import claim_folder, stage_settings, start_stage
+from caee.stages.common import claim_folder, open_output, stage_settings, start_stage
 
 logger = logging.getLogger(__name__)
-
-DONE = "DONE"
-
 
 @dataclasses.dataclass
 class MakeCamResult:
@@ -58,28 +52,18 @@ class MakeCamResult:
 
 
 
-def cam_file_settings(cfg: Config) -> dict:
-    """The settings that determine the npz files (not which images, not the CRF folders' labels),
-    the network's recorded fingerprint included (``input.weights``)."""
-    return provenance.without(stage_settings(cfg, "make_cam"), "cam.crf_alphas", "cam.split", "cam.out_dir",
-                              "data.train_split", "data.cam_split", "data.val_split",
-                              *[f"crf.{f.name}" for f in dataclasses.fields(CrfConfig)])
-
-
-def check_output_folders(cfg: Config, out_dir: Path) -> None:
-    """Refuse (before anything is written) to add to the CAM folder or a CRF folder made with other
-    settings; then record the settings in each. Rank 0, from start_stage's ``before_write``."""
-    cams = cam_file_settings(cfg)
-    # a CRF folder: the CAM files' fingerprint, the CRF settings and alpha (as AffinityNet's label step)
-    folders = [(out_dir, cams, "*.npz")]
-    folders += [(crf_dir(out_dir, a), label_folder_settings(provenance.fingerprint(cams), a, cfg.crf), "*.png")
-                for a in cfg.cam.crf_alphas]
-    for folder, settings, pattern in folders:
-        provenance.refuse_other_settings(folder, settings, "cam", cfg.cam.overwrite,
-                                         next(folder.glob(pattern), None) is not None)
-    for folder, settings, _ in folders:
+def open_folders(cfg: Config, out_dir: Path) -> dict:
+    """Open the records of the CAM folder and of each CRF label folder (rank 0, before config.yaml or
+    the log change): resumed, refused (other settings) or started over (cam.overwrite). A CRF
+    folder records the CAM folder's run, the CRF settings and alpha, as AffinityNet's label cache
+    does. Returns the CAM folder's record."""
+    record = open_output(out_dir, "make_cam", stage_settings(cfg, "make_cam"), cfg.cam.overwrite, "*.npz")
+    for alpha in cfg.cam.crf_alphas:
+        folder = crf_dir(out_dir, alpha)
         claim_folder(folder)
-        provenance.record_settings(folder, settings)
+        open_output(folder, "make_cam", label_folder_settings(record["run"], alpha, cfg.crf), cfg.cam.overwrite,
+                    "*.png")
+    return record
 
 
 # ---------------------------------------------------------------- CAMs
@@ -175,11 +159,11 @@ def main(cfg: Config) -> MakeCamResult:
     cc = cfg.cam
     out_dir = Layout(cfg).cam_dir()
     # CAMs or CRF labels made with other settings are refused before config.yaml / log.txt change
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: check_output_folders(cfg, d))
+    t_start = time.perf_counter()
+    opened: dict = {}
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, before_write=lambda d: opened.update(open_folders(cfg, d)))
     if distributed.is_main():
-        (out_dir / DONE).unlink(missing_ok=True)
         for alpha in cc.crf_alphas:
-            (crf_dir(out_dir, alpha) / DONE).unlink(missing_ok=True)
             save_config(cfg, crf_dir(out_dir, alpha))
     ensure_dataset(cfg.data)
     split = cc.split or cfg.data.cam_split
@@ -209,13 +193,12 @@ def main(cfg: Config) -> MakeCamResult:
     run_post(job, [i for i in mine if job.todo(i)], workers_for(cfg.crf.workers))
 
     distributed.barrier()
-    if distributed.is_main():
-        done = {"split": split, "num_images": len(index), "source": cc.source, "scales": cc.scales, "flip": cc.flip,
-                "world_size": distributed.world_size(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for alpha in cc.crf_alphas:
-            write_json(crf_dir(out_dir, alpha) / DONE, {**done, "cam_dir": str(out_dir), "alpha": alpha,
-                                                        "crf": dataclasses.asdict(job.params)})
-        write_json(out_dir / DONE, {**done, "crf_alphas": cc.crf_alphas})
     ips = len(todo) / seconds if todo and seconds > 0 else 0.0
-    logger.info("%s: %d CAMs computed (%.2f images/s), %d kept; DONE", out_dir, len(todo), ips, len(mine) - len(todo))
+    if distributed.is_main():  # the records' last writes: the CRF folders first, then the CAMs they come from
+        wall = time.perf_counter() - t_start
+        for alpha in cc.crf_alphas:
+            records.finish(crf_dir(out_dir, alpha), records.read(crf_dir(out_dir, alpha)), split, wall, None)
+        records.finish(out_dir, opened, split, wall, ips if todo else None)
+    logger.info("%s: %d CAMs computed (%.2f images/s), %d kept; complete", out_dir, len(todo), ips,
+                len(mine) - len(todo))
     return MakeCamResult(out_dir, len(mine), len(todo), seconds, ips)

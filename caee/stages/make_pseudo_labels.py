@@ -16,11 +16,12 @@ Per image of ``pseudo_labels.split`` (default ``data.cam_split``):
 
 Output: ``<out_dir>/<id>.png`` palette PNGs (0 = background, k+1 = class k), written atomically;
 existing ones are skipped unless ``overwrite``; under torchrun each rank takes ``ids[rank::world]``;
-``<out_dir>/DONE`` (JSON with the settings) is written last, once every image has its PNG.
+``<out_dir>/record.json`` (settings, inputs) says the split is complete once every image has its PNG.
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,25 +29,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from caee.core import distributed
-
-from caee.core import provenance
+from caee.core import distributed, records
 from caee.core.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.core.errors import CaeeError
 from caee.core.logs import show_progress
-from caee.core.io import load_cam_npz, load_image, save_label_png, write_json
+from caee.core.io import load_cam_npz, load_image, save_label_png
 from caee.models.affinitynet import load_affinitynet
 from caee.core.parallel import ProcessWriter, workers_for
 from caee.method.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
                                 write_crf_labels)
 from caee.core.layout import Layout
-from caee.stages.common import stage_settings, start_stage
+from caee.stages.common import open_output, stage_settings, start_stage
 
 logger = logging.getLogger(__name__)
-
-DONE = "DONE"
-
 
 def _walk_params(cfg: Config) -> WalkParams:
     pc = cfg.pseudo_labels
@@ -68,13 +64,12 @@ def main(cfg: Config) -> Path:
     if not weights.is_file():
         raise CaeeError(f"AffinityNet weights not found: {weights}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
-    settings = provenance.without(stage_settings(cfg, "make_pseudo_labels"), "pseudo_labels.split",
-                                  "pseudo_labels.out_dir", "data.train_split", "data.cam_split", "data.val_split")
+    t0 = time.perf_counter()
+    settings = stage_settings(cfg, "make_pseudo_labels")  # inputs checked before anything is written
+    opened: dict = {}
     # labels made with other settings are refused before config.yaml / log.txt change
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: provenance.check_folder(
-        d, settings, "pseudo_labels", pc.overwrite, next(d.glob("*.png"), None) is not None))
-    if distributed.is_main():
-        (out_dir / DONE).unlink(missing_ok=True)
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: opened.update(
+        open_output(d, "make_pseudo_labels", settings, pc.overwrite, "*.png")))
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
     distributed.barrier()
@@ -104,10 +99,8 @@ def main(cfg: Config) -> Path:
         missing = [image_id for image_id in index.ids if not (out_dir / f"{image_id}.png").is_file()]
         if missing:
             raise CaeeError(f"{len(missing)} pseudo labels are missing in {out_dir} (first: {missing[:3]}); re-run")
-        write_json(out_dir / DONE, {"split": split, "images": len(index.ids), "cam_dir": str(cam_dir),
-                                    "weights": str(weights), "alpha": params.alpha, "beta": params.beta,
-                                    "steps": params.steps, "radius": params.radius,
-                                    "psa_border": params.psa_border, "crf": pc.crf})
+        seconds = time.perf_counter() - t0
+        records.finish(out_dir, opened, split, seconds, len(index.ids) / seconds if seconds > 0 else None)
         logger.info("pseudo labels of %d images in %s", len(index.ids), out_dir)
     return out_dir
 

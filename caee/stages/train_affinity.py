@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from caee.method.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
-from caee.method.affinity_labels import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
+from caee.stages.label_cache import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
 from caee.core.config import AffinityTrainConfig, Config, config_to_dict
 from caee.data import SplitIndex
 from caee.data.transforms import AffinityAugment, build_train_transform
@@ -24,7 +24,7 @@ from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
 from caee.core.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
 from caee.core.layout import Layout, crf_dir
-from caee.stages.common import start_trainer
+from caee.stages.common import finish_trainer, start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,11 @@ def main(cfg: Config) -> FitResult:
                 "ha alpha %g from %s, radius %d (%s pairs), batch %d, %d epochs, lr %g", tc.net.backbone, tc.net.width,
                 stride, len(index.ids), cfg.data.train_split, tc.label_rule, tc.la_alpha, tc.ha_alpha, cam_dir,
                 tc.radius, "PSA" if tc.psa_border else "all", tc.batch_size, tc.epochs, tc.lr)
-    return fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers, start.settings,
-               "train_affinity")
+    result = fit(AffinityTask(model, tc, names), dataset, tc, env.out_dir, env.device,
+               config_to_dict(cfg), cfg.data.num_workers,
+                 "train_affinity")
+    finish_trainer(start, result.images_per_s)
+    return result
 
 
 def build_dataset(cfg: Config, index: SplitIndex, cam_dir: Path, stride: int) -> Dataset:

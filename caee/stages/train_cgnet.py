@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from caee.core.config import Config, config_to_dict
-from caee.data import ClassificationDataset, load_split
+from caee.data import ClassificationDataset, SplitIndex, load_split
 from caee.data.transforms import build_train_transform
 from caee.core import distributed
-from caee.engine.trainer import FitResult, StepContext, fit, settings_record
+from caee.engine.trainer import FitResult, StepContext, fit
 from caee.method.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
 from caee.core.errors import CaeeError
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
-from caee.method.epoch_selection import OracleSelector
+from caee.method.epoch_selection import is_better, train_cam_miou
 from caee.core.layout import Layout
-from caee.stages.common import start_trainer
+from caee.stages.common import finish_trainer, start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
-from caee.weights.checkpoints import load_model_weights, save_checkpoint
+from caee.core.io import load_image, load_label_png
+from caee.weights.checkpoints import load_model_weights, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,39 @@ def freeze_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+class OracleSelector:
+    """The official epoch selection (caee.method.epoch_selection) with its best epoch kept in
+    ``<out_dir>/oracle_best.pth``, so that it survives resume."""
+
+    def __init__(self, out_dir: Path, index: SplitIndex, device: torch.device):
+        self.path = Path(out_dir) / "oracle_best.pth"
+        self.index, self.device = index, device
+
+    def best(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        best = read_checkpoint(self.path, "delete it to restart the oracle selection")
+        if not (isinstance(best, dict) and isinstance(best.get("model"), dict) and isinstance(best.get("epoch"), int)
+                and isinstance(best.get("miou"), float)):
+            raise CaeeError(f"{self.path}: not an oracle record (model, epoch, miou); delete it to restart the "
+                            "oracle selection")
+        return best
+
+    def samples(self):
+        for i in range(len(self.index)):
+            gt_path = self.index.eval_mask_path(i)
+            if gt_path is not None and gt_path.is_file():
+                yield load_image(self.index.image_path(i)), load_label_png(gt_path), self.index.labels[i]
+
+    def update(self, model: torch.nn.Module, epoch: int) -> None:
+        miou = train_cam_miou(model, self.samples(), self.index.num_classes, self.device)
+        prev = self.best()
+        logger.info("oracle: epoch %d CAM mIoU %.2f on %s (best so far %s)", epoch + 1, 100 * miou,
+                    self.index.split, "-" if prev is None else f"{100 * prev['miou']:.2f} at epoch {prev['epoch'] + 1}")
+        if is_better(miou, prev):
+            save_checkpoint(self.path, {"model": model.state_dict(), "epoch": epoch, "miou": miou})
 
 
 class CGNetTask(ClassifierTask):
@@ -101,13 +136,13 @@ def main(cfg: Config) -> FitResult:
                 cfg.masking.normalization, cfg.masking.cse_init, cfg.masking.cse_slope)
     dataset = ClassificationDataset(index, build_train_transform(tc))
     task = CGNetTask(cgnet, oc, cfg, names, oracle)
-    settings = start.settings
     result = fit(task, dataset, tc, env.out_dir, env.device, config_to_dict(cfg), cfg.data.num_workers,
-                 settings, "train_cgnet")
+                 "train_cgnet")
     if oracle is not None and distributed.is_main() and oracle.best() is not None:
         best = oracle.best()
         logger.info("oracle selection: model.pth holds epoch %d (train CAM mIoU %.2f)", best["epoch"] + 1,
                     100 * best["miou"])
         save_checkpoint(result.model_path, {"model": best["model"], **task.export(), "oracle_epoch": best["epoch"],
-                                            "oracle_miou": best["miou"], **settings_record(settings)})
+                                            "oracle_miou": best["miou"]})
+    finish_trainer(start, result.images_per_s)
     return result

@@ -12,7 +12,7 @@ from caee.data import ClassificationDataset
 from caee.data.transforms import build_train_transform
 from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
 from caee.models.classifier import CamClassifier, build_classifier
-from caee.stages.common import start_trainer
+from caee.stages.common import finish_trainer, start_trainer
 from caee.weights.checkpoints import load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def main(cfg: Config) -> FitResult:
     logger.info("OC %s (width %g): %d images of %s, %d classes, batch %d, %d epochs",
                 tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
     dataset = ClassificationDataset(index, build_train_transform(tc))
-    return fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
-               config_to_dict(cfg), cfg.data.num_workers, start.settings,
-               "train_classifier")
+    result = fit(ClassifierTask(model, tc.net, names), dataset, tc, env.out_dir, env.device,
+               config_to_dict(cfg), cfg.data.num_workers,
+                 "train_classifier")
+    finish_trainer(start, result.images_per_s)
+    return result

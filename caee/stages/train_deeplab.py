@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caee.core import distributed
+from caee.core import distributed, records
 
-from caee.method import segment
+from caee.stages import predictions as segment
 from caee.core.config import Config, config_to_dict, expand_work_dir
 from caee.data import SegmentationDataset, SplitIndex, dataset_class_names, ensure_dataset, load_split
 from caee.data.transforms import build_train_transform
@@ -223,6 +224,7 @@ def main(cfg: Config) -> dict | None:
     tc = cfg.train_deeplab
     if tc.eval_only:
         return evaluate_only(cfg)
+    t0 = time.perf_counter()
     recorded = stage_settings(cfg, "train_deeplab")
     env = start_stage(cfg, STAGE, before_write=resume_check(cfg, "train_deeplab", recorded))
     settings = settings_from_config(cfg)  # bad test settings fail before training, not after
@@ -231,8 +233,6 @@ def main(cfg: Config) -> dict | None:
     split, label_dir = resolve_inputs(cfg)
     index = load_split(cfg.data, split)
     workers = cfg.eval.workers or None
-    if not tc.label_dir and not (label_dir / "DONE").is_file():
-        logger.warning("%s has no DONE marker: make_pseudo_labels.py may not have finished", label_dir)
     hist = check_label_dir(index, label_dir, workers)
     table = log_histogram(hist, names)
     label_source = f"{'pseudo labels' if not tc.label_dir else 'labels'} {label_dir}"
@@ -255,11 +255,14 @@ def main(cfg: Config) -> dict | None:
                 meta["init"], len(index), split, label_dir, tc.batch_size, tc.epochs, tc.lr)
     dataset = SegmentationDataset(index, label_dir, build_train_transform(tc))
     fitted = fit(DeeplabTask(model, meta), dataset, tc, env.out_dir, env.device, config_to_dict(cfg),
-                 cfg.data.num_workers, recorded, "train_deeplab")
+                 cfg.data.num_workers, "train_deeplab")
 
     eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)
     info = {"weights": str(fitted.model_path), "init": meta["init"], "label_source": label_source,
             "train_split": split, "head": tc.head, "backbone": tc.net.backbone, "steps": fitted.steps,
             "train_images_per_s": fitted.images_per_s, "eval_only": False,
             "settings": recorded}
-    return segment.segment_split(model, eval_index, env.out_dir, settings, env.device, info)
+    results = segment.segment_split(model, eval_index, env.out_dir, settings, env.device, info)
+    if distributed.is_main():
+        records.finish(env.out_dir, records.read(env.out_dir), "all", time.perf_counter() - t0, fitted.images_per_s)
+    return results
