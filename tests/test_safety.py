@@ -79,12 +79,19 @@ def test_a_stage_run_alone_after_its_input_was_redone_refuses(tmp_path, capsys):
 
 
 def test_changed_optimizer_on_a_stale_last_pth_is_a_message(tmp_path):
+    """The trainer's record refuses a last.pth of another optimiser before fit loads it; only
+    max_steps may change on a resume (the same trajectory, stopped elsewhere)."""
+    from caee.stages.common import open_output
+
     ds = NoisyDataset()
-    s1 = {"train_x.optimizer": "sgd"}
-    fit(TinyTask(), ds, tiny_cfg(max_steps=3), tmp_path, torch.device("cpu"), settings=s1, stage="train_x")
-    with pytest.raises(CaeeError, match=r"train_x.optimizer: 'sgd' -> 'adam'.*train_x.overwrite=true"):
-        fit(TinyTask(), ds, tiny_cfg(max_steps=6, optimizer="adam"), tmp_path, torch.device("cpu"),
-            settings={"train_x.optimizer": "adam"}, stage="train_x")
+    first = open_output(tmp_path, "train_cgnet", {"train_cgnet.optimizer": "sgd", "train_cgnet.max_steps": 3}, False)
+    fit(TinyTask(), ds, tiny_cfg(max_steps=3), tmp_path, torch.device("cpu"), stage="train_cgnet")
+    with pytest.raises(CaeeError, match=r"train_cgnet.optimizer: 'sgd' -> 'adam'.*train_cgnet.overwrite=true"):
+        open_output(tmp_path, "train_cgnet", {"train_cgnet.optimizer": "adam", "train_cgnet.max_steps": 3}, False,
+                    "*.pth")
+    longer = open_output(tmp_path, "train_cgnet", {"train_cgnet.optimizer": "sgd", "train_cgnet.max_steps": 6},
+                         False, "*.pth")
+    assert longer["run"] != first["run"] and (tmp_path / "last.pth").is_file()  # continued, not removed
 
 
 # ---------------------------------------------------------------- 2. finite checkpoints only
@@ -195,9 +202,11 @@ def test_affinitynet_initialisation_is_seeded(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["train_classifier", "train_cgnet", "train_affinity"])
-def test_trainers_seed_their_stage_with_their_own_seed(tmp_path, stage):
+def test_trainers_seed_their_stage_with_their_own_seed(tmp_path, stage, monkeypatch):
+    from caee.stages import common
     from caee.stages.common import start_trainer
 
+    monkeypatch.setattr(common, "_input_id", lambda path, key: "an upstream run")  # no upstream stage run here
     torch.manual_seed(123)
     start_trainer(mini_config(tmp_path, **{f"{stage}.seed": 7}), stage)
     assert torch.initial_seed() == 7

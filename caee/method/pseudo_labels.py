@@ -20,7 +20,6 @@ from caee.core.config import CrfConfig
 from caee.method.crf import crf_labels_from_scores
 from caee.data import normalize_image
 from caee.core.errors import CaeeError
-from caee.core.io import load_image, save_label_png
 from caee.method.random_walk import (TransitionPattern, cam_scores_with_background, random_walk, transition_matrix,
                               transition_pattern)
 
@@ -111,9 +110,3 @@ def labels_from_scores(scores: np.ndarray, keys: np.ndarray, image: np.ndarray |
     probs = np.maximum(scores, 0.0)
     probs = probs / np.maximum(probs.sum(axis=0, keepdims=True), 1e-12)
     return crf_labels_from_scores(image, probs, crf, lut)
-
-
-def write_crf_labels(job: tuple[str, np.ndarray, np.ndarray, CrfConfig, str]) -> None:
-    """One job of the background CRF writer: (image path, scores, keys, CRF settings, output PNG)."""
-    image_path, scores, keys, params, out_path = job
-    save_label_png(out_path, labels_from_scores(scores.astype(np.float32), keys, load_image(image_path), params))

@@ -37,12 +37,17 @@ from caee.core.logs import show_progress
 from caee.core.io import load_cam_npz, load_image, save_label_png
 from caee.models.affinitynet import load_affinitynet
 from caee.core.parallel import ProcessWriter, workers_for
-from caee.method.pseudo_labels import (PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores,
-                                write_crf_labels)
+from caee.method.pseudo_labels import PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores
 from caee.core.layout import Layout
 from caee.stages.common import open_output, stage_settings, start_stage
 
 logger = logging.getLogger(__name__)
+
+def write_crf_labels(job: tuple[str, np.ndarray, np.ndarray, CrfConfig, str]) -> None:
+    """One job of the background CRF writer: (image path, scores, keys, CRF settings, output PNG)."""
+    image_path, scores, keys, params, out_path = job
+    save_label_png(out_path, labels_from_scores(scores.astype(np.float32), keys, load_image(image_path), params))
+
 
 def _walk_params(cfg: Config) -> WalkParams:
     pc = cfg.pseudo_labels
