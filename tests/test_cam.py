@@ -266,7 +266,7 @@ def test_make_cam_refuses_mixed_settings_and_missing_weights(stage_setup, capsys
     (tmp_path / "empty.yaml").write_text("{}\n")
     argv = ["--config", str(tmp_path / "empty.yaml")] + overrides + ["cam.overwrite=true"]
     code = run_stage(make_cam.main, None, argv)
-    assert code == 2 and "weights not found" in capsys.readouterr().err
+    assert code == 2 and "input not found" in capsys.readouterr().err
 
 
 def test_crf_folders_refuse_labels_made_with_other_crf_settings(stage_setup):

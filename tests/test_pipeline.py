@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from caee.core import records
 from caee.pipeline import run as pipeline
+from caee.pipeline.runner import jobs_of
 from caee.data import load_split
 from caee.engine.scoring import evaluate_dir
 from caee.core.config import save_config
@@ -41,14 +43,24 @@ def test_killed_pipeline_resumes_and_writes_every_artifact_and_a_parsable_table(
     cfg = _mini(tmp_path)
     work = Path(cfg.work_dir)
     proc = forks.start(pipeline.run, cfg)
-    marker = work / "pipeline" / "train_cgnet.done"
+    cgnet = work / "train_cgnet"
+
+    def finished(folder: Path) -> bool:
+        try:
+            return bool((records.read(folder) or {}).get("complete"))
+        except Exception:  # noqa: BLE001 - caught mid-write would be a bug, but is checked below
+            return False
     deadline = time.time() + 120
-    while not marker.exists() and time.time() < deadline and proc.is_alive():
+    while not finished(cgnet) and time.time() < deadline and proc.is_alive():
         time.sleep(0.02)
     proc.kill()  # in the middle of the next stage (or just after it started)
     proc.join()
-    assert marker.exists() and proc.exitcode == -signal.SIGKILL
-    assert not (work / "pipeline" / "train_deeplab.done").exists()
+    assert records.read(cgnet)["complete"] == ["all"] and proc.exitcode == -signal.SIGKILL
+    assert records.read(work / "train_deeplab") is None
+    before = {p: p.read_bytes() for p in (work / "train_classifier" / "record.json", cgnet / "record.json")}
+    # the step the kill interrupted (if it had started its output): its record, not complete
+    control = records.read(work / "control" / "train_cgnet")
+    assert control is None or control["complete"] == []
     oc = work / "train_classifier" / "model.pth"
     mtime = oc.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="caee"):
@@ -56,14 +68,22 @@ def test_killed_pipeline_resumes_and_writes_every_artifact_and_a_parsable_table(
     skipped = [r.getMessage() for r in caplog.records if "finished earlier" in r.getMessage()]
     assert [m.split(": ")[1].split(" ")[0] for m in skipped] == ["train_classifier", "train_cgnet"], skipped
     assert oc.stat().st_mtime_ns == mtime          # not retrained
-    for stage in STAGES:
-        assert (work / "pipeline" / f"{stage}.done").exists(), stage
+    assert {p: p.read_bytes() for p in before} == before  # the finished records are not rewritten
+    if control is not None:  # the interrupted step resumed: the same run, now complete
+        assert records.read(work / "control" / "train_cgnet")["run"] == control["run"]
+    for job in jobs_of(cfg, pipeline.plan(cfg)):
+        assert job.status() == [], job.step.name
     for path in ["train_classifier/model.pth", "train_cgnet/model.pth", "control/train_cgnet/model.pth",
-                 "train_affinity/model.pth", "train_deeplab/model.pth", "cam_classifier/DONE", "cam_cgnet/DONE",
-                 "cam_cgnet_crf_4/DONE", "cam_cgnet_crf_24/DONE", "control/cam_cgnet/DONE", "pseudo_labels/DONE",
-                 "train_deeplab/results_val.json", "results.md", "results.json", "fig3_cams.png",
-                 "fig4_segmentation.png"]:
+                 "train_affinity/model.pth", "train_deeplab/model.pth", "train_deeplab/results_val.json",
+                 "results.md", "results.json", "fig3_cams.png", "fig4_segmentation.png"]:
         assert (work / path).exists(), path
+    for folder in ["cam_classifier", "cam_cgnet", "cam_cgnet_crf_4", "cam_cgnet_crf_24", "control/cam_cgnet",
+                   "pseudo_labels"]:
+        assert records.read(work / folder)["complete"] == ["train"], folder
+    for folder in ["train_classifier", "train_cgnet", "control/train_cgnet", "train_affinity", "train_deeplab"]:
+        assert records.read(work / folder)["complete"] == ["all"], folder
+    # a CRF folder names the CAM folder's run it was made from
+    assert records.read(work / "cam_cgnet_crf_4")["settings"]["input.cams"] == records.read(work / "cam_cgnet")["run"]
     rows = _parse_markdown_table((work / "results.md").read_text())
     outputs = [r["output"] for r in rows]
     assert outputs == ["OC CAM", "CGNet CAM", "control CAM (w = 0)", "CGNet CAM + CRF (alpha 4)",

@@ -1,6 +1,6 @@
 """The reproduction drivers (caee/pipeline/variants.py, caee/reports/, tools/reproduce_table1.py, tools/masking_depth_sweep.py)
 on the miniature synthetic experiment: tables that parse and agree with the evaluation files, the
-chart, markers that make a second run skip finished work, and failures that name their variant."""
+chart, records that make a second run skip finished work, and failures that name their variant."""
 import importlib.util
 import json
 import os
@@ -15,8 +15,8 @@ from caee.data import load_split
 from caee.engine.scoring import evaluate_label_dir
 from caee.pipeline import variants as var
 from caee.reports import common, masking_depth, table1
-from caee.pipeline.runner import jobs_of
-from caee.core.config import save_config
+from caee.core import records
+from caee.core.config import expand_work_dir, save_config
 from caee.core.errors import CaeeError
 from conftest import mini_config
 
@@ -53,7 +53,7 @@ def _percent_values(row: dict) -> list[float]:
 # ---------------------------------------------------------------- helpers
 
 
-def test_overrides_sections_and_depths():
+def test_overrides_sections_and_depths(tmp_path):
     cfg = mini_config(Path("/nonexistent"))
     new = var.with_overrides(cfg, {"masking.depth": 3, "train_cgnet": {"lr": 0.5}})
     assert (new.masking.depth, new.train_cgnet.lr, cfg.masking.depth) == (3, 0.5, 0)
@@ -70,10 +70,17 @@ def test_overrides_sections_and_depths():
     with pytest.raises(CaeeError, match=r"\[9\] are not depths of the tinycnn OC; valid: 0, 1, 2, 3, 4"):
         masking_depth.check_depths([0, 9], "tinycnn")
     assert common.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
-    # what a marker records: the recipe of the stage, not speed / logging settings or other stages
-    fp = jobs_of(new, ["train_cgnet"])[0].settings[0]
+    # what a record holds: the recipe of the stage, not speed / logging settings or other stages
+    from caee.stages.common import stage_settings
+
+    new = var.with_overrides(mini_config(tmp_path), {"masking.depth": 3, "train_cgnet": {"lr": 0.5}})
+    oc = Path(new.work_dir) / "train_classifier" / "model.pth"
+    oc.parent.mkdir(parents=True)
+    torch.save({"net": {}}, oc)
+    fp = stage_settings(expand_work_dir(new), "train_cgnet")
     assert fp["train_cgnet.lr"] == 0.5 and fp["masking.depth"] == 3 and fp["train_cgnet.batch_size"] == 8
-    assert not any(k.startswith("train_classifier.") for k in fp)  # the OC is recorded as an upstream run
+    assert not any(k.startswith("train_classifier.") for k in fp)  # the OC is recorded as an upstream output
+    assert fp["input.oc"].startswith("sha256:") and "train_cgnet.oc_weights" not in fp  # an OC without a record
     assert not any(k.endswith(("num_workers", "log_every", "checkpoint_every")) for k in fp)
 
 
@@ -112,6 +119,10 @@ def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
     assert not (root / "depth_0" / "train_classifier").exists()
     for d in (0, 2):
         assert torch.load(root / f"depth_{d}/train_cgnet/model.pth", weights_only=True)["masking"]["depth"] == d
+        assert records.read(root / f"depth_{d}/train_cgnet")["settings"]["masking.depth"] == d
+        # against the one OC: its run id is what each CGNet records as its input
+        assert records.read(root / f"depth_{d}/train_cgnet")["settings"]["input.oc"] == \
+            records.read(root / "oc/train_classifier")["run"]
     # the numbers are the evaluation files' (fractions -> percent), best of the sweep >= fixed threshold
     assert data["oc"]["cam_miou"] == _eval_miou(root / "oc", "cam_classifier")
     for r in data["rows"]:
@@ -128,28 +139,39 @@ def test_depth_sweep_tables_chart_and_second_run_skips(tmp_path):
                               f"{r['cam_best_threshold']:.2f}"]
     with Image.open(root / "masking_depth.png") as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert all((root / v / "pipeline" / f"{s}.done").is_file()
+    assert all(records.read(root / v / s)["complete"] in (["all"], ["train"])
                for v in ("depth_0", "depth_2") for s in ("train_cgnet", "cam_cgnet"))
 
     before = _mtimes(root)
+    recorded = {p: p.read_bytes() for p in root.rglob(records.RECORD)}
     assert len(before) == 3  # the OC and two CGNets
     again = masking_depth.run_depth_sweep(cfg, [0, 2])
     assert _mtimes(root) == before
+    assert {p: p.read_bytes() for p in root.rglob(records.RECORD)} == recorded  # nothing re-run or rewritten
     assert all(r["ran"] == [] and r["skipped"] == ["train_cgnet", "cam_cgnet"] for r in again.data["rows"])
     assert again.data["oc"]["skipped"] == ["train_classifier", "cam_classifier"]
     assert [r["cam_miou"] for r in again.data["rows"]] == [r["cam_miou"] for r in data["rows"]]
 
-    # a stage without its marker runs again; the CGNets do not read the OC's CAMs, so they stay
-    (root / "oc" / "pipeline" / "cam_classifier.done").unlink()
+    # a stage whose output is gone runs again; the CGNets do not read the OC's CAMs, so they stay
+    import shutil
+
+    shutil.rmtree(root / "oc" / "cam_classifier")
     third = masking_depth.run_depth_sweep(cfg, [0, 2])
     assert third.data["oc"]["ran"] == ["cam_classifier"]
     assert all(r["ran"] == [] for r in third.data["rows"]) and _mtimes(root) == before
+    assert records.read(root / "oc" / "cam_classifier")["complete"] == ["train"]
 
     # a changed CGNet key re-runs exactly the CGNets and their CAMs, not the OC
     fourth = masking_depth.run_depth_sweep(var.with_overrides(cfg, {"train_cgnet.lr": 0.02}), [0, 2])
     assert fourth.data["oc"]["ran"] == [] and all(r["ran"] == ["train_cgnet", "cam_cgnet"] for r in fourth.data["rows"])
     after = _mtimes(root)
     assert after["oc/train_classifier/model.pth"] == before["oc/train_classifier/model.pth"]
+    assert records.read(root / "oc/train_classifier")["run"] == \
+        json.loads(recorded[root / "oc/train_classifier" / records.RECORD])["run"]
+    for d in (0, 2):  # new runs, the CAMs naming the new CGNet
+        cgnet, cams = records.read(root / f"depth_{d}/train_cgnet"), records.read(root / f"depth_{d}/cam_cgnet")
+        assert cgnet["run"] != json.loads(recorded[root / f"depth_{d}/train_cgnet" / records.RECORD])["run"]
+        assert cams["settings"]["input.weights"] == cgnet["run"]
     assert after["depth_0/train_cgnet/model.pth"] != before["depth_0/train_cgnet/model.pth"]
     # a re-run OC (the CGNets' upstream) re-runs every CGNet
     fifth = masking_depth.run_depth_sweep(var.with_overrides(cfg, {"train_cgnet.lr": 0.02,
@@ -185,8 +207,8 @@ def test_depth_sweep_cli_and_changed_settings_are_refused(tmp_path, capsys):
     assert tool.main(["--config", str(path), "--depths", "0", "train_cgnet.max_steps=1", "train_cgnet.lr=0.5"]) == 0
     data = json.loads((tmp_path / "work" / "masking_depth" / "masking_depth.json").read_text())
     assert data["oc"]["ran"] == [] and data["rows"][0]["ran"] == ["train_cgnet", "cam_cgnet"]
-    marker = json.loads((tmp_path / "work/masking_depth/depth_0/pipeline/train_cgnet.done").read_text())
-    assert marker["settings"][0]["train_cgnet.lr"] == 0.5
+    record = records.read(tmp_path / "work/masking_depth/depth_0/train_cgnet")
+    assert record["settings"]["train_cgnet.lr"] == 0.5 and record["complete"] == ["all"]
     assert tool.main(["--config", str(path), "--depths", "7"]) == 2
     assert "not depths of the tinycnn OC" in capsys.readouterr().err
 
@@ -223,8 +245,10 @@ def test_table1_layout_numbers_and_skip(tmp_path):
 
     before = _mtimes(root)
     assert len(before) == 4
+    recorded = {p: p.read_bytes() for p in root.rglob(records.RECORD)}
     again = table1.run_table1(cfg, ocs)
     assert _mtimes(root) == before and all(r["ran"] == [] for r in again.data["rows"])
+    assert {p: p.read_bytes() for p in root.rglob(records.RECORD)} == recorded
     assert [r["cgnet_miou"] for r in again.data["rows"]] == [r["cgnet_miou"] for r in data["rows"]]
 
 
@@ -237,7 +261,9 @@ def test_failing_variant_is_named_and_the_others_go_on(tmp_path):
     good, broken = report.data["rows"]
     assert good["status"] == "ok" and good["cgnet_miou"] is not None
     assert broken["status"] == "failed" and broken["oc_miou"] is None and broken["error"] == report.failures[0]
-    assert not (tmp_path / "work/table1/broken/pipeline/train_classifier.done").exists()
+    # the failed step's output is not complete (no record, or one listing no finished part)
+    broken_record = records.read(tmp_path / "work/table1/broken/train_classifier")
+    assert broken_record is None or broken_record["complete"] == []
     assert "| failed |" in report.markdown and "- variant 'broken' failed" in report.markdown
     # in the depth sweep, the CGNets that need a failed OC are not run, each saying why
     bad = mini_config(tmp_path, **FAST, **{"train_classifier.net.pretrained": str(tmp_path / "missing.pth")})

@@ -10,8 +10,9 @@ the pseudo labels' mIoU (what Fig. II plots).
     python tools/masking_depth_sweep.py --config configs/voc/r38.yaml [--full] [--depths 0 3 7] [key=value ...]
     python tools/masking_depth_sweep.py --demo [--full]
 
-Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages; pipeline/<stage>.done markers:
-a second run skips finished stages and re-runs those whose settings changed) and <work_dir>/masking_depth/masking_depth.{md,json,png} (mIoU
+Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages, each output folder with its
+record.json: a second run skips finished stages, resumes interrupted ones and re-runs those whose
+settings or inputs changed) and <work_dir>/masking_depth/masking_depth.{md,json,png} (mIoU
 in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 

@@ -10,8 +10,9 @@ prints the table next to the paper's numbers (47.8 -> 56.0, 46.8 -> 52.4, 48.9 -
     python tools/reproduce_table1.py --config configs/voc/r38.yaml [key=value ...]
     python tools/reproduce_table1.py --demo            # synthetic set, CPU, a few minutes
 
-Output: <work_dir>/table1/{resnet38,resnet101,vgg16}/ (each variant's stages; pipeline/<stage>.done
-markers: a second run skips finished stages and re-runs those whose settings changed) and <work_dir>/table1/table1.{md,json} (mIoU in %).
+Output: <work_dir>/table1/{resnet38,resnet101,vgg16}/ (each variant's stages, each output folder with
+its record.json: a second run skips finished stages, resumes interrupted ones and re-runs those whose
+settings or inputs changed) and <work_dir>/table1/table1.{md,json} (mIoU in %).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN CGNet) with the OC backbone swapped to ResNet38 / ResNet101 /

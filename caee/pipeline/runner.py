@@ -156,8 +156,12 @@ def _run_call(job: Job, call: Config, k: int, nproc: int, overwrite: bool) -> bo
     ``overwrite``: start the output over (the first call of a step on each folder only)."""
     settings = stage_settings(call, job.stage.name)  # a missing or unreadable input stops here
     output = job.output(call)
+    if overwrite:  # the old record is not read: it may be one --overwrite is meant to replace
+        logger.info("%s: --overwrite; it starts over", job.name())
+        _call_stage(job, _with_overwrite(job, call), k, nproc)
+        return True
     why = records.status(output, settings, job.stage.part(call))
-    if not why and not overwrite:
+    if not why:
         return False
     record = records.read(output)
     diffs = records.differences(record["settings"], settings) if record else []

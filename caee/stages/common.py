@@ -121,8 +121,13 @@ def open_output(folder: Path, name: str, settings: dict, overwrite: bool, output
     - other settings: refused unless ``overwrite`` (or only max_steps changed: a trainer continues);
       with ``overwrite`` the folder's files go and a new run starts.
     ``outputs``: the glob of the files whose presence means outputs exist."""
-    record = records.read(folder)
     row = table.stage(name)
+    try:
+        record = records.read(folder)
+    except CaeeError:
+        if not overwrite:
+            raise
+        record = None  # an unreadable record is replaced with the outputs it described
     if record is not None:
         diffs = records.differences(record["settings"], settings)
         if not diffs:
