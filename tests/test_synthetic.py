@@ -115,6 +115,31 @@ def test_body_stripes_follow_class_angle():
         pytest.fail("no class-1 object drawn")
 
 
+def test_stripe_fade_weakens_the_stripes_towards_the_outline_only():
+    """stripe_fade f: the stripes' relative amplitude is (1 - f * rho) at relative radius rho, so
+    with f = 1 the rim is plain and the centre keeps its full stripes; f = 0 is the old image."""
+    base = dataclasses.replace(SMALL, objects_per_image=[1, 1], noise_std=0.0, part_hidden_prob=1.0,
+                               body_saturation=0.0, object_radius=[20, 20], object_aspect=[1.0, 1.0], wobble=0.0)
+    faded = dataclasses.replace(base, stripe_fade=1.0)
+    img0, mask0, objs = render_sample(np.random.default_rng(5), base)
+    img1, mask1, _ = render_sample(np.random.default_rng(5), faded)
+    assert np.array_equal(mask0, mask1)  # the same geometry and random draws
+    o = objs[0]
+    yy, xx = np.mgrid[:base.image_size, :base.image_size] + 0.5
+    rho = np.hypot(xx - o["cx"], yy - o["cy"]) / o["radius"]
+    inside = mask0 == o["cls"]
+
+    def spread(img, lo, hi):  # luminance range of the body pixels in a ring of relative radius
+        ring = inside & (rho >= lo) & (rho < hi)
+        lum = img[ring].astype(float).mean(1)
+        return lum.max() - lum.min()
+
+    assert spread(img1, 0.0, 0.25) > 0.75 * spread(img0, 0.0, 0.25)      # centre: nearly full stripes
+    assert spread(img1, 0.9, 0.98) < 0.2 * spread(img0, 0.9, 0.98)        # rim: almost plain
+    assert spread(img0, 0.9, 0.98) > 0.8 * spread(img0, 0.0, 0.25)        # without fade: uniform stripes
+    assert np.array_equal(render_sample(np.random.default_rng(5), dataclasses.replace(base, stripe_fade=0.0))[0], img0)
+
+
 def test_class_angles_full_pairs_mirror_images_and_mirror_free_does_not():
     """A horizontal flip maps a stripe angle t to 180 - t: with "full" classes c and C - c swap,
     with "mirror_free" every class keeps an angle no other class has."""

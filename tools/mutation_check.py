@@ -186,6 +186,11 @@ MUTATIONS: list[Mutation] = [
     m("step_in_backward keeps the group of its start (stale lr after a resume)", "caee/engine/sgd_in_backward.py",
       "lambda p, gi=gi: _update(p, optimizer.param_groups[gi], optimizer.state[p])",
       "lambda p, gi=gi, g=group: _update(p, g, optimizer.state[p])", "tests/test_engine.py"),
+    # ---- the synthetic data's design (docs/METHOD.md §10)
+    m("stripe fade runs backwards (plain centre, full rim)", "caee/data/synthetic.py",
+      "stripes * (1.0 - cfg.stripe_fade * np.clip(rho, 0.0, 1.0))",
+      "stripes * (1.0 - cfg.stripe_fade * (1.0 - np.clip(rho, 0.0, 1.0)))",
+      "tests/test_synthetic.py::test_stripe_fade_weakens_the_stripes_towards_the_outline_only"),
 ]
 
 

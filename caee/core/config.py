@@ -52,6 +52,9 @@ class SyntheticConfig:
     stripe_period: float = 5.0      # body stripes: period (px), relative luminance amplitude,
     stripe_amplitude: float = 0.35  # and sd of the angle jitter around the class angle (stripe_angles)
     stripe_jitter_deg: float = 10.0  # sd (degrees) of the stripe angle around its class angle
+    # stripe amplitude falls linearly with the distance from the object's centre, from full at the
+    # centre to (1 - stripe_fade) of it on the outline: 0 = uniform stripes; 1 = none on the outline
+    stripe_fade: float = 0.0        # fade of the stripes towards the outline (0 = none, 1 = gone there)
     # class angle of the stripes: "full" = pi * c / C (docs/METHOD.md §10); there classes c and
     # C - c are mirror images, so horizontal-flip augmentation makes their stripes identical.
     # "mirror_free" = (pi / 2) * c / (C - 1): angles in [0, 90] degrees, distinct under flips.

@@ -59,6 +59,7 @@ RULES: dict[str, Range] = {
     "synthetic.body_saturation": PROBABILITY,
     "synthetic.stripe_period": POSITIVE,
     "synthetic.stripe_amplitude": PROBABILITY,
+    "synthetic.stripe_fade": PROBABILITY,
     "synthetic.stripe_jitter_deg": NON_NEGATIVE,
     "synthetic.object_aspect": Range(0, 1, lo_open=True),
     "synthetic.wobble": Range(0, 1, hi_open=True),

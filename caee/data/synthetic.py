@@ -92,10 +92,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _blob(rng: np.random.Generator, cfg: SyntheticConfig, cx: float, cy: float, r: float,
-          size: int) -> tuple[tuple[slice, slice], np.ndarray]:
+          size: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
     """A rotated ellipse of radius ``r`` whose outline wobbles radially.
 
-    Returns the bounding box ``(rows, cols)`` within the image and the boolean blob inside it.
+    Returns the bounding box ``(rows, cols)`` within the image, the boolean blob inside it and
+    each box pixel's distance from the centre relative to the outline in its direction (0 at the
+    centre, 1 on the outline).
     """
     phi = rng.uniform(0, np.pi)
     a, b = r, r * rng.uniform(cfg.object_aspect[0], cfg.object_aspect[1])
@@ -111,7 +113,8 @@ def _blob(rng: np.random.Generator, cfg: SyntheticConfig, cx: float, cy: float, 
     v = (-dx * np.sin(phi) + dy * np.cos(phi)) / b
     theta = np.arctan2(v, u)
     edge = 1.0 + (amp[:, None, None] * np.sin(k[:, None, None] * theta[None] + ph[:, None, None])).sum(0)
-    return (slice(y0, y1), slice(x0, x1)), u * u + v * v <= edge * edge
+    dist2 = u * u + v * v
+    return (slice(y0, y1), slice(x0, x1)), dist2 <= edge * edge, np.sqrt(dist2) / edge
 
 
 def _place_part(rng: np.random.Generator, inside: np.ndarray, cx: float, cy: float, r: float,
@@ -152,12 +155,14 @@ def render_sample(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.nd
             cx, cy = rng.uniform(0.5 * r, size - 0.5 * r, 2)
             if all(np.hypot(cx - o["cx"], cy - o["cy"]) >= 0.9 * max(r, o["radius"]) for o in objects):
                 break
-        box, inside = _blob(rng, cfg, cx, cy, r, size)
+        box, inside, rho = _blob(rng, cfg, cx, cy, r, size)
         angle = class_angle(c, C, cfg.stripe_angles) + np.deg2rad(rng.normal(0.0, cfg.stripe_jitter_deg))
         phase = rng.uniform(0, 2 * np.pi)
         ys = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None] + 0.5
         xs = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :] + 0.5
         stripes = np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / cfg.stripe_period + phase)
+        if cfg.stripe_fade > 0:  # weaker stripes towards the outline: class evidence fades out
+            stripes = stripes * (1.0 - cfg.stripe_fade * np.clip(rho, 0.0, 1.0))
         body = class_colour(c, C, cfg.body_saturation, rng.uniform(0.5, 0.7))
         pix = body[None, None, :] * (1.0 + cfg.stripe_amplitude * stripes)[..., None]
         image[box][inside] = pix[inside]
