@@ -64,6 +64,11 @@ DEEPLAB_CRF = _W + "test_deeplab_test_crf_gets_every_setting"
 WALK = _W + "test_walk_settings_reach_the_walk_on_a_non_degenerate_affinitynet"
 BETA = _W + "test_changing_beta_changes_the_stage_labels"
 SHARD = _W + "test_shard_is_disjoint_complete_and_balanced"
+_G = "tests/test_gradients.py::"
+GRAD_CGNET = _G + "test_cgnet_erasing_term_trains_the_cgnet_through_its_mask_and_never_the_oc"
+GRAD_AFF = _G + "test_each_affinity_loss_term_reaches_the_head_and_every_trained_backbone_block"
+GRAD_DEEPLAB = _G + "test_deeplab_loss_reaches_head_weights_biases_and_the_backbone"
+GRAD_GROUPS = _G + "test_one_engine_step_gives_each_group_psa_lr_and_decay"
 
 MUTATIONS: list[Mutation] = [
     # ---- class-specific erasing and the CGNet loss (stage 2)
@@ -186,6 +191,36 @@ MUTATIONS: list[Mutation] = [
     m("step_in_backward keeps the group of its start (stale lr after a resume)", "caee/engine/sgd_in_backward.py",
       "lambda p, gi=gi: _update(p, optimizer.param_groups[gi], optimizer.state[p])",
       "lambda p, gi=gi, g=group: _update(p, g, optimizer.state[p])", "tests/test_engine.py"),
+    # ---- where the gradients of the real tasks go (tests/test_gradients.py): every loss value unchanged
+    m("CGNet erasing mask built from detached maps (L_cse never trains the CGNet)", "caee/stages/train_cgnet.py",
+      "erasing_mask(maps, targets,", "erasing_mask(maps.detach(), targets,", GRAD_CGNET),
+    m("erasing mask detached inside erasing_mask", "caee/method/erasing.py",
+      "target_maps = maps[torch.arange(b, device=maps.device), idx].unsqueeze(1)",
+      "target_maps = maps.detach()[torch.arange(b, device=maps.device), idx].unsqueeze(1)", GRAD_CGNET),
+    m("the frozen OC still asks for gradients", "caee/stages/train_cgnet.py",
+      "        p.requires_grad_(False)\n", "        pass\n", GRAD_CGNET),
+    m("the frozen OC left in training mode (BatchNorm statistics move)", "caee/stages/train_cgnet.py",
+      "    module.eval()\n", "    module.train()\n", GRAD_CGNET),
+    m("AffinityNet's deepest input feature detached (last backbone blocks untrained)", "caee/models/affinitynet.py",
+      "F.elu(self.f8_5(c6))", "F.elu(self.f8_5(c6.detach()))", GRAD_AFF),
+    m("DeepLab head reads detached backbone features", "caee/models/deeplab.py",
+      "return self.head(self.backbone(x))", "return self.head(self.backbone(x).detach())", GRAD_DEEPLAB),
+    # ---- each parameter group's effective lr and decay after a real step (PSA: 1x, 2x no decay, 10x, 20x no decay)
+    m("head biases at 10x (bias multiplier not applied to new layers)", "caee/engine/trainer.py",
+      '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, 0.0)', '"hb": (cfg.head_lr_mult, 0.0)', GRAD_GROUPS),
+    m("head biases get weight decay", "caee/engine/trainer.py",
+      '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, 0.0)', '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, cfg.weight_decay)',
+      GRAD_GROUPS),
+    m("backbone biases get weight decay", "caee/engine/trainer.py",
+      '"b": (cfg.bias_lr_mult, 0.0)', '"b": (cfg.bias_lr_mult, cfg.weight_decay)', GRAD_GROUPS),
+    m("the loop ignores the group multipliers (every group at the base lr)", "caee/engine/trainer.py",
+      'g["lr"] = cfg.lr * g["lr_mult"] * factor', 'g["lr"] = cfg.lr * factor', GRAD_GROUPS),
+    m("classifier task names no new layers (fc8 at 1x)", "caee/stages/train_classifier.py",
+      "        return [self.model.fc8]\n", "        return []\n", GRAD_GROUPS),
+    m("AffinityNet's f9 not a new layer (1x)", "caee/models/affinitynet.py",
+      "return [self.f8_3, self.f8_4, self.f8_5, self.f9]", "return [self.f8_3, self.f8_4, self.f8_5]", GRAD_GROUPS),
+    m("DeepLab's LargeFOV fc6 / fc7 trained as backbone (only fc8 new)", "caee/models/deeplab.py",
+      "        return [self.head]\n", "        return [getattr(self.head, 'fc8', self.head)]\n", GRAD_GROUPS),
 ]
 
 
