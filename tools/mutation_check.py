@@ -69,6 +69,12 @@ GRAD_CGNET = _G + "test_cgnet_erasing_term_trains_the_cgnet_through_its_mask_and
 GRAD_AFF = _G + "test_each_affinity_loss_term_reaches_the_head_and_every_trained_backbone_block"
 GRAD_DEEPLAB = _G + "test_deeplab_loss_reaches_head_weights_biases_and_the_backbone"
 GRAD_GROUPS = _G + "test_one_engine_step_gives_each_group_psa_lr_and_decay"
+_R = "tests/test_randomness.py::"
+RAND_CGNET = _R + "test_cgnet_run_draws_new_targets_crops_and_order_per_step_and_epoch"
+RAND_AUG = _R + "test_train_augmentation_is_fresh_per_step_and_epoch_and_replays_exactly"
+RAND_AFF = _R + "test_affinity_crop_flip_and_jitter_are_fresh_and_replay"
+RAND_ORDER = _R + "test_sample_order_changes_every_epoch_and_replays"
+RAND_RESUME = _R + "test_cgnet_run_resumed_from_last_pth_draws_exactly_what_an_uninterrupted_run_draws"
 
 MUTATIONS: list[Mutation] = [
     # ---- class-specific erasing and the CGNet loss (stage 2)
@@ -221,6 +227,31 @@ MUTATIONS: list[Mutation] = [
       "return [self.f8_3, self.f8_4, self.f8_5, self.f9]", "return [self.f8_3, self.f8_4, self.f8_5]", GRAD_GROUPS),
     m("DeepLab's LargeFOV fc6 / fc7 trained as backbone (only fc8 new)", "caee/models/deeplab.py",
       "        return [self.head]\n", "        return [getattr(self.head, 'fc8', self.head)]\n", GRAD_GROUPS),
+    # ---- randomness fresh per step and epoch, replayed on resume (tests/test_randomness.py)
+    m("per-step generator seeded by the epoch (same erasing targets all epoch)", "caee/engine/trainer.py",
+      "_mix(self.seed, 7919, self.step)", "_mix(self.seed, 7919, self.epoch)", RAND_CGNET),
+    m("CGNet erasing targets from a fixed generator", "caee/stages/train_cgnet.py",
+      "targets = sample_targets(labels, ctx.generator())",
+      "targets = sample_targets(labels, torch.Generator().manual_seed(0))", RAND_CGNET),
+    m("sample augmentation ignores the epoch (the same crops every epoch)", "caee/engine/trainer.py",
+      "s = _mix(self.seed, epoch, i)", "s = _mix(self.seed, 0, i)", RAND_AUG),
+    m("sample augmentation ignores the index (one crop for a whole epoch)", "caee/engine/trainer.py",
+      "s = _mix(self.seed, epoch, i)", "s = _mix(self.seed, epoch, 0)", RAND_AUG),
+    m("torch seeded with the run seed per sample (every draw the same)", "caee/engine/trainer.py",
+      "        torch.manual_seed(s)\n", "        torch.manual_seed(self.seed)\n", RAND_AUG),
+    m("sample order the same every epoch", "caee/engine/trainer.py",
+      "_mix(self.seed, 104729, self.epoch)", "_mix(self.seed, 104729, 0)", RAND_ORDER),
+    m("long-side resize from a fixed generator", "caee/data/transforms.py",
+      "long_side = int(torch.randint(self.low, self.high + 1, ()).item())",
+      "long_side = int(torch.randint(self.low, self.high + 1, (), generator=torch.Generator().manual_seed(0)).item())",
+      RAND_AUG),
+    m("AffinityNet crop box from a fixed generator", "caee/data/transforms.py",
+      "box = random_crop_box(height, width, self.crop_size)",
+      "box = random_crop_box(height, width, self.crop_size, torch.Generator().manual_seed(0))", RAND_AFF),
+    m("AffinityNet crops always flipped", "caee/data/transforms.py",
+      "flip = self.hflip and bool(torch.rand(()) < 0.5)", "flip = self.hflip", RAND_AFF),
+    m("a resumed epoch restarts its sample order at batch 0", "caee/engine/trainer.py",
+      "cfg.seed, epoch, start_batch)", "cfg.seed, epoch, 0)", RAND_RESUME),
 ]
 
 
