@@ -254,6 +254,37 @@ MUTATIONS: list[Mutation] = [
       "cfg.seed, epoch, start_batch)", "cfg.seed, epoch, 0)", RAND_RESUME),
 ]
 
+# ---- "stage ignores <key>": one generated mutation per key of tests/test_key_wiring.py's table:
+# where the stage reads the key, the default (or a constant) is used instead
+_MC, _LAYOUT = "caee/stages/make_cam.py", "caee/core/layout.py"
+KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read replaced)
+    "cam.scales": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, [0.5, 1.0, 1.5, 2.0], cc.flip, device, cc.amp,"),
+    "cam.flip": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, cc.scales, True, device, cc.amp,"),
+    "cam.amp": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, cc.scales, cc.flip, device, True,"),
+    "cam.resize": (_MC, "cc.resize)", '"pil_bicubic")'),
+    "cam.dtype": (_MC, "c.astype(cc.dtype)", 'c.astype("float16")'),
+    "cam.batch_size": (_MC, "batch_size=cc.batch_size", "batch_size=1"),
+    "cam.split": (_MC, "split = cc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
+    "cam.pictures": (_MC, "range(min(cc.pictures, len(index)))", "range(min(0, len(index)))"),
+    "cam.crf_alphas": (_MC, "list(cc.crf_alphas), cfg.crf", "[], cfg.crf"),
+    "cam.overwrite": (_MC, "if cc.overwrite or not", "if False or not"),
+    # the lead's layout.py: update these patterns when it is rewritten
+    "cam.source": (_LAYOUT, 'default = self.model(f"train_{source}")', 'default = self.model("train_cgnet")'),
+    "cam.weights": (_LAYOUT, "return self._or(self.cfg.cam.weights, default)", "return default"),
+    "cam.out_dir": (_LAYOUT, "return self._or(self.cfg.cam.out_dir, default)", "return default"),
+}
+_K = "tests/test_key_wiring.py::"
+MUTATIONS += [m(f"stage ignores {key}", file, old, new, _K + "test_every_cam_key_reaches_make_cam_s_consumer",
+                _K + "test_cam_weights_and_out_dir_reach_make_cam") for key, (file, old, new) in KEY_READS.items()]
+MUTATIONS += [
+    m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
+      'self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))',
+      "self._or(self.cfg.train_affinity.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+    m("the random walk reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
+      'self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))',
+      "self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+]
+
 
 def copy_repo(dst: Path) -> Path:
     root = dst / "repo"
