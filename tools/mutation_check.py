@@ -64,6 +64,17 @@ DEEPLAB_CRF = _W + "test_deeplab_test_crf_gets_every_setting"
 WALK = _W + "test_walk_settings_reach_the_walk_on_a_non_degenerate_affinitynet"
 BETA = _W + "test_changing_beta_changes_the_stage_labels"
 SHARD = _W + "test_shard_is_disjoint_complete_and_balanced"
+_G = "tests/test_gradients.py::"
+GRAD_CGNET = _G + "test_cgnet_erasing_term_trains_the_cgnet_through_its_mask_and_never_the_oc"
+GRAD_AFF = _G + "test_each_affinity_loss_term_reaches_the_head_and_every_trained_backbone_block"
+GRAD_DEEPLAB = _G + "test_deeplab_loss_reaches_head_weights_biases_and_the_backbone"
+GRAD_GROUPS = _G + "test_one_engine_step_gives_each_group_psa_lr_and_decay"
+_R = "tests/test_randomness.py::"
+RAND_CGNET = _R + "test_cgnet_run_draws_new_targets_crops_and_order_per_step_and_epoch"
+RAND_AUG = _R + "test_train_augmentation_is_fresh_per_step_and_epoch_and_replays_exactly"
+RAND_AFF = _R + "test_affinity_crop_flip_and_jitter_are_fresh_and_replay"
+RAND_ORDER = _R + "test_sample_order_changes_every_epoch_and_replays"
+RAND_RESUME = _R + "test_cgnet_run_resumed_from_last_pth_draws_exactly_what_an_uninterrupted_run_draws"
 
 MUTATIONS: list[Mutation] = [
     # ---- class-specific erasing and the CGNet loss (stage 2)
@@ -191,6 +202,92 @@ MUTATIONS: list[Mutation] = [
       "stripes * (1.0 - cfg.stripe_fade * np.clip(rho, 0.0, 1.0))",
       "stripes * (1.0 - cfg.stripe_fade * (1.0 - np.clip(rho, 0.0, 1.0)))",
       "tests/test_synthetic.py::test_stripe_fade_weakens_the_stripes_towards_the_outline_only"),
+    # ---- where the gradients of the real tasks go (tests/test_gradients.py): every loss value unchanged
+    m("CGNet erasing mask built from detached maps (L_cse never trains the CGNet)", "caee/stages/train_cgnet.py",
+      "erasing_mask(maps, targets,", "erasing_mask(maps.detach(), targets,", GRAD_CGNET),
+    m("erasing mask detached inside erasing_mask", "caee/method/erasing.py",
+      "target_maps = maps[torch.arange(b, device=maps.device), idx].unsqueeze(1)",
+      "target_maps = maps.detach()[torch.arange(b, device=maps.device), idx].unsqueeze(1)", GRAD_CGNET),
+    m("the frozen OC still asks for gradients", "caee/stages/train_cgnet.py",
+      "        p.requires_grad_(False)\n", "        pass\n", GRAD_CGNET),
+    m("the frozen OC left in training mode (BatchNorm statistics move)", "caee/stages/train_cgnet.py",
+      "    module.eval()\n", "    module.train()\n", GRAD_CGNET),
+    m("AffinityNet's deepest input feature detached (last backbone blocks untrained)", "caee/models/affinitynet.py",
+      "F.elu(self.f8_5(c6))", "F.elu(self.f8_5(c6.detach()))", GRAD_AFF),
+    m("DeepLab head reads detached backbone features", "caee/models/deeplab.py",
+      "return self.head(self.backbone(x))", "return self.head(self.backbone(x).detach())", GRAD_DEEPLAB),
+    # ---- each parameter group's effective lr and decay after a real step (PSA: 1x, 2x no decay, 10x, 20x no decay)
+    m("head biases at 10x (bias multiplier not applied to new layers)", "caee/engine/trainer.py",
+      '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, 0.0)', '"hb": (cfg.head_lr_mult, 0.0)', GRAD_GROUPS),
+    m("head biases get weight decay", "caee/engine/trainer.py",
+      '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, 0.0)', '"hb": (cfg.head_lr_mult * cfg.bias_lr_mult, cfg.weight_decay)',
+      GRAD_GROUPS),
+    m("backbone biases get weight decay", "caee/engine/trainer.py",
+      '"b": (cfg.bias_lr_mult, 0.0)', '"b": (cfg.bias_lr_mult, cfg.weight_decay)', GRAD_GROUPS),
+    m("the loop ignores the group multipliers (every group at the base lr)", "caee/engine/trainer.py",
+      'g["lr"] = cfg.lr * g["lr_mult"] * factor', 'g["lr"] = cfg.lr * factor', GRAD_GROUPS),
+    m("classifier task names no new layers (fc8 at 1x)", "caee/stages/train_classifier.py",
+      "        return [self.model.fc8]\n", "        return []\n", GRAD_GROUPS),
+    m("AffinityNet's f9 not a new layer (1x)", "caee/models/affinitynet.py",
+      "return [self.f8_3, self.f8_4, self.f8_5, self.f9]", "return [self.f8_3, self.f8_4, self.f8_5]", GRAD_GROUPS),
+    m("DeepLab's LargeFOV fc6 / fc7 trained as backbone (only fc8 new)", "caee/models/deeplab.py",
+      "        return [self.head]\n", "        return [getattr(self.head, 'fc8', self.head)]\n", GRAD_GROUPS),
+    # ---- randomness fresh per step and epoch, replayed on resume (tests/test_randomness.py)
+    m("per-step generator seeded by the epoch (same erasing targets all epoch)", "caee/engine/trainer.py",
+      "_mix(self.seed, 7919, self.step)", "_mix(self.seed, 7919, self.epoch)", RAND_CGNET),
+    m("CGNet erasing targets from a fixed generator", "caee/stages/train_cgnet.py",
+      "targets = sample_targets(labels, ctx.generator())",
+      "targets = sample_targets(labels, torch.Generator().manual_seed(0))", RAND_CGNET),
+    m("sample augmentation ignores the epoch (the same crops every epoch)", "caee/engine/trainer.py",
+      "s = _mix(self.seed, epoch, i)", "s = _mix(self.seed, 0, i)", RAND_AUG),
+    m("sample augmentation ignores the index (one crop for a whole epoch)", "caee/engine/trainer.py",
+      "s = _mix(self.seed, epoch, i)", "s = _mix(self.seed, epoch, 0)", RAND_AUG),
+    m("torch seeded with the run seed per sample (every draw the same)", "caee/engine/trainer.py",
+      "        torch.manual_seed(s)\n", "        torch.manual_seed(self.seed)\n", RAND_AUG),
+    m("sample order the same every epoch", "caee/engine/trainer.py",
+      "_mix(self.seed, 104729, self.epoch)", "_mix(self.seed, 104729, 0)", RAND_ORDER),
+    m("long-side resize from a fixed generator", "caee/data/transforms.py",
+      "long_side = int(torch.randint(self.low, self.high + 1, ()).item())",
+      "long_side = int(torch.randint(self.low, self.high + 1, (), generator=torch.Generator().manual_seed(0)).item())",
+      RAND_AUG),
+    m("AffinityNet crop box from a fixed generator", "caee/data/transforms.py",
+      "box = random_crop_box(height, width, self.crop_size)",
+      "box = random_crop_box(height, width, self.crop_size, torch.Generator().manual_seed(0))", RAND_AFF),
+    m("AffinityNet crops always flipped", "caee/data/transforms.py",
+      "flip = self.hflip and bool(torch.rand(()) < 0.5)", "flip = self.hflip", RAND_AFF),
+    m("a resumed epoch restarts its sample order at batch 0", "caee/engine/trainer.py",
+      "cfg.seed, epoch, start_batch)", "cfg.seed, epoch, 0)", RAND_RESUME),
+]
+
+# ---- "stage ignores <key>": one generated mutation per key of tests/test_key_wiring.py's table:
+# where the stage reads the key, the default (or a constant) is used instead
+_MC, _LAYOUT = "caee/stages/make_cam.py", "caee/core/layout.py"
+KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read replaced)
+    "cam.scales": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, [0.5, 1.0, 1.5, 2.0], cc.flip, device, cc.amp,"),
+    "cam.flip": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, cc.scales, True, device, cc.amp,"),
+    "cam.amp": (_MC, "keys, cc.scales, cc.flip, device, cc.amp,", "keys, cc.scales, cc.flip, device, True,"),
+    "cam.resize": (_MC, "cc.resize)", '"pil_bicubic")'),
+    "cam.dtype": (_MC, "c.astype(cc.dtype)", 'c.astype("float16")'),
+    "cam.batch_size": (_MC, "batch_size=cc.batch_size", "batch_size=1"),
+    "cam.split": (_MC, "split = cc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
+    "cam.pictures": (_MC, "range(min(cc.pictures, len(index)))", "range(min(0, len(index)))"),
+    "cam.crf_alphas": (_MC, "list(cc.crf_alphas), cfg.crf", "[], cfg.crf"),
+    "cam.overwrite": (_MC, "if cc.overwrite or not", "if False or not"),
+    # the lead's layout.py: update these patterns when it is rewritten
+    "cam.source": (_LAYOUT, 'default = self.model(f"train_{source}")', 'default = self.model("train_cgnet")'),
+    "cam.weights": (_LAYOUT, "return self._or(self.cfg.cam.weights, default)", "return default"),
+    "cam.out_dir": (_LAYOUT, "return self._or(self.cfg.cam.out_dir, default)", "return default"),
+}
+_K = "tests/test_key_wiring.py::"
+MUTATIONS += [m(f"stage ignores {key}", file, old, new, _K + "test_every_cam_key_reaches_make_cam_s_consumer",
+                _K + "test_cam_weights_and_out_dir_reach_make_cam") for key, (file, old, new) in KEY_READS.items()]
+MUTATIONS += [
+    m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
+      'self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))',
+      "self._or(self.cfg.train_affinity.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+    m("the random walk reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
+      'self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))',
+      "self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
 ]
 
 
