@@ -38,7 +38,7 @@ from caee.core import distributed
 from caee.core.config import Config, CrfConfig
 from caee.method.crf import crf_labels_from_scores, dense_crf
 from caee.data import InferenceDataset, SplitIndex, collate_list, normalize_image
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.logs import show_progress
 from caee.engine.scoring import evaluate_label_dir, format_report, to_jsonable
 from caee.core.io import save_label_png, write_json
@@ -212,7 +212,7 @@ def load_deeplab(path: str | Path, cfg: Config, num_classes: int) -> tuple[nn.Mo
     ``cfg.train_deeplab``. ``num_classes`` = C (foreground). Returns (model, the file's metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise CaeeError(f"DeepLab weights not found: {path}; train first (train_deeplab.py) or set "
+        raise CaeeError(f"DeepLab weights {not_found(path)}; train first (train_deeplab.py) or set "
                         "train_deeplab.weights")
     meta = checkpoint_meta(path)
     tc = cfg.train_deeplab
