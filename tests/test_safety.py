@@ -487,3 +487,24 @@ def test_not_found_only_for_paths_that_do_not_exist(tmp_path):
     assert not_found(tmp_path) == f"{tmp_path} is a folder, not a file"
     with pytest.raises(CaeeError, match="is a folder, not a file"):
         load_config(tmp_path)
+
+
+def test_labels_cache_of_a_read_only_root_goes_to_the_user_cache(fake_voc, monkeypatch, tmp_path):
+    """A write fault (here EROFS from the real writer, not a stub) under data.root is not an error:
+    the labels are cached under ~/.cache/caee instead."""
+    from caee.core.config import DataConfig
+    from caee.data import load_split
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real = os.fsync
+
+    def fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(fake_voc):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    index = load_split(DataConfig(dataset="voc", root=str(fake_voc)), "train")
+    assert not (fake_voc / "cls_labels.npz").exists() and not list(fake_voc.glob(".cls_labels*"))
+    assert len(list((tmp_path / "home" / ".cache" / "caee").glob("cls_labels_*.npz"))) == 1
+    assert index.labels.sum() > 0

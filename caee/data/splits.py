@@ -287,14 +287,17 @@ def labels_from_mask(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def check_mask_size(label: np.ndarray, image_path: str | os.PathLike, path: str | os.PathLike) -> None:
-    """CaeeError when the (H, W) mask read from ``path`` is not the size of its image (header read only)."""
+    """CaeeError when the (H, W) mask read from ``path`` is not the size of its image (header read only).
+
+    An unreadable image is left to the image reader, which names it where the image is used
+    (evaluating a folder of predictions reads the masks but not the images)."""
     from PIL import Image
 
     try:
         with Image.open(image_path) as img:
             width, height = img.size
-    except (OSError, SyntaxError) as e:
-        raise CaeeError(f"{image_path}: unreadable image ({e})") from None
+    except (OSError, SyntaxError):
+        return
     if label.shape != (height, width):
         raise CaeeError(f"{path}: mask is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
                         f"{width}x{height}; fix or regenerate the mask")
@@ -386,7 +389,7 @@ def _store_labels_cache(root: Path, cache: dict[str, np.ndarray], num_classes: i
         try:
             save_labels_cache(path, ids, labels, source)
             return
-        except OSError as e:
+        except (OSError, CaeeError) as e:  # the writer names a read-only / full disk in a CaeeError
             logger.debug("cannot write %s: %s", path, e)
     logger.warning("cannot cache image-level labels under %s or %s; they are kept in memory only and recomputed "
                    "next time", root, _user_cache_path(root).parent)
