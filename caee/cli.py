@@ -45,6 +45,14 @@ def guarded(call: Callable[[], object]) -> int:
     except CaeeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write fault outside caee.core.io's writers (which raise CaeeError themselves)
+        from caee.core.io import write_fault
+
+        fault = write_fault(None, e)
+        if fault is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
@@ -95,7 +103,7 @@ def print_config(cfg: Config) -> None:
 def run_command(command: Command, argv: list[str]) -> int:
     """Parse ``argv`` for ``command`` and run it under :func:`guarded`; the stage is imported only here."""
     parser = command_parser(command)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
     if getattr(args, "stages", None):  # `--stages a b key=value`: argparse gives the overrides to --stages
         args.overrides += [s for s in args.stages if "=" in s]
         args.stages = [s for s in args.stages if "=" not in s]
@@ -105,6 +113,8 @@ def run_command(command: Command, argv: list[str]) -> int:
         parser.error("--config is required (an experiment YAML, e.g. configs/demo.yaml)")
 
     def call() -> None:
+        if getattr(args, "nproc", 1) < 1:
+            raise CaeeError(f"--nproc must be at least 1 (processes per stage), got {args.nproc}")
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print_config(cfg)
@@ -156,7 +166,7 @@ def parse_args(doc: str | None, argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", required=True, help="experiment YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)
 
 

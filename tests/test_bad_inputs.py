@@ -2,6 +2,10 @@
 line naming the key or file, no traceback, and no output written."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from PIL import Image
 
 from caee.cli import run_stage
 from caee.core.config import config_to_dict
-from caee.core.io import save_cam_npz
+from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.stages import eval_miou, train_classifier
 from conftest import mini_config
 
@@ -98,6 +102,10 @@ CONFIG_CASES = [
     ("device=tpu", "device"),
     ("train_classifier.lr=abc", "train_classifier.lr"),
     ("train_classifier.max_steps=-2", "train_classifier.max_steps"),
+    # sizes a run cannot meet: uncropped images of random sizes in one batch, an upside-down resize range
+    ("train_classifier.crop_size=0", "train_classifier.crop_size"),
+    ("train_classifier.resize_long=[80, 48]", "train_classifier.resize_long"),
+    ("train_cgnet.resize_long=[0, 64]", "train_cgnet.resize_long"),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append(("device=cuda", "device"))
@@ -166,6 +174,35 @@ def _id_with_dot(root):
     _split(root).write_text("train_00000\ntrain_00001.v2\n")
 
 
+def _dotdot_component(root):
+    # PSA-style path through '..': it named train_00000 a second time
+    _split(root).write_text("train_00000\n/JPEGImages/../JPEGImages/train_00000.jpg\n")
+
+
+def _duplicate_id(root):
+    _split(root).write_text("train_00000\ntrain_00001\ntrain_00000\n")
+
+
+def _blank_name(root):
+    _split(root).write_text("train_00000\n/JPEGImages/.jpg /SegmentationClassAug/.png\n")
+
+
+def _derived_labels(root):
+    """Drop the generator's labels file: image-level labels are then derived from the masks."""
+    (root / "cls_labels.npz").unlink()
+    return root / "SegmentationClassAug" / f"{_split(root).read_text().split()[0]}.png"  # data.mask_dir
+
+
+def _mask_of_other_size(root):
+    mask = _derived_labels(root)
+    save_label_png(mask, np.zeros((17, 23), np.uint8))
+
+
+def _mask_with_bad_values(root):
+    mask = _derived_labels(root)
+    save_label_png(mask, np.full(load_label_png(mask).shape, 9, np.uint8))
+
+
 def _empty_split(root):
     _split(root).write_text("# nothing\n")
 
@@ -196,6 +233,10 @@ DATA_CASES = [
     (_id_escaping, "train.txt"), (_id_with_dot, "train_00001.v2"), (_empty_split, "train.txt"),
     (_missing_split, "train.txt"), (_float_image, ".png"), (_truncated_image, "train_"),
     (_missing_image, "train_"),
+    (_dotdot_component, "train.txt line 2"), (_duplicate_id, "train.txt line 3: image 'train_00000' is already "
+                                                             "listed on line 1"),
+    (_blank_name, "train.txt line 2"), (_mask_of_other_size, "mask is 23x17 but its image"),
+    (_mask_with_bad_values, "label values [9]"),
 ]
 
 
@@ -332,4 +373,245 @@ def test_bad_checkpoint(tmp_path, dataset, trained, damage, names, capsys):
 
 
 def test_catalogue_size():
-    assert len(CONFIG_CASES) + 2 + len(DATA_CASES) + 1 + len(CAM_CASES) + len(CKPT_CASES) >= 40
+    assert len(CONFIG_CASES) + 2 + len(DATA_CASES) + 1 + len(CAM_CASES) + len(CKPT_CASES) >= 50
+
+
+# ---------------------------------------------------------------- write faults (issue 26)
+
+
+def fail_writes(monkeypatch, name: str, err: int, after: int = 0, on_fault=None) -> None:
+    """Atomic writes of files called ``name`` fail with ``err`` at their fsync (where a full disk
+    shows up) once ``after`` of them have succeeded; ``on_fault()`` runs first (to see the files then)."""
+    real, count = os.fsync, [0]
+
+    def fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{name}."):
+            count[0] += 1
+            if count[0] > after:
+                if on_fault:
+                    on_fault()
+                raise OSError(err, os.strerror(err))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def read_only(monkeypatch, folder: Path, err: int = errno.EROFS) -> None:
+    """Every write under ``folder`` (new folders, files opened for writing) fails with ``err``, as on a
+    read-only mount: in-process, so it also works as root and on CI without mounting anything."""
+    folder = folder.resolve()
+    real_mkdir, real_open, real_io_open = os.mkdir, os.open, io.open
+
+    def refused(path) -> bool:
+        return Path(os.path.abspath(path)).is_relative_to(folder)
+
+    def fault(path):
+        return OSError(err, os.strerror(err), str(path))
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path):
+            raise fault(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path):
+            raise fault(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def io_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and refused(file):
+            raise fault(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", io_open)
+    monkeypatch.setattr(builtins, "open", io_open)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Content of the files under ``folder`` (not log.txt, not the temp file of a write in progress)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "log.txt" and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path, dataset, monkeypatch, capsys):
+    """The 2nd last.pth write finds the disk full: one line naming last.pth; the files stay as they were
+    at that moment (last.pth of step 1, no model.pth, no temp file); a re-run resumes and finishes."""
+    config = write_config(tmp_path, **{"data.root": str(dataset), "train_classifier.max_steps": 3,
+                                       "train_classifier.checkpoint_every": 1})
+    folder = tmp_path / "work" / "train_classifier"
+    at_fault: dict[str, bytes] = {}
+    fail_writes(monkeypatch, "last.pth", errno.ENOSPC, after=1, on_fault=lambda: at_fault.update(files_of(folder)))
+    rc, err = run_cli(train_classifier.main, config, capsys=capsys)
+    assert_refused(rc, err, f"cannot write {folder / 'last.pth'}: no space left on the device")
+    assert "last.pth" in at_fault and files_of(folder) == at_fault and not list(folder.glob(".*.tmp"))
+    assert torch.load(folder / "last.pth", weights_only=True)["step"] == 1
+    assert not (folder / "model.pth").exists()
+    monkeypatch.undo()
+    assert run_cli(train_classifier.main, config, capsys=capsys)[0] == 0
+    assert (folder / "model.pth").is_file() and torch.load(folder / "last.pth", weights_only=True)["step"] == 3
+
+
+def _cam_folder(tmp_path: Path, exp: Path) -> Path:
+    """CAMs (0.5 for class 0) of every image of the CAM split, at the images' sizes."""
+    from caee.core.config import load_config
+    from caee.data import load_split
+
+    cfg = load_config(exp)
+    index = load_split(cfg.data, cfg.data.cam_split)
+    cam_dir = tmp_path / "cams"
+    for i, image_id in enumerate(index.ids):
+        h, w = np.asarray(Image.open(index.image_path(i))).shape[:2]
+        save_cam_npz(cam_dir / f"{image_id}.npz", np.array([0]), np.full((1, h, w), 0.5, np.float32))
+    return cam_dir
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, errno.EROFS], ids=["ENOSPC", "EACCES", "EROFS"])
+def test_write_fault_on_an_output_keeps_the_earlier_one(tmp_path, exp, monkeypatch, err, capsys):
+    cam_dir, out = _cam_folder(tmp_path, exp), tmp_path / "result.json"
+    assert run_cli(eval_miou.main, exp, f"eval.dir={cam_dir}", f"eval.out={out}", capsys=capsys)[0] == 0
+    before = out.read_bytes()
+    fail_writes(monkeypatch, "result.json", err)
+    rc, err_text = run_cli(eval_miou.main, exp, f"eval.dir={cam_dir}", f"eval.out={out}", "eval.thresholds=[0.3]",
+                           capsys=capsys)
+    assert_refused(rc, err_text, f"cannot write {out}")
+    assert out.read_bytes() == before and not list(tmp_path.glob(".result.json.*"))
+
+
+def test_output_path_that_is_a_folder(tmp_path, exp, capsys):
+    cam_dir, out = _cam_folder(tmp_path, exp), tmp_path / "result.json"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, err = run_cli(eval_miou.main, exp, f"eval.dir={cam_dir}", f"eval.out={out}", capsys=capsys)
+    assert_refused(rc, err, f"cannot write {out}: it is a folder")
+    assert files_of(out) == {"keep.txt": b"mine"} and not list(tmp_path.glob(".result.json.*"))
+
+
+def run_pipeline(config: Path, *args: str, capsys) -> tuple[int, str]:
+    from caee.cli import main
+
+    capsys.readouterr()
+    rc = main(["run", "--config", str(config), *args])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["stage", "caee run"])
+def test_work_dir_that_is_a_file(tmp_path, exp, entry, capsys):
+    work = tmp_path / "work"
+    work.write_text("not a folder")
+    if entry == "stage":
+        rc, err = run_cli(train_classifier.main, exp, "train_classifier.max_steps=1", capsys=capsys)
+    else:
+        rc, err = run_pipeline(exp, "--stages", "train_classifier", "train_classifier.max_steps=1", capsys=capsys)
+    assert_refused(rc, err, f"{work} is a file, not a folder")
+    assert work.read_text() == "not a folder"
+
+
+def test_read_only_work_dir_under_caee_run(tmp_path, exp, monkeypatch, capsys):
+    (tmp_path / "ro").mkdir()
+    read_only(monkeypatch, tmp_path / "ro")
+    rc, err = run_pipeline(exp, "--stages", "train_classifier", f"work_dir={tmp_path / 'ro' / 'w'}",
+                           "train_classifier.max_steps=1", capsys=capsys)
+    assert_refused(rc, err, "read-only file system; choose a writable work_dir")
+    assert str(tmp_path / "ro") in err
+    monkeypatch.undo()
+    assert not any((tmp_path / "ro").iterdir())
+
+
+def test_read_only_folder_above_work_dir_under_caee_run(tmp_path, exp, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere (test_read_only_work_dir_under_caee_run covers it in-process)")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        rc, err = run_pipeline(exp, "--stages", "train_classifier", f"work_dir={tmp_path / 'ro' / 'a' / 'w'}",
+                               "train_classifier.max_steps=1", capsys=capsys)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert_refused(rc, err, "permission denied; choose a writable work_dir")
+    assert not any((tmp_path / "ro").iterdir())
+
+
+# ---------------------------------------------------------------- config and command line (issue 26)
+
+
+def test_nproc_below_one(tmp_path, exp, capsys):
+    rc, err = run_pipeline(exp, "--nproc", "0", "--stages", "train_classifier", capsys=capsys)
+    assert_refused(rc, err, "--nproc must be at least 1")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("text,names", [
+    ("train_classifier:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "key 'lr' is given twice (lines 2 and 4)"),
+    ("train_classifier:\n  lr: 0.1\ntrain_cgnet:\n  lr: 0.1\ntrain_classifier:\n  epochs: 3\n",
+     "key 'train_classifier' is given twice (lines 1 and 5)"),
+], ids=["key", "section"])
+def test_duplicate_yaml_key(tmp_path, exp, text, names, capsys):
+    config = tmp_path / "dup.yaml"
+    config.write_text(f"base: {exp.name}\n" + text)
+    rc, err = run_cli(train_classifier.main, config, capsys=capsys)
+    line = assert_refused(rc, err, names.replace("lines 1 and 5", "lines 2 and 6").replace("2 and 4", "3 and 5"))
+    assert str(config) in line
+    assert not (tmp_path / "work").exists()
+
+
+def test_overrides_after_every_flag(tmp_path, exp, monkeypatch, capsys):
+    import caee.pipeline.run
+    from caee.cli import main
+
+    seen: dict = {}
+    monkeypatch.setattr(train_classifier, "main", lambda cfg: seen.update(cfg=cfg))
+    assert main(["train-classifier", "--config", str(exp), "--overwrite", "train_classifier.lr=0.5"]) == 0
+    assert seen["cfg"].train_classifier.lr == 0.5 and seen["cfg"].train_classifier.overwrite
+    assert main(["train-classifier", "train_classifier.lr=0.25", "--config", str(exp), "masking.depth=2"]) == 0
+    assert seen["cfg"].train_classifier.lr == 0.25 and seen["cfg"].masking.depth == 2
+    monkeypatch.setattr(caee.pipeline.run, "run", lambda cfg, stages, nproc, overwrite: seen.update(
+        cfg=cfg, stages=stages, nproc=nproc, overwrite=overwrite) or {})
+    assert main(["run", "--config", str(exp), "--overwrite", "masking.depth=3", "--nproc", "2", "crf.iterations=4",
+                 "--stages", "train_cgnet", "cam.batch_size=2"]) == 0
+    assert seen["cfg"].masking.depth == 3 and seen["cfg"].crf.iterations == 4 and seen["cfg"].cam.batch_size == 2
+    assert seen["stages"] == ["train_cgnet"] and seen["nproc"] == 2 and seen["overwrite"]
+
+
+# ---------------------------------------------------------------- messages (issue 26)
+
+
+def test_config_path_that_is_a_folder(tmp_path, capsys):
+    rc, err = run_cli(train_classifier.main, tmp_path, capsys=capsys)
+    line = assert_refused(rc, err, f"{tmp_path} is a folder, not a file")
+    assert "not found" not in line
+
+
+def test_data_root_that_is_a_file(tmp_path, capsys):
+    config = write_config(tmp_path)
+    (tmp_path / "synthetic").write_text("x")
+    rc, err = run_cli(train_classifier.main, config, capsys=capsys)
+    line = assert_refused(rc, err, f"data.root = {tmp_path / 'synthetic'} is a file, not a dataset folder")
+    assert "delete the folder" not in line
+    assert (tmp_path / "synthetic").read_text() == "x"
+
+
+def test_cam_of_another_size_is_named_as_the_cam(tmp_path, exp, capsys):
+    cam_dir = _cam_folder(tmp_path, exp)
+    bad = sorted(cam_dir.iterdir())[1]
+    save_cam_npz(bad, np.array([0]), np.full((1, 5, 7), 0.5, np.float32))
+    out = tmp_path / "result.json"
+    rc, err = run_cli(eval_miou.main, exp, f"eval.dir={cam_dir}", f"eval.out={out}", capsys=capsys)
+    line = assert_refused(rc, err, f"{bad}: CAMs of size 7x5 for image {bad.stem}, but its ground truth is")
+    assert "regenerate the CAMs" in line and not out.exists()
+
+
+def test_split_listing_an_image_twice_is_not_evaluated(tmp_path, exp, capsys):
+    """It would count that image twice in the mIoU."""
+    from caee.core.config import load_config
+
+    cam_dir = _cam_folder(tmp_path, exp)
+    cfg = load_config(exp)
+    split = tmp_path / "synthetic" / "ImageSets" / "Segmentation" / f"{cfg.data.cam_split}.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join(ids + ids[:1]) + "\n")
+    out = tmp_path / "result.json"
+    rc, err = run_cli(eval_miou.main, exp, f"eval.dir={cam_dir}", f"eval.out={out}", capsys=capsys)
+    assert_refused(rc, err, f"line {len(ids) + 1}: image '{ids[0]}' is already listed on line 1")
+    assert not out.exists()

@@ -103,7 +103,8 @@ def test_labels_cache_from_other_masks_is_not_reused(fake_voc):
     other = fake_voc / "OtherMasks"
     other.mkdir()
     for image_id in ("2007_000001", "2007_000002", "2007_000003"):
-        save_label_png(other / f"{image_id}.png", np.full((8, 8), 5, np.uint8))  # every image: class 5
+        width, height = Image.open(fake_voc / "JPEGImages" / f"{image_id}.jpg").size  # masks are image-sized
+        save_label_png(other / f"{image_id}.png", np.full((height, width), 5, np.uint8))  # every image: class 5
     idx = load_split(_voc(fake_voc, mask_dir="OtherMasks"), "train")
     assert all(np.array_equal(row, _multi_hot([5])) for row in idx.labels)
     with np.load(fake_voc / "cls_labels.npz", allow_pickle=False) as z:

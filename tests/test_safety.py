@@ -3,6 +3,7 @@ seeded AffinityNet, ranges (see also test_bad_inputs.py), data values, messages 
 tracebacks, leftovers and concurrency, file modes."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -398,3 +399,132 @@ def test_inference_folder_refuses_outputs_made_with_other_settings(tmp_path):
     (tmp_path / "record.json").unlink()  # outputs of unknown settings
     with pytest.raises(CaeeError, match="holds outputs without a record"):
         open_output(tmp_path, "make_cam", {"cam.scales": [0.5]}, False, "*.npz")
+
+
+
+# ---------------------------------------------------------------- 9. never silently wrong, round 2 (issue 26)
+
+
+def test_split_lists_strip_a_bom_and_accept_crlf(tmp_path):
+    from caee.data.splits import read_split_file
+
+    (tmp_path / "s.txt").write_bytes("\ufefftrain_00000\r\n/JPEGImages/x_1.jpg /Seg/x_1.png\r\n\r\n".encode())
+    assert read_split_file(tmp_path / "s.txt") == ["train_00000", "x_1"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("a\n/JPEGImages/../JPEGImages/a.jpg\n", "line 2: .* has a '..' component"),
+    ("a\n/JPEGImages/b.jpg ../SegmentationClassAug/b.png\n", "line 2: .* has a '..' component"),
+    ("a\nb\n# c\na\n", "line 4: image 'a' is already listed on line 1"),
+    ("a\n/JPEGImages/a.jpg\n", "line 2: image 'a' is already listed on line 1"),
+    ("a\n/JPEGImages/.jpg\n", "line 2: .* names no image"),
+    ("a\n/JPEGImages/ /SegmentationClassAug/a.png\n", "line 2: .* names no image"),
+], ids=["dotdot_image", "dotdot_mask", "duplicate", "duplicate_psa", "blank_name", "blank_path"])
+def test_split_lists_refuse_dotdot_duplicates_and_blank_names(tmp_path, text, match):
+    from caee.data.splits import read_split_file
+
+    (tmp_path / "s.txt").write_text(text)
+    with pytest.raises(CaeeError, match=f"s.txt {match}"):
+        read_split_file(tmp_path / "s.txt")
+
+
+def test_masks_deriving_image_labels_are_size_checked(fake_voc):
+    """The label cache is built from the masks: a mask of another size than its image is refused
+    (its classes may belong to another image), and nothing is cached."""
+    from caee.core.config import DataConfig
+    from caee.core.io import save_label_png
+    from caee.data import load_split
+
+    bad = fake_voc / "SegmentationClassAug" / "2007_000002.png"
+    save_label_png(bad, np.full((9, 11), 3, np.uint8))
+    with pytest.raises(CaeeError, match=f"{bad}: mask is 11x9 but its image .*2007_000002.jpg is"):
+        load_split(DataConfig(dataset="voc", root=str(fake_voc)), "train")
+    assert not (fake_voc / "cls_labels.npz").exists()
+
+
+@pytest.mark.parametrize("items,ok", [
+    ({"crop_size": 0, "resize_long": [48, 80], "batch_size": 2}, False),
+    ({"crop_size": 0, "resize_long": [48, 80], "batch_size": 1}, True),
+    ({"crop_size": 0, "resize_long": [0, 0], "batch_size": 4}, True),   # images of one size (test_deeplab)
+    ({"crop_size": 0, "resize_long": [64, 64], "batch_size": 4}, True),
+    ({"crop_size": 32, "resize_long": [80, 48], "batch_size": 4}, False),
+    ({"crop_size": 32, "resize_long": [0, 48], "batch_size": 4}, False),
+    ({"crop_size": 32, "resize_long": [48], "batch_size": 4}, False),
+])
+def test_training_sizes_must_be_reachable(items, ok):
+    overrides = [f"train_deeplab.{k}={v}" for k, v in items.items()]
+    if ok:
+        load_config(None, overrides)
+        return
+    key = "crop_size" if items["crop_size"] == 0 else "resize_long"
+    with pytest.raises(CaeeError, match=f"'train_deeplab.{key}'"):
+        load_config(None, overrides)
+
+
+def test_yaml_key_given_twice_names_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_cgnet:\n  lr: 0.1\n  \"lr\": 0.2\n")
+    with pytest.raises(CaeeError, match=r"c.yaml: .*key 'lr' is given twice \(lines 2 and 3\)"):
+        load_config(path)
+    from caee.core.config import _safe_load
+
+    # keys merged in with '<<' may be overridden, as YAML intends
+    assert _safe_load("d: &d {lr: 0.1, epochs: 2}\nx:\n  <<: *d\n  lr: 0.2\n")["x"] == {"lr": 0.2, "epochs": 2}
+
+
+@pytest.mark.parametrize("err,says", [(errno.ENOSPC, "no space left"), (errno.EDQUOT, "disk quota exceeded"),
+                                      (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")])
+def test_a_write_fault_keeps_the_file_it_was_replacing(tmp_path, monkeypatch, err, says):
+    target = tmp_path / "model.pth"
+    target.write_bytes(b"old weights")
+
+    def full(fd):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CaeeError, match=f"cannot write {target}: {says}"):
+        save_checkpoint(target, {"w": torch.ones(3)})
+    assert target.read_bytes() == b"old weights" and [p.name for p in tmp_path.iterdir()] == ["model.pth"]
+
+
+def test_a_file_in_the_way_of_a_folder_is_named(tmp_path):
+    from caee.core.io import claim_folder
+
+    (tmp_path / "runs").write_text("x")
+    with pytest.raises(CaeeError, match=f"{tmp_path / 'runs'} is a file, not a folder"):
+        write_text(tmp_path / "runs" / "a" / "b.txt", "y")
+    with pytest.raises(CaeeError, match=f"{tmp_path / 'runs'} is a file, not a folder"):
+        claim_folder(tmp_path / "runs")
+    with pytest.raises(CaeeError, match=f"cannot write {tmp_path}: it is a folder"):
+        write_text(tmp_path, "y")
+    assert (tmp_path / "runs").read_text() == "x"
+
+
+def test_not_found_only_for_paths_that_do_not_exist(tmp_path):
+    from caee.core.errors import not_found
+
+    assert not_found(tmp_path / "nope") == f"not found: {tmp_path / 'nope'}"
+    assert not_found(tmp_path) == f"{tmp_path} is a folder, not a file"
+    with pytest.raises(CaeeError, match="is a folder, not a file"):
+        load_config(tmp_path)
+
+
+def test_labels_cache_of_a_read_only_root_goes_to_the_user_cache(fake_voc, monkeypatch, tmp_path):
+    """A write fault (here EROFS from the real writer, not a stub) under data.root is not an error:
+    the labels are cached under ~/.cache/caee instead."""
+    from caee.core.config import DataConfig
+    from caee.data import load_split
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real = os.fsync
+
+    def fsync(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(fake_voc):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    index = load_split(DataConfig(dataset="voc", root=str(fake_voc)), "train")
+    assert not (fake_voc / "cls_labels.npz").exists() and not list(fake_voc.glob(".cls_labels*"))
+    assert len(list((tmp_path / "home" / ".cache" / "caee").glob("cls_labels_*.npz"))) == 1
+    assert index.labels.sum() > 0

@@ -288,6 +288,21 @@ MUTATIONS += [
     m("the random walk reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
       'self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))',
       "self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+    # ---- never silently wrong (bad input, write faults)
+    m("write faults escape the atomic writer as tracebacks", "caee/core/io.py",
+      "fault = write_fault(path, e) if isinstance(e, OSError) else None", "fault = None",
+      "tests/test_safety.py::test_a_write_fault_keeps_the_file_it_was_replacing"),
+    m("a YAML key given twice keeps the last value", "caee/core/config.py",
+      "if key_node.value in first:", "if False:", "tests/test_safety.py::test_yaml_key_given_twice_names_both_lines"),
+    m("uncropped images of random sizes batched", "caee/core/config_rules.py",
+      "if t.crop_size == 0 and resize[0] != resize[1] and t.batch_size > 1:", "if False:",
+      "tests/test_safety.py::test_training_sizes_must_be_reachable"),
+    m("a split listing an image twice counts it twice", "caee/data/splits.py",
+      "if image_id in first_line:", "if False:",
+      "tests/test_safety.py::test_split_lists_refuse_dotdot_duplicates_and_blank_names"),
+    m("masks deriving image labels not size-checked", "caee/data/splits.py",
+      "    check_mask_size(label, image_path, path)\n", "",
+      "tests/test_safety.py::test_masks_deriving_image_labels_are_size_checked"),
 ]
 
 

@@ -17,12 +17,30 @@ from typing import Any, Literal, Union
 import yaml
 
 from caee.core import config_rules
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.io import write_text
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives one key twice (PyYAML would keep the last value without a word)."""
+
+
 class _Yaml12Loader(yaml.SafeLoader):
-    """safe_load plus YAML 1.2 floats: ``1e-3`` / ``5E-4`` (no dot) are numbers, not strings."""
+    """safe_load plus YAML 1.2 floats: ``1e-3`` / ``5E-4`` (no dot) are numbers, not strings; a key
+    given twice in one mapping is an error naming the key and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with '<<' may be overridden, as YAML intends
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    raise DuplicateKeyError(f"key '{key_node.value}' is given twice (lines {first[key_node.value]} "
+                                            f"and {line}); keep one")
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -366,7 +384,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise CaeeError(f"config 'base' chain loops back to {path}")
     if not path.is_file():
-        raise CaeeError(f"config file not found: {path}")
+        raise CaeeError(f"config file {not_found(path)}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

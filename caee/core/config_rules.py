@@ -172,5 +172,21 @@ def _check_combinations(cfg: Any) -> None:
     """Keys valid alone but not together."""
     for name in TRAINERS:
         t = getattr(cfg, name, None)
-        if t is not None and t.step_in_backward and t.optimizer != "sgd":
+        if t is None:
+            continue
+        if t.step_in_backward and t.optimizer != "sgd":
             raise CaeeError(f"config key '{name}.step_in_backward' needs {name}.optimizer=sgd, got {t.optimizer}")
+        _check_sizes(name, t)
+
+
+def _check_sizes(name: str, t: Any) -> None:
+    """Training sizes a run can meet: a resize range [low, high] with 0 < low <= high (or [0, 0]: off),
+    and uncropped images batched only when no random resize gives each its own size."""
+    resize = list(t.resize_long)
+    if resize != [0, 0] and (len(resize) != 2 or not 0 < resize[0] <= resize[1]):
+        raise CaeeError(f"config key '{name}.resize_long' must be [low, high] with 0 < low <= high, or [0, 0] "
+                        f"(no resize), got {resize}")
+    if t.crop_size == 0 and resize[0] != resize[1] and t.batch_size > 1:
+        raise CaeeError(f"config key '{name}.crop_size' is 0 (no crop) but {name}.resize_long={resize} gives "
+                        f"every image of a batch of {t.batch_size} its own random size, which cannot be stacked; set a "
+                        f"crop_size > 0, {name}.batch_size=1 or resize_long=[0, 0]")

@@ -6,6 +6,7 @@ over the target, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -20,15 +21,59 @@ from PIL import Image
 from caee.core.errors import CaeeError
 
 
+# errno of a write that failed because of the machine, not the program: what the user can do about it
+_WRITE_FAULTS = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another work_dir",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another work_dir",
+    errno.EFBIG: "the file is too large for its file system; choose another work_dir",
+    errno.EACCES: "permission denied; choose a writable work_dir",
+    errno.EPERM: "permission denied; choose a writable work_dir",
+    errno.EROFS: "read-only file system; choose a writable work_dir",
+    errno.EISDIR: "a folder is in the way; remove it or choose another path",
+    errno.ENOTDIR: "a file is in the way of a folder; remove it or choose another path",
+}
+
+
+def write_fault(path: str | os.PathLike | None, e: OSError) -> CaeeError | None:
+    """The one-line CaeeError for a failed write of ``path`` (None: the file the error names), or
+    None when ``e`` is not a known fault of the disk, the permissions or something in the way."""
+    reason = _WRITE_FAULTS.get(e.errno)
+    if reason is None:
+        return None
+    return CaeeError(f"cannot write {path if path is not None else e.filename}: {reason}")
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; CaeeError naming the file in the way or the folder that cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise CaeeError(f"cannot create the folder {folder}: {blocker} is a file, not a folder; move it away "
+                        "or choose another work_dir / path") from None
+    except OSError as e:
+        fault = write_fault(e.filename or folder, e)
+        if fault is None:
+            raise
+        raise fault from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file next to ``path``; on success rename it to ``path``."""
+    """Open a temporary file next to ``path``; on success rename it to ``path``.
+
+    A write fault (disk full, read-only or forbidden folder, a folder named like the file) is a
+    CaeeError naming the path; the file it was to replace stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CaeeError(f"cannot write {path}: it is a folder; remove it or choose another path")
+    make_folder(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except PermissionError:
-        raise CaeeError(f"cannot write in {path.parent}: permission denied (choose a writable work_dir)") from None
+    except OSError as e:
+        raise (write_fault(path.parent, e) or e) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask like open() would
         with os.fdopen(fd, mode) as f:
@@ -37,10 +82,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             os.fsync(f.fileno())
         _fault_point()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        fault = write_fault(path, e) if isinstance(e, OSError) else None
+        if fault is None:
+            raise
+        raise fault from None
 
 
 _WRITES = 0
@@ -88,11 +136,11 @@ class StageLock:
     def acquire(self) -> "StageLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            raise CaeeError(f"cannot write in {self.path.parent}: permission denied (choose a writable work_dir)") from None
+        except OSError as e:
+            raise (write_fault(self.path, e) or e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -251,11 +299,7 @@ def claim_folder(folder: str | os.PathLike, main: bool = True) -> None:
     """Create ``folder``; on the main process also lock it for this process (a second run on it
     refuses while this one lives; the kernel frees the lock of a killed run) and remove the temp
     files a killed run left there. ``main=False`` (other torchrun ranks): only create it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except PermissionError:
-        raise CaeeError(f"cannot create {folder}: permission denied (choose a writable work_dir)") from None
+    folder = make_folder(folder)
     if not main:
         return
     key = folder.resolve()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 
 
 def read_labels_csv(path: str | os.PathLike) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -35,8 +35,8 @@ def read_labels_csv(path: str | os.PathLike) -> tuple[list[str], dict[str, np.nd
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from spreadsheet exports
-    except FileNotFoundError:
-        raise CaeeError(f"labels CSV not found: {path}; set data.labels_csv (see caee/data/custom.py)") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise CaeeError(f"labels CSV {not_found(path)}; set data.labels_csv (see caee/data/custom.py)") from None
     rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
     if not rows:
         raise CaeeError(f"{path}: empty labels CSV; expected a header image_id,<class_1>,...,<class_C>")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from caee.core.config import DataConfig
 from caee.data.classes import COCO_CLASSES, VOC_CLASSES, synthetic_class_names
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.io import load_label_png
 
 logger = logging.getLogger(__name__)
@@ -152,31 +152,42 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
 def read_split_file(path: str | os.PathLike) -> list[str]:
-    """Image ids listed in ``path``, '#' comments skipped.
+    """Image ids listed in ``path``, '#' comments and blank lines skipped, a UTF-8 BOM and CRLF
+    line ends accepted.
 
     A line is an id, used verbatim (``train_00007.v2`` stays that id), or PSA's
     ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` whose first path's file name without its
-    image extension is the id. Anything else (spaces inside an id, folders, '..') is refused."""
+    image extension is the id. Anything else (spaces inside an id, '..' anywhere, an empty file
+    name) is refused, and so is an id listed twice (it would count twice in every mean)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM from Windows editors is not part of the first id
     except FileNotFoundError:
         raise CaeeError(f"split list not found: {path}; check data.root and the split name (expected "
                         f"<root>/{SPLIT_DIR}/<split>.txt)") from None
+    except IsADirectoryError:
+        raise CaeeError(f"split list {path} is a folder, not a text file; check data.root and the split name") from None
     except UnicodeDecodeError as e:
         raise CaeeError(f"{path}: not UTF-8 text (byte {e.start}); save the split list as UTF-8") from None
-    ids = []
+    first_line: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            ids.append(_line_id(line, path, n))
-    if not ids:
+            image_id = _line_id(line, path, n)
+            if image_id in first_line:
+                raise CaeeError(f"{path} line {n}: image {image_id!r} is already listed on line "
+                                f"{first_line[image_id]}; list each image once")
+            first_line[image_id] = n
+    if not first_line:
         raise CaeeError(f"split list {path} is empty")
-    return ids
+    return list(first_line)
 
 
 def _line_id(line: str, path: Path, n: int) -> str:
     tokens = line.split()
+    if any(".." in t.replace("\\", "/").split("/") for t in tokens):
+        raise CaeeError(f"{path} line {n}: {line!r} has a '..' component; list plain image ids or "
+                        "/JPEGImages/<id>.jpg paths")
     if "/" in tokens[0] and len(tokens) <= 2:  # PSA style: image path [mask path]
         name = tokens[0].rsplit("/", 1)[-1]
         stem, dot, ext = name.rpartition(".")
@@ -185,6 +196,9 @@ def _line_id(line: str, path: Path, n: int) -> str:
         image_id = tokens[0]
     else:
         raise CaeeError(f"{path} line {n}: {line!r} is not one image id (ids cannot contain spaces)")
+    if not image_id:
+        raise CaeeError(f"{path} line {n}: {line!r} names no image (an empty file name); list <id> or "
+                        "/JPEGImages/<id>.jpg")
     if not _PLAIN_ID.fullmatch(image_id) or ".." in image_id:
         raise CaeeError(f"{path} line {n}: {image_id!r} is not a plain image id (letters, digits, '_', '-', '.'; "
                         "no folders or spaces)")
@@ -209,7 +223,7 @@ def load_split(data_cfg: DataConfig, split: str) -> SplitIndex:
     if data_cfg.labels_csv or data_cfg.dataset == "custom":
         labels = _labels_from_csv(data_cfg, ids, names)
     else:
-        labels = _labels_from_masks(root, ids, len(names), mask_dir, eval_dir)
+        labels = _labels_from_masks(root, ids, image_paths, len(names), mask_dir, eval_dir)
     return SplitIndex(ids=ids, labels=labels.astype(np.float32), class_names=names, image_paths=image_paths,
                       mask_dir=mask_dir, eval_mask_dir=eval_dir, split=split, root=root)
 
@@ -272,18 +286,36 @@ def labels_from_mask(label: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts[1:num_classes + 1] > 0).astype(np.uint8)
 
 
-def _mask_labels(paths: tuple[Path, ...], num_classes: int) -> np.ndarray:
+def check_mask_size(label: np.ndarray, image_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """CaeeError when the (H, W) mask read from ``path`` is not the size of its image (header read only).
+
+    An unreadable image is left to the image reader, which names it where the image is used
+    (evaluating a folder of predictions reads the masks but not the images)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as img:
+            width, height = img.size
+    except (OSError, SyntaxError):
+        return
+    if label.shape != (height, width):
+        raise CaeeError(f"{path}: mask is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
+                        f"{width}x{height}; fix or regenerate the mask")
+
+
+def _mask_labels(paths: tuple[Path, ...], image_path: Path, num_classes: int) -> np.ndarray:
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
-        raise CaeeError(f"mask not found: {paths[0]}; image-level labels are derived from the masks, so every "
+        raise CaeeError(f"mask {not_found(paths[0])}; image-level labels are derived from the masks, so every "
                         "listed image needs one (or give the labels in a CSV via data.labels_csv)")
     label = load_label_png(path)
     check_label_values(label, num_classes, path)
+    check_mask_size(label, image_path, path)
     return labels_from_mask(label, num_classes)
 
 
-def _labels_from_masks(root: Path, ids: list[str], num_classes: int, mask_dir: Path | None,
-                       eval_dir: Path | None) -> np.ndarray:
+def _labels_from_masks(root: Path, ids: list[str], image_paths: list[Path], num_classes: int,
+                       mask_dir: Path | None, eval_dir: Path | None) -> np.ndarray:
     """(N, C) uint8 labels of ``ids``, from the cache when present, else computed from the masks and cached."""
     source = "masks:" + ",".join(str(d.resolve()) for d in (mask_dir, eval_dir) if d is not None)
     cache = load_labels_cache(root, num_classes, source)
@@ -294,9 +326,11 @@ def _labels_from_masks(root: Path, ids: list[str], num_classes: int, mask_dir: P
             raise CaeeError(f"no masks under {root} to derive image-level labels from (neither data.mask_dir nor "
                             "data.eval_mask_dir exists); add masks or give the labels in a CSV via data.labels_csv")
         candidates = [tuple(d / f"{i}.png" for d in dirs) for i in todo]
+        image_of = dict(zip(ids, image_paths))
         workers = min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-            rows = list(tqdm(ex.map(_mask_labels, candidates, [num_classes] * len(todo), chunksize=64),
+            rows = list(tqdm(ex.map(_mask_labels, candidates, [image_of[i] for i in todo], [num_classes] * len(todo),
+                                    chunksize=64),
                              total=len(todo), desc="image labels from masks", disable=len(todo) < 2000,
                              leave=False))
         cache.update(zip(todo, rows))
@@ -355,7 +389,7 @@ def _store_labels_cache(root: Path, cache: dict[str, np.ndarray], num_classes: i
         try:
             save_labels_cache(path, ids, labels, source)
             return
-        except OSError as e:
+        except (OSError, CaeeError) as e:  # the writer names a read-only / full disk in a CaeeError
             logger.debug("cannot write %s: %s", path, e)
     logger.warning("cannot cache image-level labels under %s or %s; they are kept in memory only and recomputed "
                    "next time", root, _user_cache_path(root).parent)

@@ -45,7 +45,7 @@ from caee.core.config import SyntheticConfig
 from caee.data.classes import synthetic_class_names
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.core.errors import CaeeError
-from caee.core.io import atomic_write, voc_palette, write_text
+from caee.core.io import atomic_write, make_folder, voc_palette, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -359,14 +359,17 @@ def ensure_synthetic(root: str | os.PathLike, syn_cfg: SyntheticConfig) -> None:
     from filelock import FileLock  # a dependency of torch
 
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(root.parent)
     with FileLock(str(root.parent / f".{root.name}.lock")):
         marker = root / MARKER
         if marker.is_file():
             _check_marker(marker, syn_cfg)
             return
         if root.exists():
-            if root.is_dir() and not any(root.iterdir()):
+            if not root.is_dir():
+                raise CaeeError(f"data.root = {root} is a file, not a dataset folder; move the file away or point "
+                                "data.root elsewhere")
+            if not any(root.iterdir()):
                 root.rmdir()
             else:
                 raise CaeeError(

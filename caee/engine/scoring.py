@@ -64,10 +64,11 @@ def _ground_truth(index, i: int) -> np.ndarray:
     return load_label_png(path)
 
 
-def _check_size(image_id: str, path: Path, shape: tuple, gt: np.ndarray) -> None:
+def _check_size(image_id: str, path: Path, shape: tuple, gt: np.ndarray, what: str) -> None:
+    """``what``: the file being scored ("CAMs", "label map"): it is that file's size that is wrong."""
     if tuple(shape) != gt.shape:
-        raise _Skip("size_mismatch", f"{path}: image {image_id} is {shape[1]}x{shape[0]} but its ground truth "
-                                     f"is {gt.shape[1]}x{gt.shape[0]}; regenerate it")
+        raise _Skip("size_mismatch", f"{path}: {what} of size {shape[1]}x{shape[0]} for image {image_id}, but its "
+                                     f"ground truth is {gt.shape[1]}x{gt.shape[0]}; regenerate the {what}")
 
 
 def _score_cam(folder: Path, index, i: int, acc: ThresholdSweep, part: _Partial) -> None:
@@ -79,7 +80,7 @@ def _score_cam(folder: Path, index, i: int, acc: ThresholdSweep, part: _Partial)
         keys, cams = load_cam_npz(path, index.num_classes, dtype=None)  # float16 stays float16: the sweep compares exactly
     except CaeeError as e:
         raise _Skip("unreadable", f"image {index.ids[i]}: {e}") from None
-    _check_size(index.ids[i], path, cams.shape[1:], gt)
+    _check_size(index.ids[i], path, cams.shape[1:], gt, "CAMs")
     acc.update(gt, keys, cams)
 
 
@@ -92,7 +93,7 @@ def _score_label(folder: Path, index, i: int, acc: np.ndarray, part: _Partial) -
         pred = load_label_png(path)
     except CaeeError as e:
         raise _Skip("unreadable", f"image {index.ids[i]}: {e}") from None
-    _check_size(index.ids[i], path, pred.shape, gt)
+    _check_size(index.ids[i], path, pred.shape, gt, "label map")
     unsure = pred == IGNORE
     if unsure.any():
         part.ignored_pred += int(np.count_nonzero(unsure & (gt != IGNORE)))

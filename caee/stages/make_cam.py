@@ -30,7 +30,7 @@ from caee.method.cam import image_keys, multiscale_cams
 from caee.core.config import Config, CrfConfig, save_config, expand_work_dir
 from caee.method.crf import crf_cam_labels, label_folder_settings
 from caee.data import InferenceDataset, SplitIndex, collate_list, ensure_dataset, load_split
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.logs import show_progress
 from caee.core.io import load_cam_npz, load_image, load_label_png, save_cam_npz, save_label_png
 from caee.models.classifier import load_classifier
@@ -178,7 +178,7 @@ def main(cfg: Config) -> MakeCamResult:
     if todo:
         weights = Layout(cfg).cam_weights()
         if not weights.is_file():
-            raise CaeeError(f"{cc.source} weights not found: {weights}; run train_{cc.source}.py first or set "
+            raise CaeeError(f"{cc.source} weights {not_found(weights)}; run train_{cc.source}.py first or set "
                             "cam.weights")
         net = cfg.train_cgnet.net if cc.source == "cgnet" else cfg.train_classifier.net
         model = load_classifier(weights, net, index.num_classes).to(env.device).eval()

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from caee.core import distributed, records
 from caee.core.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.logs import show_progress
 from caee.core.io import load_cam_npz, load_image, save_label_png
 from caee.models.affinitynet import load_affinitynet
@@ -67,7 +67,7 @@ def main(cfg: Config) -> Path:
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split '{split}' or set "
                         "pseudo_labels.cam_dir")
     if not weights.is_file():
-        raise CaeeError(f"AffinityNet weights not found: {weights}; run train_affinity.py or set pseudo_labels.weights")
+        raise CaeeError(f"AffinityNet weights {not_found(weights)}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
     t0 = time.perf_counter()
     settings = stage_settings(cfg, "make_pseudo_labels")  # inputs checked before anything is written

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from caee.core import distributed
 from caee.core.config import Config, CrfConfig
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.io import save_label_png, write_json
 from caee.core.layout import predictions_name, results_name
 from caee.core.logs import show_progress
@@ -156,7 +156,7 @@ def load_deeplab(path: str | Path, cfg: Config, num_classes: int) -> tuple[nn.Mo
     ``cfg.train_deeplab``. ``num_classes`` = C (foreground). Returns (model, the file's metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise CaeeError(f"DeepLab weights not found: {path}; train first (train_deeplab.py) or set "
+        raise CaeeError(f"DeepLab weights {not_found(path)}; train first (train_deeplab.py) or set "
                         "train_deeplab.weights")
     meta = checkpoint_meta(path)
     tc = cfg.train_deeplab

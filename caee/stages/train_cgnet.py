@@ -14,7 +14,7 @@ from caee.data.transforms import build_train_transform
 from caee.core import distributed
 from caee.engine.trainer import FitResult, StepContext, fit
 from caee.method.erasing import cse_loss, cse_weight, erased_logits, erasing_mask, sample_targets
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.method.epoch_selection import is_better, train_cam_miou
 from caee.core.layout import Layout
@@ -119,8 +119,8 @@ def main(cfg: Config) -> FitResult:
     cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_cgnet
     oc_path = Layout(cfg).oc_weights()
-    if not oc_path.exists():
-        raise CaeeError(f"OC weights not found: {oc_path}; run train_classifier.py first or set train_cgnet.oc_weights")
+    if not oc_path.is_file():
+        raise CaeeError(f"OC weights {not_found(oc_path)}; run train_classifier.py first or set train_cgnet.oc_weights")
     oc = freeze_module(load_classifier(oc_path, cfg.train_classifier.net, len(names))).to(env.device)
     if tc.channels_last and env.device.type == "cuda":
         oc = oc.to(memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from caee.core import distributed
-from caee.core.errors import CaeeError
+from caee.core.errors import CaeeError, not_found
 from caee.core.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def _not_found(path: Path, config_key: str) -> CaeeError:
     hint = f"set config key '{config_key}' to an existing file" if config_key else "check the path"
-    return CaeeError(f"checkpoint not found: {path} ({hint})")
+    return CaeeError(f"checkpoint {not_found(path)} ({hint})")
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
