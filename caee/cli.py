@@ -30,11 +30,11 @@ class Command:
     overwrite: str = ""          # the key --overwrite sets ("" = no --overwrite)
 
 
-COMMANDS: tuple[Command, ...] = tuple(
-    Command(s.command, s.module, tuple(dict.fromkeys(s.reads + s.sections)), s.doc,
-            f"{s.overwrite}.overwrite" if s.output is not None else "") for s in STAGES.values()
-) + (Command("run", "caee.pipeline.run", (), RUN_DOC),)
-BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+def commands() -> dict[str, Command]:
+    """The subcommands, by name: one per row of the table of stages, then ``run``."""
+    rows = [Command(s.command, s.module, tuple(dict.fromkeys(s.reads + s.sections)), s.doc,
+                    f"{s.overwrite}.overwrite" if s.output is not None else "") for s in STAGES.values()]
+    return {c.name: c for c in rows + [Command("run", "caee.pipeline.run", (), RUN_DOC)]}
 _OVERRIDES_HELP = "dotted overrides, e.g. train_cgnet.lr=0.01; quote lists: 'cam.scales=[1.0]'"
 
 
@@ -134,8 +134,8 @@ def run_command(command: Command, argv: list[str]) -> int:
 
 
 def _top_help() -> str:
-    width = max(len(c.name) for c in COMMANDS)
-    lines = [f"  {c.name:<{width}}  {c.doc.splitlines()[0]}" for c in COMMANDS]
+    width = max(len(name) for name in commands())
+    lines = [f"  {c.name:<{width}}  {c.doc.splitlines()[0]}" for c in commands().values()]
     return ("usage: caee <command> --config FILE [--print-config] [key=value ...]\n\n"
             "Class-specific adversarial erasing (OC-CSE) for weakly supervised semantic segmentation.\n\n"
             "commands:\n" + "\n".join(lines) +
@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caee {__version__}")
         return 0
     name = argv[0].replace("_", "-")  # `caee train_cgnet` works too
-    if name not in BY_NAME:
-        close = difflib.get_close_matches(name, list(BY_NAME), n=1)
+    by_name = commands()
+    if name not in by_name:
+        close = difflib.get_close_matches(name, list(by_name), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown command '{argv[0]}'{hint} (commands: {', '.join(BY_NAME)})", file=sys.stderr)
+        print(f"error: unknown command '{argv[0]}'{hint} (commands: {', '.join(by_name)})", file=sys.stderr)
         return 2
-    return run_command(BY_NAME[name], argv[1:])
+    return run_command(by_name[name], argv[1:])
 
 
 # ---------------------------------------------------------------- kept for callers of the old API

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from caee.cli import main
-from caee.cli import COMMANDS
+from caee.cli import commands
 from caee.core.config_docs import field_comments, key_docs
 from caee.engine.monitor import Monitor, format_eta
 
@@ -105,7 +105,7 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys):
 def test_top_level_help_names_every_command(capsys):
     assert main([]) == 0
     text = capsys.readouterr().out
-    assert all(c.name in text for c in COMMANDS)
+    assert all(c.name in text for c in commands().values())
 
 
 def test_console_script_entry_point_resolves():
@@ -117,7 +117,7 @@ def test_console_script_entry_point_resolves():
     from caee.core.config import Config
 
     sections = {f.name for f in dataclasses.fields(Config)}
-    for c in COMMANDS:
+    for c in commands().values():
         assert importlib.util.find_spec(c.module) is not None, c.module
         assert set(c.sections) <= sections, c.name
 

@@ -78,10 +78,6 @@ def test_the_steps_read_and_write_what_the_layout_says(tmp_path):
     assert [j.step.name for j in upstream_of(jobs["train_deeplab"], context)] == ["pseudo_labels"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: caee/stages/table.py lists no init key among the inputs of "
-                   "train_deeplab (nor train_classifier / train_affinity), so an init path naming a step's "
-                   "model.pth is recorded as a plain path, not as that output's run id: the step is not "
-                   "upstream (upstream_of reads Stage.inputs) and its re-run does not re-run the reader")
 def test_an_init_path_naming_a_steps_output_makes_that_step_upstream(tmp_path):
     cfg = mini_config(tmp_path, **{"train_deeplab.init": "{work_dir}/train_cgnet/model.pth"})
     context = jobs_of(cfg, pipeline.plan(cfg))

@@ -165,14 +165,10 @@ def check(cfg: Any) -> None:
     _check_combinations(cfg)
 
 
-TRAINERS = ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")
-
-
 def _check_combinations(cfg: Any) -> None:
-    """Keys valid alone but not together."""
-    for name in TRAINERS:
-        t = getattr(cfg, name, None)
-        if t is None:
+    """Keys valid alone but not together (in every trainer's section: those with a training recipe)."""
+    for name, t in vars(cfg).items():
+        if not hasattr(t, "step_in_backward"):
             continue
         if t.step_in_backward and t.optimizer != "sgd":
             raise CaeeError(f"config key '{name}.step_in_backward' needs {name}.optimizer=sgd, got {t.optimizer}")

@@ -31,7 +31,7 @@ from caee.core.config import Config, expand_work_dir, save_config
 from caee.core.errors import CaeeError
 from caee.core.layout import Layout
 from caee.stages import table
-from caee.stages.common import stage_settings
+from caee.stages.common import recorded_paths, stage_settings
 
 
 @dataclass
@@ -60,7 +60,10 @@ class Job:
 
     @cached_property
     def reads(self) -> list[Path]:
-        return [Path(p).absolute() for c in self.calls for _, p in self.stage.inputs(Layout(c)).values()]
+        """Its row's inputs and the path settings naming another output (an ``init`` model.pth)."""
+        paths = [p for c in self.calls for _, p in self.stage.inputs(Layout(c)).values()]
+        paths += [p for c in self.calls for p in recorded_paths(c, records.settings_of(c, self.stage.sections)).values()]
+        return [Path(p).absolute() for p in paths]
 
     def name(self) -> str:
         return self.label or self.step.name
