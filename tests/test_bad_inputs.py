@@ -334,9 +334,7 @@ def _foreign_last(folder):
 
 
 def _unrecorded_last(folder):
-    ck = torch.load(folder / "last.pth", weights_only=True)
-    del ck["settings"]
-    torch.save(ck, folder / "last.pth")
+    (folder / "record.json").unlink()  # a last.pth whose settings are unknown
 
 
 def _changed_lr(folder):
@@ -353,7 +351,7 @@ def _changed_optimizer(folder):
 
 CKPT_CASES = [
     (_nan_last, "last.pth"), (_truncated_last, "last.pth"), (_foreign_last, "last.pth"),
-    (_unrecorded_last, "last.pth"), (_changed_lr, "train_classifier.lr"), (_changed_width, "train_classifier.net.width"),
+    (_unrecorded_last, "without a record"), (_changed_lr, "train_classifier.lr"), (_changed_width, "train_classifier.net.width"),
     (_changed_optimizer, "train_classifier.optimizer"),
 ]
 

@@ -170,7 +170,12 @@ def resume_check(cfg: Config, stage: str, settings: dict) -> Callable[[Path], No
     """A trainer's ``before_write``: open its folder's record (refuse, resume, or start over) before
     config.yaml or the log change."""
     def check(out_dir: Path) -> None:
-        open_output(out_dir, stage, settings, getattr(cfg, stage).overwrite, "*.pth")
+        overwrite = getattr(cfg, stage).overwrite
+        open_output(out_dir, stage, settings, overwrite, "*.pth")
+        if not overwrite and (out_dir / records.LAST).is_file():  # a resume: its checkpoint must load
+            from caee.engine.trainer import load_checkpoint
+
+            load_checkpoint(out_dir / records.LAST, mmap=True)
     return check
 
 
