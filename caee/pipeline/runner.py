@@ -62,7 +62,8 @@ class Job:
     def reads(self) -> list[Path]:
         """Its row's inputs and the path settings naming another output (an ``init`` model.pth)."""
         paths = [p for c in self.calls for _, p in self.stage.inputs(Layout(c)).values()]
-        paths += [p for c in self.calls for p in recorded_paths(c, records.settings_of(c, self.stage.sections)).values()]
+        paths += [p for c in self.calls
+                  for p in recorded_paths(c, self.stage.name, records.settings_of(c, self.stage.sections)).values()]
         return [Path(p).absolute() for p in paths]
 
     def name(self) -> str:
@@ -114,7 +115,9 @@ def _stale(job: Job, context: Sequence[Job], memo: dict[int, list[str]]) -> list
     """Why the outputs of ``job`` (not run now) do not belong to this config, directly or through a
     step upstream of it; [] when they do."""
     if id(job) not in memo:
-        memo[id(job)] = job.status()
+        # a step that never ran is not stale: its readers find nothing (a stage stops on a missing
+        # input; the results table leaves the row out)
+        memo[id(job)] = job.status() if any(p.exists() for p in job.writes) else []
         for up in upstream_of(job, context):
             if not memo[id(job)] and _stale(up, context, memo):
                 memo[id(job)] = [f"its input '{up.name()}' is out of date: {_stale(up, context, memo)[0]}"]

@@ -110,19 +110,24 @@ def stage_settings(cfg: Config, name: str) -> dict:
     for input_name, (key, path) in row.inputs(Layout(cfg)).items():
         settings.pop(key, None)
         settings[f"input.{input_name}"] = _input_id(Path(path), key)
-    for key, path in recorded_paths(cfg, settings).items():  # e.g. an init naming another stage's model.pth
+    settings = {k: v for k, v in settings.items() if k not in row.not_recorded}
+    for key, path in recorded_paths(cfg, name, settings).items():  # e.g. an init naming another model.pth
         settings[f"input.{key}"] = _input_id(path, key)
-    return {k: v for k, v in settings.items() if k not in row.not_recorded}
+    return settings
 
 
-def recorded_paths(cfg: Config, settings: dict) -> dict[str, Path]:
-    """The path settings (``init``, ``weights``, ...) that name an output with a record: what the
-    stage reads besides its row's inputs (``{work_dir}`` expanded)."""
+def recorded_paths(cfg: Config, name: str, settings: dict) -> dict[str, Path]:
+    """The path settings (``init``, ``weights``, ...) that name another stage's output (a folder
+    with a record, or a model.pth): what stage ``name`` reads besides its row's inputs."""
+    output = table.stage(name).output
+    own = Path(output(Layout(cfg))).absolute() if output else None
     out = {}
     for key, value in settings.items():
         if isinstance(value, str) and "/" in value and not key.startswith("input."):
-            path = Path(value.replace("{work_dir}", str(cfg.work_dir)))
+            path = Path(value.replace("{work_dir}", str(cfg.work_dir))).absolute()
             folder = path if path.is_dir() else path.parent
+            if own is not None and (path == own or own in path.parents):
+                continue
             if (folder / records.RECORD).is_file() or path.name == records.MODEL:
                 out[key] = path
     return out
