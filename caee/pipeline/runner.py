@@ -69,6 +69,11 @@ class Job:
     def name(self) -> str:
         return self.label or self.step.name
 
+    @cached_property
+    def key(self) -> tuple[str, str]:
+        """The step of one experiment, whichever Job object stands for it."""
+        return self.step.name, str(Path(self.cfg.work_dir).absolute())
+
     def status(self) -> list[str]:
         """Why this step's outputs are not the finished outputs of its config; [] when they are.
         An input that is missing or unreadable is a reason, not an error: the step has to run."""
@@ -99,7 +104,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def upstream_of(job: Job, context: Sequence[Job]) -> list[Job]:
     """The jobs before ``job`` in ``context`` (the experiment's jobs in run order) whose outputs it reads."""
-    position = next((i for i, j in enumerate(context) if j is job), len(context))
+    position = next((i for i, j in enumerate(context) if j.key == job.key), len(context))
     return [j for j in context[:position] if any(_inside(r, w) for r in job.reads for w in j.writes)]
 
 
@@ -111,27 +116,27 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _stale(job: Job, context: Sequence[Job], memo: dict[int, list[str]]) -> list[str]:
+def _stale(job: Job, context: Sequence[Job], memo: dict[tuple, list[str]]) -> list[str]:
     """Why the outputs of ``job`` (not run now) do not belong to this config, directly or through a
     step upstream of it; [] when they do."""
-    if id(job) not in memo:
+    if job.key not in memo:
         # a step that never ran is not stale: its readers find nothing (a stage stops on a missing
         # input; the results table leaves the row out)
-        memo[id(job)] = job.status() if any(p.exists() for p in job.writes) else []
+        memo[job.key] = job.status() if any(p.exists() for p in job.writes) else []
         for up in upstream_of(job, context):
-            if not memo[id(job)] and _stale(up, context, memo):
-                memo[id(job)] = [f"its input '{up.name()}' is out of date: {_stale(up, context, memo)[0]}"]
-    return memo[id(job)]
+            if not memo[job.key] and _stale(up, context, memo):
+                memo[job.key] = [f"its input '{up.name()}' is out of date: {_stale(up, context, memo)[0]}"]
+    return memo[job.key]
 
 
 def refuse_stale(selected: Sequence[Job], context: Sequence[Job], readers: dict[str, Sequence[Job]]) -> None:
     """CaeeError when a step not run now, whose outputs ``readers`` (name -> the jobs it reads)
     read, does not hold the outputs of this config: they would run on, or tabulate, stale files.
     Checked before anything runs."""
-    chosen, memo = {id(j) for j in selected}, {}
+    chosen, memo = {j.key for j in selected}, {}
     for reader, ups in readers.items():
         for up in ups:
-            why = [] if id(up) in chosen else _stale(up, context, memo)
+            why = [] if up.key in chosen else _stale(up, context, memo)
             if why:
                 raise CaeeError(f"'{reader}' reads the outputs of '{up.name()}', which do not match this config "
                                 f"({'; '.join(why[:4])}{'; ...' if len(why) > 4 else ''}); "
