@@ -8,8 +8,10 @@ object. One stage run with every key changed at once serves all rows. A key that
 observed this way goes to ``UNOBSERVABLE`` with the reason; keep that list short.
 
 Covered so far: the ``cam`` section (make_cam.py: ``multiscale_cams`` arguments and the files
-written) and which CAM folder the later stages read for each ``cam.source`` (``train_affinity.cam_dir``
-and ``pseudo_labels.cam_dir`` left at their defaults). The other sections are still to come.
+written), which CAM folder the later stages read for each ``cam.source`` (``train_affinity.cam_dir``
+and ``pseudo_labels.cam_dir`` left at their defaults) and the ``pseudo_labels`` section
+(make_pseudo_labels.py: the random walk's and the embedding's arguments, the CRF jobs, the files).
+The other sections are still to come.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from caee.core.config import CamConfig, NetConfig, load_config
-from caee.core.io import load_cam_npz, save_cam_npz
+from caee.core.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
 from caee.core.layout import Layout
 from caee.models.classifier import build_classifier
 from caee.stages import make_cam
@@ -166,3 +168,69 @@ def test_later_stages_read_the_cgnet_cams_whatever_cam_source(source, tmp_path):
         cgnet_cams = written if source == "cgnet" else tmp_path / "cam_cgnet"
         assert Layout(cfg).affinity_cam_dir() == cgnet_cams
         assert Layout(cfg).pseudo_label_cam_dir() == cgnet_cams
+
+
+# ---------------------------------------------------------------- pseudo_labels (make_pseudo_labels.py)
+
+# key: value; the walk settings differ from the defaults and from each other (beta 2.5, radius 4)
+PSEUDO_KEYS = {"cam_dir": "<setup>", "weights": "<setup>", "out_dir": "<tmp>/labels", "split": "val",
+               "beta": 2.5, "steps": 7, "alpha": 3.5, "radius": 4, "psa_border": True, "crf": True,
+               "overwrite": True}
+
+
+def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeypatch):
+    from caee.core.config import PseudoLabelConfig, config_from_dict
+    from caee.stages import make_pseudo_labels as mpl
+    from test_stage_wiring import SIZES, _walk_setup
+
+    assert set(PSEUDO_KEYS) == {f.name for f in dataclasses.fields(PseudoLabelConfig)}, \
+        "a pseudo_labels key without a wiring row: add one to PSEUDO_KEYS"
+    cfg, net, root, work = _walk_setup(tmp_path)
+    val = ["q", "r"]
+    (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in val))
+    out = tmp_path / "labels"
+    values = {k: v for k, v in PSEUDO_KEYS.items() if v != "<setup>"}
+    values["out_dir"] = str(out)
+    cfg["pseudo_labels"].update(values)
+    save_label_png(out / "q.png", np.full(SIZES["q"], 9, np.uint8))  # stale: only overwrite replaces it
+
+    walks, submitted, models = [], [], []
+    real_walk, real_embed = mpl.random_walk_scores, mpl.embed_image
+
+    def embed_spy(model, *args):
+        models.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_embed(model, *args)
+
+    def walk_spy(feats, cams, params, stride, pairs):
+        walks.append({"params": params, "pairs": (pairs.radius, pairs.psa_border), "cams": cams.clone()})
+        return real_walk(feats, cams, params, stride, pairs)
+
+    class Writer:  # what would go to the CRF processes
+        def __init__(self, fn, workers):
+            pass
+
+        def submit(self, job):
+            submitted.append(job)
+            image_path, scores, keys, crf, out_path = job
+            save_label_png(out_path, np.zeros(scores.shape[1:], np.uint8))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(mpl, "random_walk_scores", walk_spy)
+    monkeypatch.setattr(mpl, "embed_image", embed_spy)
+    monkeypatch.setattr(mpl, "ProcessWriter", Writer)
+    assert mpl.main(config_from_dict(cfg)) == out                                        # out_dir
+    assert sorted(p.stem for p in out.glob("*.png")) == val and len(walks) == len(models) == 2  # split
+    for w in walks:
+        p = w["params"]
+        assert (p.alpha, p.beta, p.steps, p.radius, p.psa_border) == (3.5, 2.5, 7, 4, True)  # walk keys
+        assert w["pairs"] == (4, True)
+    assert [Path(job[4]).stem for job in submitted] == val                               # crf
+    assert load_label_png(out / "q.png").max() == 0                                     # overwrite
+    for state in models:                                                                 # weights
+        for k, v in net.state_dict().items():
+            assert torch.equal(state[k], v), k
+    for w, image_id in zip(walks, val):                                                  # cam_dir
+        keys, cams = load_cam_npz(work / "cams" / f"{image_id}.npz")
+        torch.testing.assert_close(w["cams"].float(), torch.from_numpy(cams).float())

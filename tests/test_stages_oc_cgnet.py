@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caee.core.config import load_config
+from caee.core.config import config_to_dict, load_config
 from caee.data import ClassificationDataset, load_split
 from caee.engine.trainer import StepContext
 from caee.core.errors import CaeeError
@@ -83,19 +83,33 @@ def test_cgnet_steps_at_every_depth_for_every_oc_backbone(oc_backbone, tmp_path)
         assert all(p.grad is None for p in oc.parameters())
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def test_voc_configs_start_on_a_voc_layout_folder(fake_voc, tmp_path):
-    for name in ("r38", "r101_oc", "vgg16_oc"):
-        cfg = load_config(REPO / "configs" / "voc" / f"{name}.yaml", [
-            f"data.root={fake_voc}", f"work_dir={tmp_path / name}", "device=cpu", "data.num_workers=0",
-            "train_classifier.net.pretrained=", "train_classifier.batch_size=2", "train_classifier.max_steps=1",
-            "train_classifier.crop_size=32", "train_classifier.resize_long=[32, 48]",
-            # one step of PSA's lr 0.1 (no momentum) on random weights can overflow the tiny OC
-            "train_classifier.lr=0.01",
-            "train_cgnet.net.pretrained=", "train_cgnet.net.width=0.0625", "train_cgnet.batch_size=2",
-            "train_cgnet.max_steps=1", "train_cgnet.crop_size=32", "train_cgnet.resize_long=[32, 48]"]
-            + (["train_classifier.net.width=0.0625"] if name == "r38" else []))
-        assert train_classifier.main(cfg).steps == 1
-        assert train_cgnet.main(cfg).steps == 1
+    cfg = load_config(REPO / "configs" / "voc" / "r38.yaml", [
+        f"data.root={fake_voc}", f"work_dir={tmp_path / 'r38'}", "device=cpu", "data.num_workers=0",
+        "train_classifier.net.pretrained=", "train_classifier.net.width=0.0625", "train_classifier.batch_size=2",
+        "train_classifier.max_steps=1", "train_classifier.crop_size=32", "train_classifier.resize_long=[32, 48]",
+        # one step of PSA's lr 0.1 (no momentum) on random weights can overflow the tiny OC
+        "train_classifier.lr=0.01",
+        "train_cgnet.net.pretrained=", "train_cgnet.net.width=0.0625", "train_cgnet.batch_size=2",
+        "train_cgnet.max_steps=1", "train_cgnet.crop_size=32", "train_cgnet.resize_long=[32, 48]"])
+    assert train_classifier.main(cfg).steps == 1
+    assert train_cgnet.main(cfg).steps == 1
+    # the ResNet101 / VGG16 OC configs change nothing but the OC's network (and work_dir), so the run
+    # above starts them too; their OCs against the CGNet: test_cgnet_steps_at_every_depth_for_every_oc_backbone
+    base = _flat(config_to_dict(load_config(REPO / "configs" / "voc" / "r38.yaml", [])))
+    for name, backbone, weights in (("r101_oc", "resnet101", "resnet101-63fe2227.pth"),
+                                    ("vgg16_oc", "vgg16", "vgg16-397923af.pth")):
+        other = _flat(config_to_dict(load_config(REPO / "configs" / "voc" / f"{name}.yaml", [])))
+        changed = {k: other.get(k) for k in set(base) | set(other) if base.get(k) != other.get(k)}
+        assert changed == {"work_dir": f"work_dirs/voc_{name}", "train_classifier.net.backbone": backbone,
+                           "train_classifier.net.pretrained": "{weights_dir}/" + weights}, name
 
 
 def test_missing_imagenet_weights_name_the_file_and_key(fake_voc, tmp_path):

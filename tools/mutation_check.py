@@ -281,6 +281,18 @@ KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read
 _K = "tests/test_key_wiring.py::"
 MUTATIONS += [m(f"stage ignores {key}", file, old, new, _K + "test_every_cam_key_reaches_make_cam_s_consumer",
                 _K + "test_cam_weights_and_out_dir_reach_make_cam") for key, (file, old, new) in KEY_READS.items()]
+_MPL = "caee/stages/make_pseudo_labels.py"
+PSEUDO_KEY_READS: dict[str, tuple[str, str, str]] = {  # the walk settings: "pseudo-label stage ignores ..." above
+    "pseudo_labels.psa_border": (_MPL, "psa_border=pc.psa_border)", "psa_border=False)"),
+    "pseudo_labels.psa_border (pair set)": (_MPL, "PairCache(params.radius, params.psa_border)",
+                                            "PairCache(params.radius, False)"),
+    "pseudo_labels.split": (_MPL, "split = pc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
+    "pseudo_labels.overwrite": (_MPL, "if pc.overwrite or not (out_dir", "if False or not (out_dir"),
+    "pseudo_labels.crf": (_MPL, "crf = cfg.crf if pc.crf else None", "crf = None"),
+}
+MUTATIONS += [m(f"stage ignores {key}", file, old, new,
+                _K + "test_every_pseudo_labels_key_reaches_the_walk_or_the_files")
+              for key, (file, old, new) in PSEUDO_KEY_READS.items()]
 MUTATIONS += [
     m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
       'self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))',
