@@ -355,3 +355,118 @@ def test_cams_to_grid_is_the_in_image_cell_mean():
 def test_walk_rejects_mismatched_grid():
     with pytest.raises(CaeeError, match="cams_to_grid"):
         irn.semantic_walk(torch.rand(1, 4, 5), torch.rand(5, 4))
+
+
+# ---------------------------------------------------------------- the boundary network
+
+
+class _IrnShapedBackbone:
+    """A small backbone with IRN's ResNet50 strides (4, 4, 8, 16, 16) and few channels."""
+
+    @staticmethod
+    def build():
+        from torch import nn
+
+        from caee.models.backbone import Backbone
+
+        class Small(Backbone):
+            depths = (0, 1, 2, 3, 4, 5)
+
+            def __init__(self):
+                super().__init__()
+                spec = [(3, 4, 4), (4, 6, 1), (6, 8, 2), (8, 8, 2), (8, 10, 1)]
+                self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, s, 1) for i, o, s in spec)
+                self.bn = nn.BatchNorm2d(10)
+                self.channels = {0: 3, 1: 4, 2: 6, 3: 8, 4: 8, 5: 10}
+                self.strides = {0: 1, 1: 4, 2: 4, 3: 8, 4: 16, 5: 16}
+                self.out_channels = 10
+
+            def stage(self, depth, x):
+                x = torch.relu(self.convs[depth - 1](x))
+                return self.bn(x) if depth == 5 else x
+
+        return Small()
+
+
+def _ref_edge_branch(model, x):
+    """net/resnet50_irn.py's edge branch on the same weights: stages detached; fc_edge1/2 conv-GN-ReLU,
+    fc_edge3 conv-GN-Upsample(2)-ReLU, fc_edge4/5 conv-GN-Upsample(4)-ReLU, each cut to edge2's size,
+    concatenated, fc_edge6."""
+    feats, y = [], x
+    for d in range(1, 6):
+        y = model.backbone.stage(d, y).detach()
+        feats.append(y)
+    outs = []
+    for i, (f, blk) in enumerate(zip(feats, model.edge_blocks)):
+        e = blk.norm(blk.conv(f))
+        if i >= 2:
+            e = torch.nn.Upsample(scale_factor=2 if i == 2 else 4, mode="bilinear", align_corners=False)(e)
+        outs.append(torch.relu(e))
+    h, w = outs[1].shape[-2:]
+    return model.edge_out(torch.cat([o[..., :h, :w] for o in outs], 1))
+
+
+def _small_edge_net(seed=0):
+    from caee.models.irn import IrnEdgeNet
+
+    torch.manual_seed(seed)
+    net = IrnEdgeNet(_IrnShapedBackbone.build(), channels=8, groups=4, edge_stride=4)
+    for p in net.edge_out.parameters():
+        torch.nn.init.normal_(p)
+    for blk in net.edge_blocks:  # GroupNorm affines away from (1, 0)
+        torch.nn.init.uniform_(blk.norm.weight, 0.5, 1.5)
+        torch.nn.init.normal_(blk.norm.bias, std=0.3)
+    return net
+
+
+def test_edge_branch_equals_irn_layers():
+    net = _small_edge_net().eval()
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = net(x)
+        ref = _ref_edge_branch(net, x)
+    assert got.shape == (2, 1, 16, 20)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_branch_trains_and_the_backbone_stays_in_eval():
+    net = _small_edge_net().train()
+    assert not net.backbone.training and net.edge_out.training
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    opt.step()
+    assert all(not p.requires_grad and p.grad is None for p in net.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())  # BN stats too
+    assert all(p.grad is not None for p in net.edge_out.parameters())
+
+
+def test_edge_map_is_edge_displacement():
+    """EdgeDisplacement: pad image and mirror to the crop, cut to ceil(H/4) x ceil(W/4), flip the
+    mirror's logits back, sigmoid of their mean."""
+    net = _small_edge_net(1).eval()
+    img = torch.randn(3, 37, 50, generator=torch.Generator().manual_seed(2))
+    got = irn.edge_map(net, img, pad_to=64)
+    pair = F.pad(torch.stack([img, img.flip(-1)]), (0, 64 - 50, 0, 64 - 37))
+    with torch.no_grad():
+        e = net(pair)[:, :, :10, :13]
+    ref = torch.sigmoid(e[0] / 2 + e[1].flip(-1) / 2)[0]
+    assert got.shape == (10, 13)
+    torch.testing.assert_close(got, ref)
+
+
+def test_edge_net_on_tinycnn_and_resnet50_shapes():
+    from caee.models import ResNet50, TinyCNN
+    from caee.models.irn import IrnEdgeNet
+
+    tiny = IrnEdgeNet(TinyCNN(width=0.25), channels=8, groups=4, edge_stride=4).eval()
+    with torch.no_grad():
+        assert tiny(torch.randn(1, 3, 36, 44)).shape == (1, 1, 9, 11)
+    with torch.device("meta"):
+        big = IrnEdgeNet(ResNet50())
+        assert big(torch.zeros(2, 3, 512, 512, device="meta")).shape == (2, 1, 128, 128)
+    # IRN's ResNet50: strides [2, 2, 2, 1], no dilation anywhere
+    assert big.backbone.layer4[0].conv2.stride == (1, 1) and big.backbone.layer4[0].downsample[0].stride == (1, 1)
+    assert all(m.dilation == (1, 1) for m in big.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert [type(b.norm).__name__ for b in big.edge_blocks] == ["GroupNorm"] * 5
+    assert [b.norm.num_groups for b in big.edge_blocks] == [4] * 5 and big.edge_out.in_channels == 160
