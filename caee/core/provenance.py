@@ -26,6 +26,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "make_pseudo_labels": ("data", "pseudo_labels", "crf"),
     "train_deeplab": ("data", "train_deeplab", "crf"),
     "eval_miou": ("data", "eval"),
+    "train_irn": ("data", "irn"),
+    "make_irn_labels": ("data", "irn"),
 }
 
 # Leaf names (in any section) that never change what a stage writes.
