@@ -470,3 +470,12 @@ def test_edge_net_on_tinycnn_and_resnet50_shapes():
     assert all(m.dilation == (1, 1) for m in big.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert [type(b.norm).__name__ for b in big.edge_blocks] == ["GroupNorm"] * 5
     assert [b.norm.num_groups for b in big.edge_blocks] == [4] * 5 and big.edge_out.in_channels == 160
+
+
+def test_cams_to_grid_of_a_stride8_upsample_is_its_stride4_resize():
+    """caee's CAMs at stride 8 upsampled to the image: the cell mean is exactly the coarse map resized
+    bilinearly to the stride-4 grid (sample points fall on cell borders)."""
+    coarse = torch.rand(1, 2, 3, 5, generator=torch.Generator().manual_seed(4))
+    full = F.interpolate(coarse, scale_factor=8, mode="bilinear", align_corners=False)[0]
+    half = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(irn.cams_to_grid(full, 4), half)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -122,3 +123,66 @@ def test_make_irn_labels_equal_the_walk_by_hand_and_every_setting_matters(tmp_pa
             differs.add("crop_size")
     assert differs == {"beta", "exp_times", "radius", "sem_seg_bg_thres", "crop_size"}
     assert (out / "DONE").is_file()
+
+
+def test_irn_step_uses_the_training_radius_grid_and_loss(tmp_path):
+    """IrnTask.train_step = the loss over pair_indices(train_radius, IRN's pair set) of the labels
+    sampled at the cell centres of the edge_stride grid, written out by hand."""
+    from caee.core.config import IrnConfig
+    from caee.engine.trainer import StepContext
+    from caee.method.affinity import pair_indices, pair_label_targets
+
+    ic = IrnConfig(net=NetConfig(**NET), edge_channels=8, edge_groups=4, train_radius=4, crop_size=32)
+    torch.manual_seed(1)
+    model = train_irn.build_model(ic).train()
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    mask = torch.randint(0, 3, (2, 32, 32), generator=g)
+    mask[0, :, 20:] = 255
+    ctx = StepContext(torch.device("cpu"), epoch=0, step=0, total_steps=1, seed=0, channels_last=False)
+    loss, metrics = train_irn.IrnTask(model, ic, ["a", "b"]).train_step(model, {"image": images, "mask": mask}, ctx)
+    labels = mask[:, 2::4, 2::4]
+    f, t = pair_indices(8, 8, 4, psa_border=True)
+    with torch.no_grad():
+        edge = torch.sigmoid(model(images)[:, 0])
+    want, _ = irn.boundary_loss(irn.boundary_affinity(edge, 4, psa_border=True), *pair_label_targets(labels, f, t))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert metrics["n_bg"] + metrics["n_fg"] + metrics["n_neg"] > 0
+
+
+def test_irn_defaults_are_irn_run_sample_settings():
+    from caee.core.config import Config
+
+    ic = Config().irn
+    assert (ic.conf_fg_thres, ic.conf_bg_thres, ic.crop_size, ic.batch_size, ic.epochs) == (0.30, 0.05, 512, 32, 3)
+    assert (ic.lr, ic.weight_decay, ic.beta, ic.exp_times, ic.radius, ic.sem_seg_bg_thres) == (0.1, 1e-4, 10, 8, 5, 0.25)
+    assert (ic.train_radius, ic.edge_stride, ic.edge_channels, ic.edge_groups, ic.crf_gt_prob) == (10, 4, 32, 4, 0.7)
+    assert (ic.momentum, ic.head_lr_mult, ic.bias_lr_mult, ic.poly_power, ic.scale_range) == (1e-4, 1.0, 1.0, 0.9, [0.5, 1.5])
+    assert (ic.crf.gaussian_sxy, ic.crf.gaussian_compat, ic.crf.bilateral_sxy, ic.crf.bilateral_srgb,
+            ic.crf.bilateral_compat, ic.crf.iterations) == (3, 3, 50, 5, 10, 10)
+    assert ic.net.backbone == "resnet50" and ic.color_jitter == [0, 0, 0, 0] and ic.hflip
+
+
+@pytest.mark.parametrize("item,match", [("irn.conf_bg_thres=0.4", "conf_bg_thres"), ("irn.edge_channels=30", "divisible"),
+                                        ("irn.scale_range=[1.5,0.5]", "scale_range"), ("irn.train_radius=1", "train_radius"),
+                                        ("irn.sem_seg_bg_thres=1.5", "sem_seg_bg_thres"), ("irn.crf_gt_prob=1", "crf_gt_prob")])
+def test_irn_config_rules(item, match):
+    from caee.core.config import load_config
+    from caee.core.errors import CaeeError
+
+    with pytest.raises(CaeeError, match=match):
+        load_config(None, [item])
+
+
+def test_irn_augmentation_rescales_by_the_factor_and_pads_the_crop():
+    from torchvision import tv_tensors
+
+    from caee.core.config import IrnConfig
+
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.randint(0, 3, (40, 52), dtype=torch.uint8))
+    tf = train_irn.build_irn_transform(IrnConfig(scale_range=[0.5, 0.5], crop_size=32, hflip=False))
+    out_image, out_mask = tf(image, mask)
+    assert out_image.shape == (3, 32, 32) and out_mask.shape == (32, 32)
+    assert int((out_mask != 255).sum()) == 20 * 26                     # the 0.5x image, padded with 255
+    assert int((out_image.abs().sum(0) == 0).sum()) == 32 * 32 - 20 * 26  # and with 0 (the mean colour)

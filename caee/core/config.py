@@ -251,7 +251,7 @@ def _irn_crf() -> CrfConfig:
 
 @dataclasses.dataclass
 class IrnConfig(TrainConfig):
-    """IRN's class-boundary route (train_irn, make_irn_labels; docs/METHOD.md §11); defaults are
+    """IRN's class-boundary route (train_irn, make_irn_labels; docs/METHOD.md §12); defaults are
     those of IRN's run_sample.py / step/*.py (jiwoon-ahn/irn)."""
     batch_size: int = 32            # official (IRN run_sample.py irn_batch_size)
     epochs: int = 3                 # official (IRN run_sample.py irn_num_epoches)

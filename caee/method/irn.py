@@ -1,4 +1,4 @@
-"""IRN's class-boundary route from CAMs to pseudo labels (Ahn, Cho, Kwak, CVPR 2019; docs/METHOD.md §IRN).
+"""IRN's class-boundary route from CAMs to pseudo labels (Ahn, Cho, Kwak, CVPR 2019; docs/METHOD.md §12).
 
 Four steps, each a pure function here (arrays / tensors / a network in, arrays / tensors out):
 

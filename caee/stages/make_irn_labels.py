@@ -1,4 +1,4 @@
-"""Stage: pseudo labels by IRN's semantic walk (step/make_sem_seg_labels.py, docs/METHOD.md §11).
+"""Stage: pseudo labels by IRN's semantic walk (step/make_sem_seg_labels.py, docs/METHOD.md §12).
 
 Per image of ``irn.split`` (default ``data.cam_split``): the boundary map of the trained network
 (:func:`caee.method.irn.edge_map`: image and mirror padded to ``irn.crop_size``), the image's CAMs

@@ -1,4 +1,4 @@
-"""Stage: train IRN's class-boundary branch on relation labels from a CAM folder (docs/METHOD.md §11).
+"""Stage: train IRN's class-boundary branch on relation labels from a CAM folder (docs/METHOD.md §12).
 
 1. Relation labels (:func:`caee.method.irn.ir_labels`, IRN's cam_to_ir_label.py) of every training
    image, cached per CAM folder in ``<cam_dir>_irlabels_<fg>_<bg>/<id>.png`` (the folder records the
