@@ -186,3 +186,16 @@ def test_irn_augmentation_rescales_by_the_factor_and_pads_the_crop():
     assert out_image.shape == (3, 32, 32) and out_mask.shape == (32, 32)
     assert int((out_mask != 255).sum()) == 20 * 26                     # the 0.5x image, padded with 255
     assert int((out_image.abs().sum(0) == 0).sum()) == 32 * 32 - 20 * 26  # and with 0 (the mean colour)
+
+
+def test_irn_backbone_from_a_classifier_checkpoint(tmp_path):
+    """irn.init = a classifier's model.pth: its backbone is loaded (and frozen), the branch stays fresh."""
+    from caee.core.config import IrnConfig
+    from conftest import save_random_cgnet
+
+    clf = save_random_cgnet(tmp_path, num_classes=20)
+    ic = IrnConfig(net=NetConfig(**NET), edge_channels=8, edge_groups=4, init=str(tmp_path / "train_cgnet" / "model.pth"))
+    model = train_irn.build_model(ic)
+    for k, v in clf.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in model.backbone.parameters())

@@ -41,6 +41,7 @@ from caee.stages.common import stage_settings, start_stage
 logger = logging.getLogger(__name__)
 
 STAGE = "train_irn"
+WALK_ONLY = ("weights", "out_dir", "split", "beta", "exp_times", "radius", "sem_seg_bg_thres", "cam_grid")
 
 
 # ---------------------------------------------------------------- paths (to move into the layout)
@@ -196,7 +197,8 @@ def build_model(ic: IrnConfig) -> IrnEdgeNet:
 def main(cfg: Config) -> FitResult:
     cfg = expand_work_dir(cfg)
     ic = cfg.irn
-    settings = stage_settings(cfg, STAGE)
+    # the walk's settings do not change the trained network
+    settings = provenance.without(stage_settings(cfg, STAGE), *(f"irn.{k}" for k in WALK_ONLY))
     env = start_stage(cfg, STAGE, seed=ic.seed,
                       before_write=lambda out: check_resumable(out, settings, STAGE, ic.overwrite))
     ensure_dataset(cfg.data)
