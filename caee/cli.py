@@ -33,7 +33,7 @@ class Command:
 def commands() -> dict[str, Command]:
     """The subcommands, by name: one per row of the table of stages, then ``run``."""
     rows = [Command(s.command, s.module, tuple(dict.fromkeys(s.reads + s.sections)), s.doc,
-                    f"{s.overwrite}.overwrite" if s.output is not None else "") for s in STAGES.values()]
+                    f"{s.section}.overwrite" if s.output is not None else "") for s in STAGES.values()]
     return {c.name: c for c in rows + [Command("run", "caee.pipeline.run", (), RUN_DOC)]}
 _OVERRIDES_HELP = "dotted overrides, e.g. train_cgnet.lr=0.01; quote lists: 'cam.scales=[1.0]'"
 

@@ -7,12 +7,13 @@ from torch import nn
 
 from caee.core.config import NetConfig
 from caee.core.errors import CaeeError
-from caee.models import BACKBONES, Backbone, ResNet38, ResNet101, TinyCNN, VGG16, build_backbone
+from caee.models import BACKBONES, Backbone, ResNet38, ResNet50, ResNet101, TinyCNN, VGG16, build_backbone
 
 # the documented depth tables: depth -> (channels, stride)
 TABLES = {
     "resnet38": {0: (3, 1), 1: (64, 1), 2: (128, 2), 3: (256, 4), 4: (512, 8), 5: (1024, 8),
                  6: (2048, 8), 7: (4096, 8)},
+    "resnet50": {0: (3, 1), 1: (64, 4), 2: (256, 4), 3: (512, 8), 4: (1024, 16), 5: (2048, 16)},
     "resnet101": {0: (3, 1), 1: (64, 2), 2: (256, 4), 3: (512, 8), 4: (1024, 8), 5: (2048, 8)},
     "vgg16": {0: (3, 1), 1: (64, 2), 2: (128, 4), 3: (256, 8), 4: (512, 8), 5: (512, 8)},
     "tinycnn": {0: (3, 1), 1: (16, 1), 2: (32, 2), 3: (48, 2), 4: (64, 4)},
@@ -130,8 +131,8 @@ def test_tinycnn_receptive_field_is_13():
 
 def _small(name):
     torch.manual_seed(0)
-    return {"resnet38": lambda: ResNet38(width=0.125), "resnet101": ResNet101, "vgg16": VGG16,
-            "tinycnn": TinyCNN}[name]().eval()
+    return {"resnet38": lambda: ResNet38(width=0.125), "resnet50": ResNet50, "resnet101": ResNet101,
+            "vgg16": VGG16, "tinycnn": TinyCNN}[name]().eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +144,7 @@ def _shared(name):
 @pytest.mark.parametrize("name", list(TABLES))
 def test_edit_equals_manual_stages(name):
     net = _shared(name)
-    size = 16 if name in ("resnet101", "vgg16") else 32  # the big ones: 2 x 2 output is enough
+    size = 16 if name in ("resnet101", "vgg16") else 32 + 32 * (name == "resnet50")  # the big ones: 2 x 2 output is enough
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         feats = net.forward_features(x, keep=net.depths)  # stages 1..d of the manual runs
@@ -208,7 +209,7 @@ def test_batchnorm_mode_after_train(name, bn_eval):
 
 
 def test_registry_builds_every_backbone():
-    assert set(BACKBONES) == {"resnet38", "resnet101", "vgg16", "tinycnn"}
+    assert set(BACKBONES) == {"resnet38", "resnet50", "resnet101", "vgg16", "tinycnn"}
     tiny = build_backbone(NetConfig(backbone="tinycnn", width=0.5))
     assert isinstance(tiny, TinyCNN) and tiny.out_channels == 32
     r38 = build_backbone(NetConfig(backbone="resnet38", width=0.125))
@@ -225,7 +226,7 @@ def test_registry_rejects_width_for_torchvision_backbones(name):
 
 
 def test_registry_rejects_unknown_name_and_bad_width():
-    with pytest.raises(CaeeError, match="unknown backbone 'resnet50'.*resnet38"):
-        build_backbone(NetConfig(backbone="resnet50"))  # type: ignore[arg-type]
+    with pytest.raises(CaeeError, match="unknown backbone 'resnet18'.*resnet38"):
+        build_backbone(NetConfig(backbone="resnet18"))  # type: ignore[arg-type]
     with pytest.raises(CaeeError, match="net.width"):
         build_backbone(NetConfig(backbone="tinycnn", width=0.0))

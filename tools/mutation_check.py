@@ -75,6 +75,20 @@ RAND_AUG = _R + "test_train_augmentation_is_fresh_per_step_and_epoch_and_replays
 RAND_AFF = _R + "test_affinity_crop_flip_and_jitter_are_fresh_and_replay"
 RAND_ORDER = _R + "test_sample_order_changes_every_epoch_and_replays"
 RAND_RESUME = _R + "test_cgnet_run_resumed_from_last_pth_draws_exactly_what_an_uninterrupted_run_draws"
+# IRN (caee/method/irn.py, models/irn.py, stages/train_irn.py, make_irn_labels.py; docs/METHOD.md §12)
+IRN = "tests/test_irn.py"
+_I = "tests/test_irn_stages.py::"
+IRN_LABELS = _I + "test_train_irn_writes_relation_labels_of_the_configured_settings_and_trains"
+IRN_WALK = _I + "test_make_irn_labels_equal_the_walk_by_hand_and_every_setting_matters"
+IRN_STEP = _I + "test_irn_step_uses_the_training_radius_grid_and_loss"
+IRN_DEFAULTS = _I + "test_irn_defaults_are_irn_run_sample_settings"
+IRN_AUGMENT = _I + "test_irn_augmentation_rescales_by_the_factor_and_pads_the_crop"
+
+
+def _irn_default(key: str, old: str, new: str) -> Mutation:
+    """An IRN default that is no longer IRN's (run_sample.py / step/*.py)."""
+    return m(f"irn.{key} default is not IRN's", "caee/core/config.py", old, new, IRN_DEFAULTS)
+
 
 MUTATIONS: list[Mutation] = [
     # ---- class-specific erasing and the CGNet loss (stage 2)
@@ -178,6 +192,105 @@ MUTATIONS: list[Mutation] = [
       "union = gt_count + pred_count - tp", "union = gt_count", "tests/test_metrics.py"),
     m("poly lr ignores the configured power", "caee/engine/trainer.py",
       "return (1.0 - t) ** cfg.poly_power", "return (1.0 - t) ** 0.9", CGNET_SCHEDULE),
+    # ---- IRN: relation labels, paths, loss, walk (equivalence with IRN's procedures) and wiring
+    m("IRN relation labels: background of the bg map alone is confident", "caee/method/irn.py",
+      "out[(fg_conf == 0) & (bg_conf == 0)] = 0", "out[bg_conf == 0] = 0", IRN),
+    m("IRN label unary spreads 1 - gt_prob over all labels", "caee/method/irn.py",
+      "(1.0 - gt_prob) / (n_labels - 1)", "(1.0 - gt_prob) / n_labels", IRN),
+    m("IRN relation labels: background score of the fg map is the bg threshold", "caee/method/irn.py",
+      "hard_labels(cams, fg_thres)", "hard_labels(cams, bg_thres)", IRN),
+    m("IRN path keeps cells at distance 1 from the line", "caee/method/irn.py",
+      "if (dy * x - dx * y) ** 2 < length_sq]", "if (dy * x - dx * y) ** 2 <= length_sq]", IRN),
+    m("IRN affinity from the mean boundary along the path", "caee/method/irn.py",
+      "(1.0 - along.max(dim=0).values)", "(1.0 - along.mean(dim=0))", IRN),
+    m("IRN loss weights bg and fg pairs 1 instead of 1/2", "caee/method/irn.py",
+      'pos = terms["bg"] / 2 + terms["fg"] / 2', 'pos = terms["bg"] + terms["fg"]', IRN),
+    m("IRN walk scores not damped by 1 - boundary", "caee/method/irn.py",
+      "x = cams.float() * (1.0 - edge)", "x = cams.float()", IRN),
+    m("IRN walk takes exp_times steps instead of 2^exp_times", "caee/method/irn.py",
+      "steps=1 << int(exp_times)", "steps=int(exp_times)", IRN),
+    m("IRN walk ignores beta", "caee/method/irn.py",
+      "trans = transition_matrix(aff, from_idx, to_idx, h * w, beta)",
+      "trans = transition_matrix(aff, from_idx, to_idx, h * w, 8.0)", IRN),
+    m("IRN walk over PSA's smaller pair set", "caee/method/irn.py",
+      "from_idx, to_idx = pair_indices(h, w, radius, psa_border=False, device=edge.device)",
+      "from_idx, to_idx = pair_indices(h, w, radius, psa_border=True, device=edge.device)", IRN),
+    m("IRN labels: walk scores not divided by their maximum", "caee/method/irn.py",
+      "up.new_full((1, hh, ww), bg_thres), up / peak", "up.new_full((1, hh, ww), bg_thres), up", IRN),
+    m("IRN labels: upsampling with align_corners=True", "caee/method/irn.py",
+      'scale_factor=stride, mode="bilinear", align_corners=False',
+      'scale_factor=stride, mode="bilinear", align_corners=True', IRN),
+    m("IRN CAMs on the grid: top-left pixel instead of the cell mean", "caee/method/irn.py",
+      "return F.avg_pool2d(cams.float().unsqueeze(0), stride, stride, ceil_mode=True)[0]",
+      "return cams.float()[:, ::stride, ::stride]", IRN),
+    m("IRN labels on the grid: top-left pixel instead of the cell centre (PIL nearest)", "caee/method/irn.py",
+      "    o = stride // 2\n", "    o = 0\n", IRN),
+    m("IRN boundary map without the mirror", "caee/method/irn.py",
+      "torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)", "torch.sigmoid(logits[0])", IRN),
+    m("IRN backbone trains", "caee/models/irn.py",
+      "        backbone.requires_grad_(False)\n", "", IRN),
+    m("IRN backbone BatchNorm in training mode", "caee/models/irn.py",
+      "        self.backbone.eval()  # frozen", "        pass  # frozen", IRN),
+    m("IRN boundary branch: GroupNorm with one group", "caee/models/irn.py",
+      "self.norm = nn.GroupNorm(groups, channels)", "self.norm = nn.GroupNorm(1, channels)", IRN),
+    m("IRN boundary branch: ReLU before the upsampling", "caee/models/irn.py",
+      "        x = self.norm(self.conv(x))\n", "        x = F.relu(self.norm(self.conv(x)))\n", IRN),
+    m("IRN ResNet50 strides layer4 (output stride 32)", "caee/models/resnet50.py",
+      "        tv.layer4[0].conv2.stride = (1, 1)\n", "", IRN, "tests/test_backbones.py"),
+    m("train_irn ignores irn.conf_fg_thres", "caee/stages/train_irn.py",
+      "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres,", "ir_labels(image, keys, cams, 0.30, ic.conf_bg_thres,",
+      IRN_LABELS),
+    m("train_irn ignores irn.conf_bg_thres", "caee/stages/train_irn.py",
+      "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres,", "ir_labels(image, keys, cams, ic.conf_fg_thres, 0.05,",
+      IRN_LABELS),
+    m("train_irn ignores irn.crf", "caee/stages/train_irn.py",
+      "ic.conf_bg_thres, ic.crf, ic.crf_gt_prob))", "ic.conf_bg_thres, dataclasses.replace(ic.crf, bilateral_sxy=50.0, "
+      "bilateral_srgb=5.0), ic.crf_gt_prob))", IRN_LABELS),
+    m("train_irn ignores irn.crf_gt_prob", "caee/stages/train_irn.py",
+      "ic.crf, ic.crf_gt_prob))", "ic.crf, 0.7))", IRN_LABELS),
+    m("train_irn ignores irn.train_radius", "caee/stages/train_irn.py",
+      "boundary_affinity(edge, self.ic.train_radius, psa_border=True)", "boundary_affinity(edge, 10, psa_border=True)",
+      IRN_STEP),
+    m("train_irn samples labels at irn.edge_stride 8", "caee/stages/train_irn.py",
+      'reduce_labels(ctx.to_device(batch["mask"]), self.ic.edge_stride)', 'reduce_labels(ctx.to_device(batch["mask"]), 8)',
+      IRN_STEP),
+    m("train_irn ignores irn.scale_range", "caee/stages/train_irn.py",
+      "steps.append(RandomRescale(*ic.scale_range))", "steps.append(RandomRescale(0.5, 1.5))", IRN_AUGMENT),
+    m("train_irn ignores irn.crop_size", "caee/stages/train_irn.py",
+      "v2.RandomCrop(ic.crop_size,", "v2.RandomCrop(512,", IRN_AUGMENT),
+    m("make_irn_labels ignores irn.beta", "caee/stages/make_irn_labels.py",
+      "semantic_walk(grid, edge, ic.beta, ic.exp_times, ic.radius)", "semantic_walk(grid, edge, 10.0, ic.exp_times, ic.radius)",
+      IRN_WALK),
+    m("make_irn_labels ignores irn.exp_times", "caee/stages/make_irn_labels.py",
+      "semantic_walk(grid, edge, ic.beta, ic.exp_times, ic.radius)", "semantic_walk(grid, edge, ic.beta, 8, ic.radius)",
+      IRN_WALK),
+    m("make_irn_labels ignores irn.radius", "caee/stages/make_irn_labels.py",
+      "semantic_walk(grid, edge, ic.beta, ic.exp_times, ic.radius)", "semantic_walk(grid, edge, ic.beta, ic.exp_times, 5)",
+      IRN_WALK),
+    m("make_irn_labels ignores irn.sem_seg_bg_thres", "caee/stages/make_irn_labels.py",
+      "ic.sem_seg_bg_thres, stride)", "0.25, stride)", IRN_WALK),
+    m("make_irn_labels pads to 512 whatever irn.crop_size", "caee/stages/make_irn_labels.py",
+      "torch.from_numpy(image).to(device)), ic.crop_size, stride)", "torch.from_numpy(image).to(device)), 512, stride)",
+      IRN_WALK),
+    _irn_default("conf_fg_thres", "conf_fg_thres: float = 0.30", "conf_fg_thres: float = 0.35"),
+    _irn_default("conf_bg_thres", "conf_bg_thres: float = 0.05", "conf_bg_thres: float = 0.10"),
+    _irn_default("crop_size", "crop_size: int = 512            # official (IRN", "crop_size: int = 448            # official (IRN"),
+    _irn_default("batch_size", "batch_size: int = 32            # official (IRN", "batch_size: int = 16            # official (IRN"),
+    _irn_default("epochs", "epochs: int = 3                 # official (IRN", "epochs: int = 5                 # official (IRN"),
+    _irn_default("lr", "lr: float = 0.1                 # official (IRN", "lr: float = 0.01                # official (IRN"),
+    _irn_default("weight_decay", "weight_decay: float = 1e-4      # official (IRN",
+                 "weight_decay: float = 5e-4      # official (IRN"),
+    _irn_default("momentum", "momentum: float = 1e-4", "momentum: float = 0.9"),
+    _irn_default("beta", "beta: float = 10                # official (IRN", "beta: float = 8                 # official (IRN"),
+    _irn_default("exp_times", "exp_times: int = 8", "exp_times: int = 7"),
+    _irn_default("radius", "radius: int = 5                 # official (IRN make_sem_seg_labels",
+                 "radius: int = 10                # official (IRN make_sem_seg_labels"),
+    _irn_default("sem_seg_bg_thres", "sem_seg_bg_thres: float = 0.25", "sem_seg_bg_thres: float = 0.15"),
+    _irn_default("train_radius", "train_radius: int = 10", "train_radius: int = 5"),
+    _irn_default("crf_gt_prob", "crf_gt_prob: float = 0.7", "crf_gt_prob: float = 0.5"),
+    _irn_default("crf", "CrfConfig(bilateral_sxy=50, bilateral_srgb=5)", "CrfConfig()"),
+    _irn_default("scale_range", "lambda: [0.5, 1.5])  # official (IRN", "lambda: [0.9, 1.1])  # official (IRN"),
+    _irn_default("edge_channels", "edge_channels: int = 32", "edge_channels: int = 64"),
     # ---- the runner: a selected step must not run on an unselected, stale upstream step's outputs
     m("caee run --stages X runs on stale upstream outputs", "caee/pipeline/runner.py",
       "    refuse_stale(jobs, context, {job.name(): upstream_of(job, context) for job in jobs})\n", "",

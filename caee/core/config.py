@@ -107,8 +107,8 @@ class DataConfig:
 @dataclasses.dataclass
 class NetConfig:
     """A network: backbone name, width and ImageNet initialisation."""
-    # docs/METHOD.md §2; tinycnn: a small CPU network for the synthetic demo
-    backbone: Literal["resnet38", "resnet101", "vgg16", "tinycnn"] = "resnet38"
+    # docs/METHOD.md §2; tinycnn: a small CPU network for the synthetic demo; resnet50: IRN's (stride 16)
+    backbone: Literal["resnet38", "resnet50", "resnet101", "vgg16", "tinycnn"] = "resnet38"
     width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
     pretrained: str = ""            # ImageNet weights: MXNet .params or .pth ("{weights_dir}/<file>"); "" = random init
     dropout: float = 0.5            # Dropout2d before fc8 (PSA's classifier); CGNet official: 0
@@ -249,6 +249,10 @@ class AffinityTrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class PseudoLabelConfig:
+    # the pseudo-label generator of `caee run` (DeepLab trains on its labels): the paper's PSA
+    # AffinityNet + random walk, or IRN's boundary network + walk (section irn, docs/METHOD.md §12)
+    method: Literal["affinitynet", "irn"] = "affinitynet"
+    compare: bool = False           # caee run also makes the other generator's labels from the same CAMs (results row)
     cam_dir: str = ""               # "" = <work_dir>/cam_cgnet
     weights: str = ""               # "" = <work_dir>/train_affinity/model.pth
     out_dir: str = ""               # "" = <work_dir>/pseudo_labels
@@ -260,6 +264,51 @@ class PseudoLabelConfig:
     psa_border: bool = False        # False: every pair within the radius; True: PSA's inference pair set
     crf: bool = False               # dense CRF (crf section) on the upsampled random-walk scores
     overwrite: bool = False         # recompute existing label PNGs (else they are skipped)
+
+
+def _irn_net() -> NetConfig:
+    return NetConfig(backbone="resnet50", dropout=0.0)
+
+
+def _irn_crf() -> CrfConfig:
+    return CrfConfig(bilateral_sxy=50, bilateral_srgb=5)
+
+
+@dataclasses.dataclass
+class IrnConfig(TrainConfig):
+    """IRN's class-boundary route (train_irn, make_irn_labels; docs/METHOD.md §12); defaults are
+    those of IRN's run_sample.py / step/*.py (jiwoon-ahn/irn)."""
+    batch_size: int = 32            # official (IRN run_sample.py irn_batch_size)
+    epochs: int = 3                 # official (IRN run_sample.py irn_num_epoches)
+    lr: float = 0.1                 # official (IRN run_sample.py irn_learning_rate)
+    weight_decay: float = 1e-4      # official (IRN run_sample.py irn_weight_decay)
+    momentum: float = 1e-4          # official (IRN torchutils.PolyOptimizer hands weight_decay to SGD's momentum slot)
+    head_lr_mult: float = 1.0       # official (IRN train_irn.py: the boundary layers at 1x lr)
+    bias_lr_mult: float = 1.0       # official (IRN train_irn.py: no separate bias group)
+    crop_size: int = 512            # official (IRN run_sample.py irn_crop_size); also the inference padding (EdgeDisplacement)
+    resize_long: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # off: IRN rescales by scale_range
+    scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5])  # official (IRN train_irn.py rescale)
+    color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # official (IRN: none)
+    net: NetConfig = dataclasses.field(default_factory=_irn_net)  # official (IRN: ResNet50, stride 16, torchvision ImageNet weights)
+    cam_dir: str = ""               # "" = <work_dir>/cam_cgnet; any caee CAM folder (cgnet, classifier, control)
+    conf_fg_thres: float = 0.30     # official (IRN run_sample.py): bg score of the map giving confident fg
+    conf_bg_thres: float = 0.05     # official (IRN run_sample.py): bg score of the map giving confident bg
+    crf: CrfConfig = dataclasses.field(default_factory=_irn_crf)  # official (IRN crf_inference_label: bilateral 50/5/10)
+    crf_gt_prob: float = 0.7        # official (IRN crf_inference_label gt_prob): trust in the hard label
+    train_radius: int = 10          # official (IRN train_irn.py PathIndex(radius=10)): pairs of the loss
+    edge_stride: int = 4            # official (IRN: boundary map at stride 4)
+    edge_channels: int = 32         # official (IRN fc_edge1..5 width)
+    edge_groups: int = 4            # official (IRN GroupNorm(4, 32))
+    # CAMs (image resolution) -> boundary grid: cell_mean = mean of each stride x stride cell (the
+    # value at the cell centre that IRN's x4 upsampling assumes); bilinear = F.interpolate to the grid
+    cam_grid: Literal["cell_mean", "bilinear"] = "cell_mean"
+    weights: str = ""               # make_irn_labels: "" = <work_dir>/train_irn/model.pth
+    out_dir: str = ""               # make_irn_labels: "" = <work_dir>/pseudo_labels_irn
+    split: str = ""                 # make_irn_labels: "" = data.cam_split
+    beta: float = 10                # official (IRN run_sample.py beta): affinities raised to this power
+    exp_times: int = 8              # official (IRN run_sample.py exp_times): 2^8 = 256 walk steps
+    radius: int = 5                 # official (IRN make_sem_seg_labels.py propagate_to_edge radius=5)
+    sem_seg_bg_thres: float = 0.25  # official (IRN run_sample.py): background score after the walk
 
 
 @dataclasses.dataclass
@@ -317,6 +366,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     train_affinity: AffinityTrainConfig = dataclasses.field(default_factory=AffinityTrainConfig)
     pseudo_labels: PseudoLabelConfig = dataclasses.field(default_factory=PseudoLabelConfig)
+    irn: IrnConfig = dataclasses.field(default_factory=IrnConfig)
     train_deeplab: DeeplabTrainConfig = dataclasses.field(default_factory=DeeplabTrainConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 

@@ -111,6 +111,19 @@ RULES: dict[str, Range] = {
     "pseudo_labels.beta": POSITIVE,
     "pseudo_labels.steps": NON_NEGATIVE,
     "pseudo_labels.alpha": POSITIVE,
+    # IRN (train_irn, make_irn_labels)
+    "irn.scale_range": POSITIVE,
+    "irn.conf_fg_thres": THRESHOLD,
+    "irn.conf_bg_thres": THRESHOLD,
+    "irn.crf_gt_prob": THRESHOLD,
+    "irn.train_radius": Range(2),             # radius 1 has no pairs
+    "irn.edge_stride": AT_LEAST_ONE,
+    "irn.edge_channels": AT_LEAST_ONE,
+    "irn.edge_groups": AT_LEAST_ONE,
+    "irn.beta": POSITIVE,
+    "irn.exp_times": Range(0, 16),            # 2^exp_times sparse steps
+    "irn.radius": Range(2),
+    "irn.sem_seg_bg_thres": PROBABILITY,
     # DeepLab
     "train_deeplab.test_scales": POSITIVE,
     "train_deeplab.head_channels": NON_NEGATIVE,  # 0 = the default width
@@ -167,6 +180,16 @@ def check(cfg: Any) -> None:
 
 def _check_combinations(cfg: Any) -> None:
     """Keys valid alone but not together (in every trainer's section: those with a training recipe)."""
+    irn = getattr(cfg, "irn", None)
+    if irn is not None:
+        if irn.conf_bg_thres > irn.conf_fg_thres:
+            raise CaeeError(f"config key 'irn.conf_bg_thres' ({irn.conf_bg_thres}) must not exceed irn.conf_fg_thres "
+                            f"({irn.conf_fg_thres}): the low threshold marks the confident background")
+        if len(irn.scale_range) != 2 or irn.scale_range[0] > irn.scale_range[1]:
+            raise CaeeError(f"config key 'irn.scale_range' must be [low, high] with low <= high, got {irn.scale_range}")
+        if irn.edge_channels % irn.edge_groups:
+            raise CaeeError(f"config key 'irn.edge_channels' ({irn.edge_channels}) must be divisible by "
+                            f"irn.edge_groups ({irn.edge_groups})")
     for name, t in vars(cfg).items():
         if not hasattr(t, "step_in_backward"):
             continue

@@ -48,12 +48,11 @@ def cell_label_dir(cam_dir: str | Path, la_alpha: float, ha_alpha: float, stride
     return cam_dir.parent / f"{cam_dir.name}_cells_{la_alpha:g}_{ha_alpha:g}_s{stride}"
 
 
-def crf_dirs_of(cam_dir: str | Path) -> list[Path]:
-    """Every CRF output folder that exists for ``cam_dir`` (any alpha: label PNGs and AffinityNet's
-    cell tables): stale when the CAMs change."""
+def ir_label_dir(cam_dir: str | Path, fg: float, bg: float) -> Path:
+    """IRN's relation labels of the CAMs in ``cam_dir`` at thresholds ``fg`` / ``bg``:
+    ``.../cam_cgnet`` -> ``.../cam_cgnet_irlabels_0.3_0.05``."""
     cam_dir = Path(cam_dir)
-    found = [*cam_dir.parent.glob(f"{cam_dir.name}_crf_*"), *cam_dir.parent.glob(f"{cam_dir.name}_cells_*")]
-    return sorted(p for p in found if p.is_dir())
+    return cam_dir.parent / f"{cam_dir.name}_irlabels_{fg:g}_{bg:g}"
 
 
 def pictures_dir(cam_dir: str | Path) -> Path:
@@ -148,8 +147,23 @@ class Layout:
         return self._or(self.cfg.pseudo_labels.out_dir, self.work / "pseudo_labels")
 
     def deeplab_labels(self) -> Path:
-        """What DeepLab trains on: train_deeplab.label_dir, else the pseudo labels."""
-        return self._or(self.cfg.train_deeplab.label_dir, self.pseudo_labels())
+        """What DeepLab trains on: train_deeplab.label_dir, else the labels of pseudo_labels.method."""
+        made = self.irn_pseudo_labels() if self.cfg.pseudo_labels.method == "irn" else self.pseudo_labels()
+        return self._or(self.cfg.train_deeplab.label_dir, made)
+
+    # ------------------------------------------------------------ IRN (pseudo_labels.method: irn)
+
+    def irn_cam_dir(self) -> Path:
+        """CAMs IRN learns from and walks: irn.cam_dir, else the CGNet CAMs."""
+        return self._or(self.cfg.irn.cam_dir, self.cam_dir("cgnet"))
+
+    def irn_weights(self) -> Path:
+        """IRN's boundary network for the walk: irn.weights, else train_irn's model.pth."""
+        return self._or(self.cfg.irn.weights, self.model("train_irn"))
+
+    def irn_pseudo_labels(self) -> Path:
+        """IRN's pseudo labels: irn.out_dir or <work_dir>/pseudo_labels_irn."""
+        return self._or(self.cfg.irn.out_dir, self.work / "pseudo_labels_irn")
 
     def deeplab_weights(self) -> Path:
         """The DeepLab that eval_only segments: train_deeplab.weights, else its model.pth."""

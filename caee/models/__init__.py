@@ -7,6 +7,7 @@ from caee.core.config import NetConfig
 from caee.core.errors import CaeeError
 from caee.models.backbone import Backbone
 from caee.models.resnet38 import ResNet38
+from caee.models.resnet50 import ResNet50
 from caee.models.resnet101 import ResNet101
 from caee.models.tinycnn import TinyCNN
 from caee.models.vgg16 import VGG16
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 BACKBONES: dict[str, type[Backbone]] = {
     "resnet38": ResNet38,
+    "resnet50": ResNet50,
     "resnet101": ResNet101,
     "vgg16": VGG16,
     "tinycnn": TinyCNN,
@@ -46,4 +48,4 @@ def build_backbone(net_cfg: NetConfig) -> Backbone:
     return backbone
 
 
-__all__ = ["BACKBONES", "Backbone", "build_backbone", "ResNet38", "ResNet101", "VGG16", "TinyCNN"]
+__all__ = ["BACKBONES", "Backbone", "build_backbone", "ResNet38", "ResNet50", "ResNet101", "VGG16", "TinyCNN"]

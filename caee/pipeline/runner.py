@@ -158,8 +158,8 @@ def _call_stage(job: Job, call: Config, k: int, nproc: int) -> None:
 
 
 def _with_overwrite(job: Job, call: Config) -> Config:
-    section = getattr(call, job.stage.overwrite)
-    return dataclasses.replace(call, **{job.stage.overwrite: dataclasses.replace(section, overwrite=True)})
+    section = getattr(call, job.stage.section)
+    return dataclasses.replace(call, **{job.stage.section: dataclasses.replace(section, overwrite=True)})
 
 
 def _run_call(job: Job, call: Config, k: int, nproc: int, overwrite: bool) -> bool:

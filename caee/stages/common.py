@@ -158,10 +158,10 @@ def open_output(folder: Path, name: str, settings: dict, overwrite: bool, output
             records.write(folder, record)
             return record
         if not overwrite:
-            raise records.refusal(folder, diffs, f"{row.overwrite}.overwrite")
+            raise records.refusal(folder, diffs, f"{row.section}.overwrite")
     elif not overwrite and next(folder.glob(outputs), None) is not None:
         raise CaeeError(f"{folder} holds outputs without a record (made elsewhere or by an older version); "
-                        f"use a new work_dir or re-run with {row.overwrite}.overwrite=true (or --overwrite)")
+                        f"use a new work_dir or re-run with {row.section}.overwrite=true (or --overwrite)")
     if folder.is_dir():
         for child in folder.iterdir():
             if child.name not in ("log.txt", ".lock"):
@@ -175,7 +175,7 @@ def resume_check(cfg: Config, stage: str, settings: dict) -> Callable[[Path], No
     """A trainer's ``before_write``: open its folder's record (refuse, resume, or start over) before
     config.yaml or the log change."""
     def check(out_dir: Path) -> None:
-        overwrite = getattr(cfg, stage).overwrite
+        overwrite = getattr(cfg, table.stage(stage).section).overwrite
         open_output(out_dir, stage, settings, overwrite, "*.pth")
         if not overwrite and (out_dir / records.LAST).is_file():  # a resume: its checkpoint must load
             from caee.engine.trainer import load_checkpoint
@@ -202,7 +202,8 @@ def start_trainer(cfg: Config, stage: str) -> TrainerStart:
     t0 = time.perf_counter()
     cfg = expand_work_dir(cfg)
     settings = stage_settings(cfg, stage)
-    env = start_stage(cfg, stage, seed=getattr(cfg, stage).seed, before_write=resume_check(cfg, stage, settings))
+    section = getattr(cfg, table.stage(stage).section)
+    env = start_stage(cfg, stage, seed=section.seed, before_write=resume_check(cfg, stage, settings))
     ensure_dataset(cfg.data)
     return TrainerStart(cfg, env, load_split(cfg.data, cfg.data.train_split), dataset_class_names(cfg.data),
                         settings, t0)

@@ -38,7 +38,8 @@ def cam_run(cam_dir: Path) -> str:
     return record["run"] if record else "unrecorded"
 
 
-def open_label_folders(folders: Mapping[Path, dict], overwrite: bool) -> set[Path]:
+def open_label_folders(folders: Mapping[Path, dict], overwrite: bool, stage: str = "train_affinity",
+                       overwrite_key: str = "train_affinity.overwrite") -> set[Path]:
     """Check every folder's record against its settings before any changes (refused unless
     ``overwrite``), then open them; returns the folders started over. Rank 0 decides; all wait."""
     redo = set()
@@ -49,9 +50,9 @@ def open_label_folders(folders: Mapping[Path, dict], overwrite: bool) -> set[Pat
             if (diffs or record is None) and next(folder.glob("*.png"), None) is not None:
                 if not overwrite and record is None:
                     raise CaeeError(f"{folder} holds outputs without a record (made elsewhere or by an older "
-                                    "version); re-run with train_affinity.overwrite=true (or --overwrite)")
+                                    f"version); re-run with {overwrite_key}=true (or --overwrite)")
                 if not overwrite:
-                    raise records.refusal(folder, diffs, "train_affinity.overwrite")
+                    raise records.refusal(folder, diffs, overwrite_key)
                 redo.add(folder)
         for folder, settings in folders.items():
             claim_folder(folder)  # locked; a killed run's temp files removed
@@ -59,7 +60,7 @@ def open_label_folders(folders: Mapping[Path, dict], overwrite: bool) -> set[Pat
             if folder in redo or record is None:
                 for png in folder.glob("*.png"):
                     png.unlink()
-                records.write(folder, records.new("train_affinity", settings))
+                records.write(folder, records.new(stage, settings))
     distributed.barrier()
     return redo
 

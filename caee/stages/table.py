@@ -34,14 +34,15 @@ def _all(cfg: Config) -> str:
 @dataclass(frozen=True)
 class Stage:
     """name: the stage's one name (module, subcommand, record); sections: the config sections whose
-    keys determine its output (recorded); overwrite: the section whose ``overwrite`` --overwrite sets;
+    keys determine its output (recorded); section: its own section (its ``overwrite``, which
+    --overwrite sets, and a trainer's ``seed`` and recipe);
     output: the folder holding its outputs and their record; inputs: the upstream outputs it reads,
     ``{name: (config key, path)}``; part: what one run finishes (a split, or "all"); not_recorded:
     keys of ``sections`` that choose which files are made, not what is in them; reads: further
     sections it reads (listed by --help); speed: "train" (training images/s) or "inference"."""
     name: str
     sections: tuple[str, ...]
-    overwrite: str
+    section: str
     output: Callable[[Layout], Path] | None
     inputs: Inputs
     doc: str
@@ -60,6 +61,27 @@ class Stage:
 
 
 _DATA_SPLITS = ("data.train_split", "data.cam_split", "data.val_split")
+
+IRN_TRAIN_DOC = """\
+Train IRN's class-boundary network on relation labels from a CAM folder (pseudo_labels.method: irn).
+
+Input:  data.root (images of data.train_split); the CAMs <work_dir>/cam_cgnet (or irn.cam_dir: any
+        CAM folder); irn.net.pretrained (torchvision ImageNet ResNet50) or irn.init.
+Output: <work_dir>/train_irn/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, record.json};
+        relation labels cached in <cam_dir>_irlabels_<fg>_<bg>/ (with their record).
+
+    caee train-irn --config configs/voc/r38_irn.yaml data.root=/data/VOC2012
+"""
+IRN_LABELS_DOC = """\
+Pseudo labels by IRN's semantic walk of the CAMs along the trained boundary map.
+
+Input:  data.root (images of irn.split, default data.cam_split); the CAMs (irn.cam_dir, default
+        <work_dir>/cam_cgnet); the boundary network <work_dir>/train_irn/model.pth (or irn.weights).
+Output: <out_dir>/<id>.png palette label maps and <out_dir>/record.json (out_dir = irn.out_dir,
+        default <work_dir>/pseudo_labels_irn).
+
+    caee make-irn-labels --config configs/voc/r38_irn.yaml data.root=/data/VOC2012
+"""
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train_classifier", ("data", "train_classifier"), "train_classifier",
@@ -139,6 +161,14 @@ Output: <out_dir>/<id>.png palette label maps (default <work_dir>/pseudo_labels)
 """, part=lambda c: c.pseudo_labels.split or c.data.cam_split,
           not_recorded=("pseudo_labels.split", "pseudo_labels.out_dir", *_DATA_SPLITS), reads=("train_affinity",),
           speed="inference"),
+    Stage("train_irn", ("data", "irn"), "irn", lambda lo: lo.stage_dir("train_irn"),
+          lambda lo: {"cams": ("irn.cam_dir", lo.irn_cam_dir())}, IRN_TRAIN_DOC,
+          not_recorded=tuple(f"irn.{k}" for k in ("weights", "out_dir", "split", "beta", "exp_times", "radius",
+                                                   "sem_seg_bg_thres", "cam_grid")), reads=("logging",)),
+    Stage("make_irn_labels", ("data", "irn"), "irn", lambda lo: lo.irn_pseudo_labels(),
+          lambda lo: {"cams": ("irn.cam_dir", lo.irn_cam_dir()), "irn": ("irn.weights", lo.irn_weights())},
+          IRN_LABELS_DOC, part=lambda c: c.irn.split or c.data.cam_split,
+          not_recorded=("irn.split", "irn.out_dir", *_DATA_SPLITS), speed="inference"),
     Stage("train_deeplab", ("data", "train_deeplab", "crf"), "train_deeplab", lambda lo: lo.stage_dir("train_deeplab"),
           lambda lo: {"labels": ("train_deeplab.label_dir", lo.deeplab_labels())}, """\
 Stage 6: train DeepLab (LargeFOV / ASPP) on the pseudo labels, then segment and evaluate.
@@ -231,8 +261,9 @@ def _cam_call(cfg: Config, layout: Layout, source: str, split: str, alphas: Sequ
 
 
 def _cgnet_cams(cfg: Config, plan: Sequence[str]) -> list[Config]:
-    """data.train_split first when AffinityNet follows and learns from these CAMs, then the CAM split."""
-    needs_train = "train_affinity" in plan and not cfg.train_affinity.cam_dir
+    """data.train_split first when AffinityNet or IRN follows and learns from these CAMs, then the CAM split."""
+    needs_train = ("train_affinity" in plan and not cfg.train_affinity.cam_dir) or \
+        ("train_irn" in plan and not cfg.irn.cam_dir)
     splits = dict.fromkeys(([cfg.data.train_split] if needs_train else []) + [_cam_split(cfg)])
     return [_cam_call(cfg, Layout(cfg), "cgnet", s, cfg.cam.crf_alphas) for s in splits]
 
@@ -251,6 +282,7 @@ class Step:
     stage: str
     calls: Callable[[Config, Sequence[str]], list[Config]] = lambda c, p: [c]
     control: bool = False
+    generator: str = ""     # the pseudo-label generator it belongs to (pseudo_labels.method)
 
 
 STEPS: dict[str, Step] = {s.name: s for s in [
@@ -261,12 +293,17 @@ STEPS: dict[str, Step] = {s.name: s for s in [
          lambda c, p: [_cam_call(c, Layout(c), "classifier", _cam_split(c), [])]),
     Step("cam_cgnet", "make_cam", _cgnet_cams),
     Step("cam_control", "make_cam", _control_cams, control=True),
-    Step("train_affinity", "train_affinity"),
-    Step("pseudo_labels", "make_pseudo_labels"),
+    Step("train_affinity", "train_affinity", generator="affinitynet"),
+    Step("pseudo_labels", "make_pseudo_labels", generator="affinitynet"),
+    Step("train_irn", "train_irn", generator="irn"),
+    Step("irn_labels", "make_irn_labels", generator="irn"),
     Step("train_deeplab", "train_deeplab"),
 ]}
 
 
 def plan(cfg: Config) -> list[str]:
-    """The pipeline's step names, in order (the control steps when ``pipeline.control``)."""
-    return [s.name for s in STEPS.values() if cfg.pipeline.control or not s.control]
+    """The pipeline's step names, in order: the control steps when ``pipeline.control``; the steps of
+    ``pseudo_labels.method`` (and of the other generator too with ``pseudo_labels.compare``)."""
+    pl = cfg.pseudo_labels
+    return [s.name for s in STEPS.values() if (cfg.pipeline.control or not s.control)
+            and (not s.generator or s.generator == pl.method or pl.compare)]
