@@ -200,3 +200,53 @@ def test_irn_backbone_from_a_classifier_checkpoint(tmp_path):
     for k, v in clf.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
     assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+# ---------------------------------------------------------------- IRN in the pipeline (pseudo_labels.method)
+
+_IRN_MINI = {"pseudo_labels.method": "irn", "pipeline.control": False, "cam.crf_alphas": [],
+             "irn.net.backbone": "tinycnn", "irn.net.width": 0.5, "irn.net.pretrained": "", "irn.edge_channels": 8,
+             "irn.edge_groups": 4, "irn.crop_size": 64, "irn.batch_size": 8, "irn.epochs": 1, "irn.max_steps": 2,
+             "irn.train_radius": 3, "irn.radius": 3, "irn.exp_times": 3, "irn.amp": False, "irn.log_every": 1,
+             "irn.crf.workers": 1, "train_classifier.max_steps": 2, "train_cgnet.max_steps": 2,
+             "train_deeplab.max_steps": 2}
+
+
+def test_voc_irn_config_selects_irn_and_changes_nothing_else(tmp_path):
+    """configs/voc/r38_irn.yaml: the pipeline runs IRN's two stages instead of AffinityNet's, DeepLab reads
+    IRN's labels, and every other setting is the paper's (configs/voc/r38.yaml)."""
+    from caee.core.config import config_to_dict, load_config
+    from caee.core.layout import Layout
+    from caee.stages.table import plan
+    from test_stages_oc_cgnet import REPO, _flat
+
+    cfg = load_config(REPO / "configs/voc/r38_irn.yaml", [f"work_dir={tmp_path}"])
+    assert plan(cfg)[-3:] == ["train_irn", "irn_labels", "train_deeplab"] and "train_affinity" not in plan(cfg)
+    assert Layout(cfg).deeplab_labels() == tmp_path / "pseudo_labels_irn"
+    base = _flat(config_to_dict(load_config(REPO / "configs/voc/r38.yaml", [f"work_dir={tmp_path}"])))
+    other = _flat(config_to_dict(cfg))
+    assert {k for k in base if base[k] != other[k]} == {"pseudo_labels.method", "irn.net.pretrained"}
+    assert cfg.irn.conf_fg_thres == 0.30 and cfg.irn.exp_times == 8 and cfg.irn.sem_seg_bg_thres == 0.25
+
+
+def test_miniature_pipeline_runs_end_to_end_with_irn_settings_checked_and_resumable(tmp_path):
+    """caee run with pseudo_labels.method=irn: IRN's stages run between the CGNet CAMs and DeepLab, a
+    second run skips every step, a changed walk key re-runs exactly the IRN labels and DeepLab, and
+    the results table has the IRN row."""
+    pytest.importorskip("pydensecrf")
+    from caee.pipeline import run as pipeline
+    from caee.pipeline.runner import jobs_of, run_jobs
+    from conftest import mini_config
+
+    cfg = mini_config(tmp_path, **_IRN_MINI)
+    result = pipeline.run(cfg)
+    work = tmp_path / "work"
+    rows = {r["output"]: r for r in result["rows"]}
+    assert "pseudo labels (IRN)" in rows and "pseudo labels" not in rows and "DeepLab prediction" in rows
+    labels = records.read(work / "pseudo_labels_irn")
+    assert labels["complete"] == ["train"] and labels["settings"]["input.irn"] == records.read(work / "train_irn")["run"]
+    assert records.read(work / "train_deeplab")["settings"]["input.labels"] == labels["run"]
+    names = [j.step.name for j in jobs_of(cfg, pipeline.plan(cfg))]
+    assert run_jobs(jobs_of(cfg, names)).ran == []
+    changed = mini_config(tmp_path, **{**_IRN_MINI, "irn.beta": 4.0})
+    assert run_jobs(jobs_of(changed, names)).ran == ["irn_labels", "train_deeplab"]

@@ -73,9 +73,16 @@ def measure(cfg: Config) -> list[dict]:
         rows.append(_label_row(f"CGNet CAM + CRF (alpha {alpha:g})", crf_dir(cgnet_cams, alpha), index, cfg,
                                f"dense CRF of the CGNet CAMs, background (1 - max)^{alpha:g}"))
     pl = cfg.pseudo_labels
-    rows.append(_label_row("pseudo labels", layout.pseudo_labels(), index, cfg,
-                           f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, "
-                           f"alpha {pl.alpha:g}{_grid(cfg)}){', + CRF' if pl.crf else ''}"))
+    if pl.method == "affinitynet" or pl.compare:
+        rows.append(_label_row("pseudo labels", layout.pseudo_labels(), index, cfg,
+                               f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, "
+                               f"alpha {pl.alpha:g}{_grid(cfg)}){', + CRF' if pl.crf else ''}"))
+    if pl.method == "irn" or pl.compare:
+        ic = cfg.irn
+        rows.append(_label_row("pseudo labels (IRN)", layout.irn_pseudo_labels(), index, cfg,
+                               f"IRN: boundary network on relation labels (fg {ic.conf_fg_thres:g} / bg "
+                               f"{ic.conf_bg_thres:g}), walk beta {ic.beta:g}, 2^{ic.exp_times} steps, radius "
+                               f"{ic.radius}, background {ic.sem_seg_bg_thres:g}"))
     rows.append(_deeplab_row(cfg))
     return [r for r in rows if r is not None]
 
