@@ -84,9 +84,10 @@ def command_parser(command: Command) -> argparse.ArgumentParser:
                         help="print the resolved config (file + overrides, {work_dir} expanded) as YAML and exit")
     if command.name == "run":
         parser.add_argument("--stages", nargs="+", help="run only these stages (the steps of caee/stages/table.py, and results)")
-        parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun; GPUs or CPU ranks)")
+        parser.add_argument("--nproc", type=int, default=1, help="processes per stage, on this machine only (torchrun --standalone); "
+                            "several nodes: run each stage under torchrun --nnodes (README)")
         parser.add_argument("--overwrite", action="store_true",
-                            help="start the selected stages over (their recorded outputs are removed first)")
+                            help="start the selected stages over (their outputs are replaced once their inputs are checked)")
     elif command.overwrite:
         parser.add_argument("--overwrite", action="store_true",
                             help=f"start over: the same as {command.overwrite}=true")

@@ -136,7 +136,7 @@ class TrainConfig:
     # [brightness, contrast, saturation, hue] (PSA)
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.3, 0.3, 0.1])
     seed: int = 0                   # seeds initialisation, data order and augmentation
-    amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
+    amp: bool = True                # bf16 autocast (CUDA only); CAM mIoU effect measured in docs/NUMERICS.md
     channels_last: bool = True      # CUDA only
     # SGD update of each parameter inside backward, its gradient freed at once: less peak memory,
     # the same weights (tests/test_engine.py); sgd, one process, no gradient clipping
@@ -190,7 +190,7 @@ class CamConfig:
     dtype: Literal["float16", "float32"] = "float16"  # CAM files; vs float32: mIoU -0.0007 points (docs/NUMERICS.md)
     crf_alphas: list[float] = dataclasses.field(default_factory=list)  # e.g. [4, 24]: CRF label PNGs in <out_dir>_crf_<alpha>
     overwrite: bool = False         # recompute existing outputs (else they are skipped)
-    amp: bool = True                # bf16 autocast (CUDA only); effect on CAM mIoU unmeasured (docs/NUMERICS.md)
+    amp: bool = True                # bf16 autocast (CUDA only); CAM mIoU effect measured in docs/NUMERICS.md
     pictures: int = 0               # image | GT | CAM pictures of the first N images, in <out_dir>_pictures
 
 
