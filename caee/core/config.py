@@ -171,6 +171,9 @@ class CGNetTrainConfig(TrainConfig):
     net: NetConfig = dataclasses.field(default_factory=_cgnet_net)
     oc_weights: str = ""            # "" = <work_dir>/train_classifier/model.pth; or a PSA res38_cls.pth
     select_by_oracle: bool = False  # official: keep the epoch with the best CAM mIoU on train GT (an oracle)
+    # float32 (official): bf16 training moved the CGNet's CAM mIoU by 0.51 points (> 0.5) on a reduced
+    # demo, one seed (docs/NUMERICS.md); the other trainers and CAM inference keep bf16 on CUDA
+    amp: bool = False
 
 
 @dataclasses.dataclass
