@@ -43,7 +43,7 @@ def calls(monkeypatch):
         folder = job.output(call)
         folder.mkdir(parents=True, exist_ok=True)
         settings = stage_settings(call, job.stage.name)
-        record = open_output(folder, job.stage.name, settings, getattr(call, job.stage.overwrite).overwrite)
+        record = open_output(folder, job.stage.name, settings, getattr(call, job.stage.section).overwrite)
         if job.stage.part(call) == "all":
             torch.save({"step": job.step.name}, folder / records.MODEL)
         (folder / f"out{k}.txt").write_text(job.step.name)
