@@ -34,8 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--band", type=int, default=2)
     p.add_argument("--split", default="")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, [])
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=...")
+    a = p.parse_intermixed_args(argv)
+    cfg = load_config(a.config, a.overrides)
     index = load_split(cfg.data, a.split or cfg.data.cam_split)
     folder = Path(a.folder)
     counts = {k: 0 for k in ("total", "near", "missed_near", "missed_in", "spill_near", "spill_in",
