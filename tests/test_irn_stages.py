@@ -223,6 +223,8 @@ def test_voc_irn_config_selects_irn_and_changes_nothing_else(tmp_path):
     cfg = load_config(REPO / "configs/voc/r38_irn.yaml", [f"work_dir={tmp_path}"])
     assert plan(cfg)[-3:] == ["train_irn", "irn_labels", "train_deeplab"] and "train_affinity" not in plan(cfg)
     assert Layout(cfg).deeplab_labels() == tmp_path / "pseudo_labels_irn"
+    both = load_config(REPO / "configs/voc/r38_irn.yaml", [f"work_dir={tmp_path}", "pseudo_labels.compare=true"])
+    assert {"train_affinity", "pseudo_labels", "train_irn", "irn_labels"} <= set(plan(both))
     base = _flat(config_to_dict(load_config(REPO / "configs/voc/r38.yaml", [f"work_dir={tmp_path}"])))
     other = _flat(config_to_dict(cfg))
     assert {k for k in base if base[k] != other[k]} == {"pseudo_labels.method", "irn.net.pretrained"}

@@ -175,7 +175,9 @@ def test_later_stages_read_the_cgnet_cams_whatever_cam_source(source, tmp_path):
 # key: value; the walk settings differ from the defaults and from each other (beta 2.5, radius 4)
 PSEUDO_KEYS = {"cam_dir": "<setup>", "weights": "<setup>", "out_dir": "<tmp>/labels", "split": "val",
                "beta": 2.5, "steps": 7, "alpha": 3.5, "radius": 4, "psa_border": True, "crf": True,
-               "overwrite": True}
+               "overwrite": True,
+               # read by the pipeline's plan, not by the stage: tests/test_irn_stages.py checks which steps they run
+               "method": "<pipeline>", "compare": "<pipeline>"}
 
 
 def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeypatch):
@@ -189,7 +191,7 @@ def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeyp
     val = ["q", "r"]
     (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in val))
     out = tmp_path / "labels"
-    values = {k: v for k, v in PSEUDO_KEYS.items() if v != "<setup>"}
+    values = {k: v for k, v in PSEUDO_KEYS.items() if v not in ("<setup>", "<pipeline>")}
     values["out_dir"] = str(out)
     cfg["pseudo_labels"].update(values)
     save_label_png(out / "q.png", np.full(SIZES["q"], 9, np.uint8))  # stale: only overwrite replaces it

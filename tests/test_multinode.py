@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from caee.core import records
 import torch
 
 from caee.core import distributed
@@ -139,7 +141,7 @@ def test_two_nodes_on_localhost_train_equal_replicas_and_write_every_output_once
     counts = collections.Counter(stem for _, stem in cam_writes)
     assert sorted(counts) == sorted(ids) and set(counts.values()) == {1}
     assert {rank for rank, _ in cam_writes} == {"0", "1"}                # both nodes worked
-    assert (work / "cam_classifier" / "DONE").exists()
+    assert records.read(work / "cam_classifier")["complete"] == [cfg.data.cam_split]  # written once, by global rank 0
 
     from caee.stages import make_cam
     single = copy.deepcopy(cfg)

@@ -53,7 +53,7 @@ def test_cgnet_stage_trains_against_the_saved_oc_with_feature_masking(tmp_path):
 
 def test_cgnet_without_oc_and_with_a_bad_depth_fail_clearly(tmp_path):
     cfg = mini_config(tmp_path)
-    with pytest.raises(CaeeError, match="OC weights not found.*train_classifier.py"):
+    with pytest.raises(CaeeError, match="input not found: .*train_classifier/model.pth \\(config key train_cgnet.oc_weights\\)"):
         train_cgnet.main(cfg)
     cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "masking.depth": 9})
     train_classifier.main(cfg)
