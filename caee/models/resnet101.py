@@ -27,17 +27,17 @@ from torch import nn
 from caee.models.backbone import Backbone
 
 
-class ResNet101(Backbone):
-    """torchvision ResNet101 without ``avgpool``/``fc``, output stride 8. No width multiplier."""
+class TorchvisionResNet(Backbone):
+    """A torchvision ResNet's modules under torchvision's names (its ImageNet file loads key for key
+    once ``fc.*`` is dropped), without ``avgpool``/``fc``; subclasses choose the strides and stages."""
     imagenet_extra = ("fc.",)  # torchvision's ImageNet classifier
 
     depths = (0, 1, 2, 3, 4, 5)
     frozen_prefixes = ("conv1.", "bn1.")
     freeze_bn = True
 
-    def __init__(self) -> None:
+    def __init__(self, tv: nn.Module, strides: dict[int, int]) -> None:
         super().__init__()
-        tv = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
         self.conv1: nn.Conv2d = tv.conv1
         self.bn1: nn.BatchNorm2d = tv.bn1
         self.relu: nn.ReLU = tv.relu
@@ -47,8 +47,16 @@ class ResNet101(Backbone):
         self.layer3: nn.Sequential = tv.layer3
         self.layer4: nn.Sequential = tv.layer4
         self.channels = {0: 3, 1: 64, 2: 256, 3: 512, 4: 1024, 5: 2048}
-        self.strides = {0: 1, 1: 2, 2: 4, 3: 8, 4: 8, 5: 8}
+        self.strides = strides
         self.out_channels = 2048
+
+
+class ResNet101(TorchvisionResNet):
+    """torchvision ResNet101, output stride 8. No width multiplier."""
+
+    def __init__(self) -> None:
+        tv = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+        super().__init__(tv, {0: 1, 1: 2, 2: 4, 3: 8, 4: 8, 5: 8})
 
     def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         if depth == 1:

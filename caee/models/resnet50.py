@@ -23,35 +23,18 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from torch import nn
 
-from caee.models.backbone import Backbone
+from caee.models.resnet101 import TorchvisionResNet
 
 
-class ResNet50(Backbone):
-    """torchvision ResNet50 without ``avgpool``/``fc``, output stride 16 (IRN). No width multiplier."""
-    imagenet_extra = ("fc.",)  # torchvision's ImageNet classifier
-
-    depths = (0, 1, 2, 3, 4, 5)
-    frozen_prefixes = ("conv1.", "bn1.")
-    freeze_bn = True
+class ResNet50(TorchvisionResNet):
+    """torchvision ResNet50, output stride 16 (IRN). No width multiplier."""
 
     def __init__(self) -> None:
-        super().__init__()
         tv = torchvision.models.resnet50(weights=None)
         tv.layer4[0].conv2.stride = (1, 1)
         tv.layer4[0].downsample[0].stride = (1, 1)
-        self.conv1: nn.Conv2d = tv.conv1
-        self.bn1: nn.BatchNorm2d = tv.bn1
-        self.relu: nn.ReLU = tv.relu
-        self.maxpool: nn.MaxPool2d = tv.maxpool
-        self.layer1: nn.Sequential = tv.layer1
-        self.layer2: nn.Sequential = tv.layer2
-        self.layer3: nn.Sequential = tv.layer3
-        self.layer4: nn.Sequential = tv.layer4
-        self.channels = {0: 3, 1: 64, 2: 256, 3: 512, 4: 1024, 5: 2048}
-        self.strides = {0: 1, 1: 4, 2: 4, 3: 8, 4: 16, 5: 16}
-        self.out_channels = 2048
+        super().__init__(tv, {0: 1, 1: 4, 2: 4, 3: 8, 4: 16, 5: 16})
 
     def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         if depth == 1:
