@@ -231,7 +231,8 @@ def test_selected_steps_and_the_table_refuse_stale_upstream_outputs(tmp_path, ca
 # ---------------------------------------------------------------- a real miniature pipeline
 
 REAL = {**{f"{s}.max_steps": 2 for s in ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")},
-        "cam.crf_alphas": [], "pipeline.control": False, "pipeline.pictures": 0, "pseudo_labels.steps": 4}
+        "cam.crf_alphas": [], "pipeline.control": False, "pipeline.pictures": 0, "pseudo_labels.steps": 4,
+        "train_deeplab.init": "{work_dir}/train_cgnet/model.pth"}  # a path setting naming another output, as the demo
 
 
 def _real_config(work: Path, data: Path, **overrides):
@@ -300,6 +301,9 @@ def test_a_copied_work_dir_reruns_nothing_also_read_only(copied):
     work, data = copied
     cfg = _real_config(work, data)
     before = {p: p.read_bytes() for p in work.rglob(records.RECORD)}
+    deeplab = records.read(work / "train_deeplab")["settings"]   # the init path: relative, and an input by its run id
+    assert deeplab["train_deeplab.init"] == "{work_dir}/train_cgnet/model.pth"
+    assert deeplab["input.train_deeplab.init"] == records.read(work / "train_cgnet")["run"]
     summary = run_jobs(jobs_of(cfg, plan(cfg)))
     assert summary.ran == [] and summary.skipped == PLAN
     assert {p: p.read_bytes() for p in work.rglob(records.RECORD)} == before

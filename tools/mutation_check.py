@@ -301,7 +301,7 @@ MUTATIONS: list[Mutation] = [
     m("stages record no input ids", "caee/stages/common.py",
       'settings[f"input.{input_name}"] = _input_id(Path(path), key)', "pass", "tests/test_safety.py"),
     m("a path setting naming another output is not an input", "caee/stages/common.py",
-      'settings[f"input.{key}"] = _input_id(path, key)', "pass", "tests/test_layout.py", "tests/test_irn_stages.py"),
+      'settings[f"input.{key}"] = _input_id(path, key)', "pass", "tests/test_runner.py"),
     m("records keep absolute paths inside the work_dir", "caee/core/records.py",
       "out[prefix] = list(data) if isinstance(data, tuple) else _relative(data, work_dir)",
       "out[prefix] = list(data) if isinstance(data, tuple) else data", "tests/test_runner.py"),
