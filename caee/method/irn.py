@@ -29,7 +29,7 @@ from torch import nn
 
 from caee.core.config import CrfConfig
 from caee.core.errors import CaeeError
-from caee.method.affinity import pair_indices, pair_offsets
+from caee.method.affinity import affinity_loss, pair_indices, pair_offsets
 from caee.method.crf import dense_crf
 from caee.method.random_walk import random_walk, transition_matrix
 
@@ -163,16 +163,8 @@ def boundary_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
     aff, bg_pos, fg_pos, neg: ``(B, P)`` (:func:`caee.method.affinity.pair_label_targets`).
     Returns ``(loss, {"bg": L_bg, "fg": L_fg, "neg": L_neg})``.
     """
-    pos_nll = -torch.log(aff + _EPS)
-    neg_nll = -torch.log(1.0 + _EPS - aff)
-
-    def term(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.to(nll.dtype)
-        return (nll * m).sum() / (m.sum() + _EPS)
-
-    terms = {"bg": term(pos_nll, bg_pos), "fg": term(pos_nll, fg_pos), "neg": term(neg_nll, neg)}
-    pos = terms["bg"] / 2 + terms["fg"] / 2
-    return (pos + terms["neg"]) / 2, terms
+    # the same terms and weights as PSA's AffinityNet loss: ((bg + fg) / 2 + neg) / 2 = bg/4 + fg/4 + neg/2
+    return affinity_loss(aff, bg_pos, fg_pos, neg)
 
 
 # ---------------------------------------------------------------- 4. the walk and the labels
