@@ -36,7 +36,6 @@ from caee.method.random_walk import random_walk, transition_matrix
 logger = logging.getLogger(__name__)
 
 IGNORE = 255
-_EPS = 1e-5  # IRN's epsilon in the log terms and pair-count denominators (train_irn.py)
 
 
 # ---------------------------------------------------------------- 1. relation labels from CAMs
