@@ -92,3 +92,13 @@ def test_work_dir_placeholder_is_expanded_with_the_stages_own_work_dir(tmp_path)
     moved = load_config(path, ["work_dir=/x/b"])
     assert expand_work_dir(moved).train_deeplab.init == "/x/b/train_cgnet/model.pth"
     assert expand_work_dir(moved).work_dir == "/x/b" and expand_work_dir(cfg).data == cfg.data
+
+
+def test_the_cgnet_trains_in_float32_by_default_the_other_trainers_in_bf16_on_cuda():
+    """docs/NUMERICS.md: bf16 training moved the CGNet's CAM mIoU by 0.51 points (> 0.5), the
+    other measured effects stayed below 0.05 points."""
+    from caee.core.config import Config
+
+    cfg = Config()
+    assert cfg.train_cgnet.amp is False
+    assert cfg.train_classifier.amp and cfg.train_affinity.amp and cfg.train_deeplab.amp and cfg.cam.amp

@@ -214,3 +214,24 @@ def finish_trainer(start: TrainerStart, images_per_s: float | None) -> None:
     if distributed.is_main():
         record = records.read(start.env.out_dir)
         records.finish(start.env.out_dir, record, "all", time.perf_counter() - start.t0, images_per_s)
+
+
+def start_label_stage(cfg: Config, name: str, out_dir: Path, overwrite: bool) -> tuple[StageEnv, dict]:
+    """A stage writing one label PNG per image into ``out_dir`` (pseudo labels): its inputs checked,
+    then its record opened (rank 0) before config.yaml or the log change. Returns (env, record)."""
+    settings = stage_settings(cfg, name)
+    opened: dict = {}
+    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: opened.update(
+        open_output(d, name, settings, overwrite, "*.png")))
+    return env, opened
+
+
+def finish_label_stage(out_dir: Path, record: dict, ids: list[str], split: str, t0: float) -> None:
+    """Rank 0, once every rank is done: every image of ``split`` has its PNG, then the record says so."""
+    distributed.barrier()
+    if distributed.is_main():
+        missing = [image_id for image_id in ids if not (out_dir / f"{image_id}.png").is_file()]
+        if missing:
+            raise CaeeError(f"{len(missing)} labels are missing in {out_dir} (first: {missing[:3]}); re-run")
+        seconds = time.perf_counter() - t0
+        records.finish(out_dir, record, split, seconds, len(ids) / seconds if seconds > 0 else None)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from caee.core import distributed, records
+from caee.core import distributed
 from caee.core.config import Config, expand_work_dir
 from caee.core.errors import CaeeError
 from caee.core.io import load_cam_npz, load_image, save_label_png
@@ -29,7 +29,7 @@ from caee.core.logs import show_progress
 from caee.data import ensure_dataset, load_split, normalize_image
 from caee.method.irn import cams_to_grid, edge_map, sem_seg_labels, semantic_walk
 from caee.models.irn import load_irn
-from caee.stages.common import open_output, stage_settings, start_stage
+from caee.stages.common import finish_label_stage, start_label_stage
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,7 @@ def main(cfg: Config) -> Path:
     ic, layout = cfg.irn, Layout(cfg)
     weights, out_dir, cam_dir = layout.irn_weights(), layout.irn_pseudo_labels(), layout.irn_cam_dir()
     split = ic.split or cfg.data.cam_split
-    settings = stage_settings(cfg, "make_irn_labels")  # inputs checked before anything is written
-    opened: dict = {}
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: opened.update(
-        open_output(d, "make_irn_labels", settings, ic.overwrite, "*.png")))
+    env, record = start_label_stage(cfg, "make_irn_labels", out_dir, ic.overwrite)
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
     distributed.barrier()
@@ -69,13 +66,7 @@ def main(cfg: Config) -> Path:
             raise CaeeError(f"{cam_dir / image_id}.npz: CAMs are {cams.shape[2]}x{cams.shape[1]} but the image "
                             f"{index.image_path(i)} is {image.shape[1]}x{image.shape[0]}; regenerate the CAMs")
         save_label_png(out_dir / f"{image_id}.png", _one_image(model, image, keys, cams, cfg, stride, env.device))
-    distributed.barrier()
-    if distributed.is_main():
-        missing = [image_id for image_id in index.ids if not (out_dir / f"{image_id}.png").is_file()]
-        if missing:
-            raise CaeeError(f"{len(missing)} IRN pseudo labels are missing in {out_dir} (first: {missing[:3]}); re-run")
-        seconds = time.perf_counter() - t0
-        records.finish(out_dir, opened, split, seconds, len(index.ids) / seconds if seconds > 0 else None)
+    finish_label_stage(out_dir, record, index.ids, split, t0)
     return out_dir
 
 

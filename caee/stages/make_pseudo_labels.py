@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from caee.core import distributed, records
+from caee.core import distributed
 from caee.core.config import Config, CrfConfig, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.core.errors import CaeeError, not_found
@@ -39,7 +39,7 @@ from caee.models.affinitynet import load_affinitynet
 from caee.core.parallel import ProcessWriter, workers_for
 from caee.method.pseudo_labels import PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores
 from caee.core.layout import Layout
-from caee.stages.common import open_output, stage_settings, start_stage
+from caee.stages.common import finish_label_stage, start_label_stage
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,7 @@ def main(cfg: Config) -> Path:
         raise CaeeError(f"AffinityNet weights {not_found(weights)}; run train_affinity.py or set pseudo_labels.weights")
     params = _walk_params(cfg)
     t0 = time.perf_counter()
-    settings = stage_settings(cfg, "make_pseudo_labels")  # inputs checked before anything is written
-    opened: dict = {}
-    # labels made with other settings are refused before config.yaml / log.txt change
-    env = start_stage(cfg, out_dir.name, out_dir=out_dir, loader_workers=0, before_write=lambda d: opened.update(
-        open_output(d, "make_pseudo_labels", settings, pc.overwrite, "*.png")))
+    env, record = start_label_stage(cfg, "make_pseudo_labels", out_dir, pc.overwrite)
     ensure_dataset(cfg.data)
     index = load_split(cfg.data, split)
     distributed.barrier()
@@ -99,14 +95,8 @@ def main(cfg: Config) -> Path:
             _one_image(model, index, i, cam_dir, out_dir, params, stride, pairs, env.device, crf, writer)
     finally:
         writer.close()
-    distributed.barrier()
-    if distributed.is_main():
-        missing = [image_id for image_id in index.ids if not (out_dir / f"{image_id}.png").is_file()]
-        if missing:
-            raise CaeeError(f"{len(missing)} pseudo labels are missing in {out_dir} (first: {missing[:3]}); re-run")
-        seconds = time.perf_counter() - t0
-        records.finish(out_dir, opened, split, seconds, len(index.ids) / seconds if seconds > 0 else None)
-        logger.info("pseudo labels of %d images in %s", len(index.ids), out_dir)
+    finish_label_stage(out_dir, record, index.ids, split, t0)
+    logger.info("pseudo labels of %d images in %s", len(index.ids), out_dir)
     return out_dir
 
 
