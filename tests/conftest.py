@@ -158,3 +158,18 @@ def save_random_cgnet(work: Path, num_classes: int = 20):
     torch.save({"model": model.state_dict(), "arch": "classifier", "net": dataclasses.asdict(net),
                 "num_classes": num_classes}, work / "train_cgnet" / "model.pth")
     return model
+
+
+def run_stage(main, doc=None, argv=None) -> int:
+    """``main(cfg)`` of a stage with the config parsed from ``argv`` (``--config FILE key=value ...``),
+    under the command line's error guard: the exit code ``caee <stage>`` would give."""
+    import argparse
+
+    from caee.core.errors import guarded
+    from caee.core.config import load_config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", "-c", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    return guarded(lambda: main(load_config(args.config, args.overrides)))

@@ -17,10 +17,10 @@ from typing import Any, Callable
 def _child(fn: Callable[..., Any], args: tuple, env: dict[str, str]) -> None:
     import torch
 
-    from caee.stages import common
+    from caee.stages import setup
 
     torch.set_num_threads(1)
-    common._START_THREADS = 1  # what a stage sets its thread count from
+    setup._START_THREADS = 1  # what a stage sets its thread count from
     os.environ.update(env)
     code = fn(*args)
     sys.stdout.flush()

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from caee.cli import run_stage
+from conftest import run_stage
 from caee.core.config import config_to_dict
 from caee.core.io import load_label_png, save_cam_npz, save_label_png
 from caee.stages import eval_miou, train_classifier

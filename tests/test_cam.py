@@ -13,7 +13,7 @@ from torch import nn
 
 from caee.core import records
 from caee.method.cam import multiscale_cam, multiscale_cams
-from caee.cli import run_stage
+from conftest import run_stage
 from caee.core.config import NetConfig, load_config
 from caee.method.crf import crf_cam_labels
 from caee.core.errors import CaeeError

@@ -218,17 +218,17 @@ def test_stage_threads_count_from_the_start_not_from_the_previous_stage(tmp_path
     """run_pipeline runs every stage in one process: a trainer with a DataLoader worker lowers
     the thread count, and the worker-less stage after it must get the cores back."""
     from caee.core.config import Config
-    from caee.stages import common
+    from caee.stages import setup
 
-    monkeypatch.setattr(common, "available_cpus", lambda: 4)
-    monkeypatch.setattr(common, "_START_THREADS", 4)
+    monkeypatch.setattr(setup, "available_cpus", lambda: 4)
+    monkeypatch.setattr(setup, "_START_THREADS", 4)
     before = torch.get_num_threads()
     try:
         cfg = Config(work_dir=str(tmp_path), device="cpu")
         cfg.data.num_workers = 3
-        common.start_stage(cfg, "trainer")
+        setup.start_stage(cfg, "trainer")
         assert torch.get_num_threads() == 1
-        common.start_stage(cfg, "walk", loader_workers=0)
+        setup.start_stage(cfg, "walk", loader_workers=0)
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from caee.method import irn
 from caee.models import build_backbone
 from caee.models.irn import IrnEdgeNet
 from caee.stages import make_irn_labels, train_irn
+from caee.stages.table import stage
 from test_irn import ref_propagate_to_edge, ref_sem_seg
 
 SIZES = {"2007_000001": (40, 52), "2007_000002": (36, 36), "2007_000003": (45, 38)}
@@ -216,13 +217,12 @@ def test_voc_irn_config_selects_irn_and_changes_nothing_else(tmp_path):
     """configs/voc/r38_irn.yaml: the pipeline runs IRN's two stages instead of AffinityNet's, DeepLab reads
     IRN's labels, and every other setting is the paper's (configs/voc/r38.yaml)."""
     from caee.core.config import config_to_dict, load_config
-    from caee.core.layout import Layout
     from caee.stages.table import plan
     from test_stages_oc_cgnet import REPO, _flat
 
     cfg = load_config(REPO / "configs/voc/r38_irn.yaml", [f"work_dir={tmp_path}"])
     assert plan(cfg)[-3:] == ["train_irn", "irn_labels", "train_deeplab"] and "train_affinity" not in plan(cfg)
-    assert Layout(cfg).deeplab_labels() == tmp_path / "pseudo_labels_irn"
+    assert stage("train_deeplab").input(cfg, "labels") == tmp_path / "pseudo_labels_irn"
     both = load_config(REPO / "configs/voc/r38_irn.yaml", [f"work_dir={tmp_path}", "pseudo_labels.compare=true"])
     assert {"train_affinity", "pseudo_labels", "train_irn", "irn_labels"} <= set(plan(both))
     base = _flat(config_to_dict(load_config(REPO / "configs/voc/r38.yaml", [f"work_dir={tmp_path}"])))

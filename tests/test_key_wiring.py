@@ -26,7 +26,7 @@ from caee.core.config import CamConfig, NetConfig, load_config
 from caee.core.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
 from caee.core.layout import Layout
 from caee.models.classifier import build_classifier
-from caee.stages import make_cam
+from caee.stages import make_cam, table
 from conftest import FAKE_VOC
 
 VAL = [i for i, v in FAKE_VOC.items() if "val" in v[2]]          # cam.split=val: 2 images
@@ -159,15 +159,15 @@ def test_cam_weights_and_out_dir_reach_make_cam(tmp_path, fake_voc, monkeypatch)
 @pytest.mark.parametrize("source", ["cgnet", "classifier"])
 def test_later_stages_read_the_cgnet_cams_whatever_cam_source(source, tmp_path):
     """With their own cam_dir keys empty, AffinityNet and the random walk read the CGNet's CAMs
-    (caee/core/layout.py): the folder make_cam writes when cam.source is the CGNet (cam.out_dir
+    (their rows in caee/stages/table.py): the folder make_cam writes when cam.source is the CGNet (cam.out_dir
     followed), ``<work_dir>/cam_cgnet`` when make_cam ran for the classifier."""
     for out_dir in ("", str(tmp_path / "custom")):
         cfg = load_config(None, [f"work_dir={tmp_path}", f"cam.source={source}", f"cam.out_dir={out_dir}"])
         written = Layout(cfg).cam_dir()
         assert written == (Path(out_dir) if out_dir else tmp_path / f"cam_{source}")
         cgnet_cams = written if source == "cgnet" else tmp_path / "cam_cgnet"
-        assert Layout(cfg).affinity_cam_dir() == cgnet_cams
-        assert Layout(cfg).pseudo_label_cam_dir() == cgnet_cams
+        assert table.stage("train_affinity").input(cfg, "cams") == cgnet_cams
+        assert table.stage("make_pseudo_labels").input(cfg, "cams") == cgnet_cams
 
 
 # ---------------------------------------------------------------- pseudo_labels (make_pseudo_labels.py)

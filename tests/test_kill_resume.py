@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from caee.cli import run_stage
+from conftest import run_stage
 from caee.core.config import config_to_dict
 import forks
 from conftest import mini_config
@@ -78,12 +78,12 @@ def _one_thread_everywhere():
     """The killed children and the in-process runs compute with the same single thread (a stage
     sets its thread count from the process's start-up count): otherwise their floating-point sums
     may be ordered differently."""
-    from caee.stages import common
+    from caee.stages import setup
 
-    saved = common._START_THREADS
-    common._START_THREADS = 1
+    saved = setup._START_THREADS
+    setup._START_THREADS = 1
     yield
-    common._START_THREADS = saved
+    setup._START_THREADS = saved
 
 
 @pytest.fixture(scope="module")

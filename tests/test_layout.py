@@ -8,22 +8,27 @@ from caee.pipeline import run as pipeline
 from caee.core import records
 from caee.core.layout import Layout, crf_dir
 from caee.pipeline.runner import jobs_of, upstream_of
+from caee.stages import table
 from caee.stages.table import control_config
 from conftest import mini_config
 
 X = "/elsewhere/x"
 
-# key -> the Layout answers that must become X (every other answer keeps its default)
+# key -> the answers that must become X (every other answer keeps its default): Layout's, and each
+# row's inputs ("<stage>.<input>") and outputs ("<stage>") in the table of stages
 HONOURED = {
-    "cam.out_dir": ["cam_dir", "affinity_cam_dir", "pseudo_label_cam_dir", "eval_dir"],
-    "cam.weights": ["cam_weights"],
-    "train_cgnet.oc_weights": ["oc_weights"],
-    "train_affinity.cam_dir": ["affinity_cam_dir"],
-    "pseudo_labels.cam_dir": ["pseudo_label_cam_dir"],
-    "pseudo_labels.weights": ["affinity_weights"],
-    "pseudo_labels.out_dir": ["pseudo_labels", "deeplab_labels"],
-    "train_deeplab.label_dir": ["deeplab_labels"],
-    "train_deeplab.weights": ["deeplab_weights"],
+    "cam.out_dir": ["cam_dir", "make_cam", "train_affinity.cams", "make_pseudo_labels.cams", "eval_dir",
+                    "train_irn.cams", "make_irn_labels.cams"],
+    "cam.weights": ["cam_weights", "make_cam.weights"],
+    "train_cgnet.oc_weights": ["train_cgnet.oc"],
+    "train_affinity.cam_dir": ["train_affinity.cams"],
+    "pseudo_labels.cam_dir": ["make_pseudo_labels.cams"],
+    "pseudo_labels.weights": ["make_pseudo_labels.affinitynet"],
+    "pseudo_labels.out_dir": ["make_pseudo_labels", "train_deeplab.labels"],
+    "irn.cam_dir": ["train_irn.cams", "make_irn_labels.cams"],
+    "irn.weights": ["make_irn_labels.irn"],
+    "irn.out_dir": ["make_irn_labels"],
+    "train_deeplab.label_dir": ["train_deeplab.labels"],
     "eval.dir": ["eval_dir"],
     "eval.out": ["eval_out"],
 }
@@ -31,7 +36,12 @@ QUESTIONS = sorted({q for qs in HONOURED.values() for q in qs})
 
 
 def _answers(layout: Layout) -> dict[str, Path]:
-    return {q: getattr(layout, q)() for q in QUESTIONS}
+    out = {q: getattr(layout, q)() for q in ("cam_dir", "cam_weights", "eval_dir", "eval_out")}
+    for row in table.STAGES.values():
+        out.update({f"{row.name}.{name}": path for name, (_, path) in row.input_paths(layout).items()})
+        if row.output is not None:
+            out[row.name] = row.output(layout)
+    return out
 
 
 @pytest.mark.parametrize("key", sorted(HONOURED))
@@ -40,7 +50,7 @@ def test_each_path_key_alone_changes_exactly_its_paths(tmp_path, key):
     cfg = mini_config(tmp_path, **{key: X})
     now = _answers(Layout(cfg))
     follows_folder = ["eval_out"] if "eval_dir" in HONOURED[key] else []  # named after the evaluated folder
-    assert {q for q in QUESTIONS if now[q] != default[q]} == set(HONOURED[key] + follows_folder)
+    assert {q for q in now if now[q] != default[q]} == set(HONOURED[key] + follows_folder)
     assert all(now[q] == Path(X) for q in HONOURED[key])
     if follows_folder:
         assert now["eval_out"] == Path(cfg.work_dir) / "eval" / "x_train.json"
@@ -53,10 +63,11 @@ def test_each_path_key_alone_changes_exactly_its_paths(tmp_path, key):
 def test_defaults_follow_work_dir(tmp_path):
     layout = Layout(mini_config(tmp_path))
     work = Path(layout.cfg.work_dir)
-    assert layout.cam_dir() == work / "cam_cgnet" and layout.crf_dir(4) == work / "cam_cgnet_crf_4"
+    assert layout.cam_dir() == work / "cam_cgnet" and crf_dir(layout.cam_dir(), 4) == work / "cam_cgnet_crf_4"
     assert crf_dir(work / "cam_cgnet", 24.0) == work / "cam_cgnet_crf_24"
     assert layout.cam_weights("classifier") == work / "train_classifier" / "model.pth"
-    assert layout.pseudo_labels() == work / "pseudo_labels" == layout.deeplab_labels()
+    labels = table.stage("make_pseudo_labels").output(layout)
+    assert labels == work / "pseudo_labels" == table.stage("train_deeplab").input(layout.cfg, "labels")
     assert layout.predictions("val") == work / "train_deeplab" / "pred_val"
     assert layout.predictions("lists/my.txt", crf=True) == work / "train_deeplab" / "pred_my_crf"
     assert layout.deeplab_results() == work / "train_deeplab" / "results_val.json"

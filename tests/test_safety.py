@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from caee.core import config_rules, records
-from caee.cli import run_stage
+from conftest import run_stage
 from caee.core.config import Config, TrainConfig, config_to_dict, load_config
 from caee.engine.trainer import StepContext, TrainTask, fit, load_checkpoint, save_checkpoint
 from caee.core.errors import CaeeError
@@ -189,7 +189,7 @@ def test_a_foreign_oracle_record_is_a_message(tmp_path):
 
 
 def test_affinitynet_initialisation_is_seeded(tmp_path):
-    from caee.stages.common import start_stage
+    from caee.stages.setup import start_stage
     from caee.stages.train_affinity import build_model
 
     cfg = mini_config(tmp_path)
@@ -346,7 +346,7 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
 
 
 def test_stale_temp_files_are_removed_at_stage_start(tmp_path):
-    from caee.stages.common import start_stage
+    from caee.stages.setup import start_stage
 
     cfg = mini_config(tmp_path)
     folder = tmp_path / "work" / "train_classifier"

@@ -37,7 +37,7 @@ def _main(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record = open_output(out, NAME, stage_settings(cfg, NAME), cfg.pseudo_labels.overwrite, "*.json")
     counts = np.zeros(256, np.int64)
-    for png in sorted(Layout(cfg).pseudo_labels().glob("*.png")):
+    for png in sorted(table.stage(NAME).input(cfg, "labels").glob("*.png")):
         counts += np.bincount(load_label_png(png).ravel(), minlength=256)
     result = {str(v): int(n) for v, n in enumerate(counts) if n}
     write_json(out / "counts.json", result)
@@ -48,11 +48,10 @@ def _main(cfg: Config) -> dict:
 @pytest.fixture
 def toy_stage(monkeypatch):
     module = types.ModuleType(f"caee.stages.{NAME}")
-    module.main = _main
+    module.main, module.__doc__ = _main, "Count the pixels of each class in the pseudo labels."
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    row = table.Stage(NAME, ("data",), "pseudo_labels", lambda lo: lo.work / NAME,
-                      lambda lo: {"labels": ("pseudo_labels.out_dir", lo.pseudo_labels())},
-                      "Count the pixels of each class in the pseudo labels.\n")
+    row = table.Stage(NAME, ("pseudo_labels", "data"), lambda lo: lo.work / NAME,
+                      {"labels": ("pseudo_labels.out_dir", lambda lo: lo.work / "pseudo_labels")})
     monkeypatch.setitem(table.STAGES, NAME, row)
     monkeypatch.setitem(table.STEPS, NAME, table.Step(NAME, NAME))
     return row
@@ -60,7 +59,7 @@ def toy_stage(monkeypatch):
 
 def _pseudo_labels(cfg: Config, value: int) -> Path:
     """A finished pseudo-label folder (two 4x4 maps of ``value``) with its record."""
-    folder = Layout(cfg).pseudo_labels()
+    folder = table.stage("make_pseudo_labels").output(Layout(cfg))
     for image_id in ("a", "b"):
         save_label_png(folder / f"{image_id}.png", np.full((4, 4), value, np.uint8))
     records.write(folder, {**records.new("make_pseudo_labels", {"v": value}), "complete": ["train"]})
@@ -83,7 +82,7 @@ def test_a_new_stage_is_one_row(toy_stage, tmp_path):
     out = Path(cfg.work_dir) / NAME
     first = records.read(out)
     assert json.loads((out / "counts.json").read_text()) == {"1": 32}
-    assert first["settings"]["input.labels"] == records.read(Layout(cfg).pseudo_labels())["run"]
+    assert first["settings"]["input.labels"] == records.read(table.stage("make_pseudo_labels").output(Layout(cfg)))["run"]
     assert run_jobs(jobs_of(cfg, [NAME])).skipped == [NAME]
     _pseudo_labels(cfg, 2)  # the pseudo labels redone: a new run id
     assert run_jobs(jobs_of(cfg, [NAME])).ran == [NAME]

@@ -29,8 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from caee.cli import print_report
-from caee.reports.common import run_guarded
+from caee.reports.common import print_report, run_guarded
 from caee.reports.masking_depth import DEPTH_DEMO_CAPS, run_depth_sweep
 from caee.pipeline.variants import caps_note, load_experiment_config
 

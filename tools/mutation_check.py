@@ -294,7 +294,7 @@ MUTATIONS: list[Mutation] = [
     _irn_default("edge_channels", "edge_channels: int = 32", "edge_channels: int = 64"),
     # ---- the runner: a selected step must not run on an unselected, stale upstream step's outputs
     m("caee run --stages X runs on stale upstream outputs", "caee/pipeline/runner.py",
-      "    refuse_stale(jobs, context, {job.name(): upstream_of(job, context) for job in jobs})\n", "",
+      "    refuse_stale(jobs, context, {job.name: upstream_of(job, context) for job in jobs})\n", "",
       "tests/test_runner.py"),
     m("a stale step is judged by its own record only (not through its inputs)", "caee/pipeline/runner.py",
       "            if not memo[job.key] and _stale(up, context, memo):", "            if False:", "tests/test_runner.py"),
@@ -307,7 +307,7 @@ MUTATIONS: list[Mutation] = [
       "out[prefix] = list(data) if isinstance(data, tuple) else _relative(data, work_dir)",
       "out[prefix] = list(data) if isinstance(data, tuple) else data", "tests/test_runner.py"),
     m("a refused re-run removes the old outputs first", "caee/stages/common.py",
-      "        if not overwrite:\n            raise records.refusal(folder, diffs, f\"{row.section}.overwrite\")\n",
+      "    if made and not overwrite:\n        raise records.refusal(folder, diffs, f\"{table.stage(name).section}.overwrite\")\n",
       "", "tests/test_safety.py"),
     m("the pipeline ignores the records' complete parts", "caee/core/records.py",
       'return [] if part in record["complete"] else', 'return [] if True else', "tests/test_runner.py", "tests/test_pipeline.py"),
@@ -401,8 +401,8 @@ KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read
     "cam.overwrite": (_MC, "if cc.overwrite or not", "if False or not"),
     # the lead's layout.py: update these patterns when it is rewritten
     "cam.source": (_LAYOUT, 'default = self.model(f"train_{source}")', 'default = self.model("train_cgnet")'),
-    "cam.weights": (_LAYOUT, "return self._or(self.cfg.cam.weights, default)", "return default"),
-    "cam.out_dir": (_LAYOUT, "return self._or(self.cfg.cam.out_dir, default)", "return default"),
+    "cam.weights": (_LAYOUT, 'self.at("cam.weights", default)', "default"),
+    "cam.out_dir": (_LAYOUT, 'self.at("cam.out_dir", default)', "default"),
 }
 _K = "tests/test_key_wiring.py::"
 MUTATIONS += [m(f"stage ignores {key}", file, old, new, _K + "test_every_cam_key_reaches_make_cam_s_consumer",
@@ -420,12 +420,10 @@ MUTATIONS += [m(f"stage ignores {key}", file, old, new,
                 _K + "test_every_pseudo_labels_key_reaches_the_walk_or_the_files")
               for key, (file, old, new) in PSEUDO_KEY_READS.items()]
 MUTATIONS += [
-    m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
-      'self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))',
-      "self._or(self.cfg.train_affinity.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
-    m("the random walk reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
-      'self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir("cgnet"))',
-      "self._or(self.cfg.pseudo_labels.cam_dir, self.cam_dir())", _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+    m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", "caee/stages/table.py",
+      '("train_affinity.cam_dir", _cgnet_cam_dir)', '("train_affinity.cam_dir", lambda lo: lo.cam_dir())', _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
+    m("the random walk reads the CAMs of cam.source (not the CGNet's)", "caee/stages/table.py",
+      '("pseudo_labels.cam_dir", _cgnet_cam_dir)', '("pseudo_labels.cam_dir", lambda lo: lo.cam_dir())', _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),
     # ---- never silently wrong (bad input, write faults)
     m("write faults escape the atomic writer as tracebacks", "caee/core/io.py",
       "fault = write_fault(path, e) if isinstance(e, OSError) else None", "fault = None",

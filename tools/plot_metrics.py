@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from caee.cli import guarded
+from caee.core.errors import guarded
 from caee.core.errors import CaeeError
 
 METRICS = "metrics.jsonl"

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from caee.cli import guarded
+from caee.core.errors import guarded
 from caee.data.classes import COCO_ID_TO_LABEL
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache
 from caee.data.splits import labels_from_mask

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from caee.cli import guarded
+from caee.core.errors import guarded
 from caee.core.config import DataConfig
 from caee.data.classes import VOC_CLASSES
 from caee.data.files import LABELS_CACHE, SPLIT_DIR, save_labels_cache

@@ -30,8 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from caee.cli import print_report
-from caee.reports.common import run_guarded
+from caee.reports.common import print_report, run_guarded
 from caee.reports.table1 import TABLE1_DEMO_CAPS, TABLE1_DEMO_OCS, run_table1
 from caee.pipeline.variants import caps_note, load_experiment_config, section_overrides
 

@@ -506,6 +506,15 @@ def check_device(name: str) -> None:
             raise CaeeError(f"config key 'device' is {name!r} but this machine has {have}; use device=cpu or auto")
 
 
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of ``cfg`` with fields of its sections replaced: ``cam={"source": "classifier"}``."""
+    out = dataclasses.replace(cfg)
+    for section, fields in sections.items():
+        setattr(out, section, dataclasses.replace(getattr(cfg, section), **fields) if isinstance(fields, dict)
+                else fields)
+    return out
+
+
 def expand_work_dir(cfg: Config) -> Config:
     """``cfg`` with ``{work_dir}`` in every string value replaced by ``cfg.work_dir`` (and
     ``{weights_dir}`` by ``cfg.weights_dir``: the ImageNet files' folder is set once).

@@ -6,7 +6,6 @@ over the target, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -18,29 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from caee.core.errors import CaeeError
-
-
-# errno of a write that failed because of the machine, not the program: what the user can do about it
-_WRITE_FAULTS = {
-    errno.ENOSPC: "no space left on the device; free some space or choose another work_dir",
-    errno.EDQUOT: "disk quota exceeded; free some space or choose another work_dir",
-    errno.EFBIG: "the file is too large for its file system; choose another work_dir",
-    errno.EACCES: "permission denied; choose a writable work_dir",
-    errno.EPERM: "permission denied; choose a writable work_dir",
-    errno.EROFS: "read-only file system; choose a writable work_dir",
-    errno.EISDIR: "a folder is in the way; remove it or choose another path",
-    errno.ENOTDIR: "a file is in the way of a folder; remove it or choose another path",
-}
-
-
-def write_fault(path: str | os.PathLike | None, e: OSError) -> CaeeError | None:
-    """The one-line CaeeError for a failed write of ``path`` (None: the file the error names), or
-    None when ``e`` is not a known fault of the disk, the permissions or something in the way."""
-    reason = _WRITE_FAULTS.get(e.errno)
-    if reason is None:
-        return None
-    return CaeeError(f"cannot write {path if path is not None else e.filename}: {reason}")
+from caee.core.errors import CaeeError, write_fault
 
 
 def make_folder(folder: str | os.PathLike) -> Path:

@@ -1,18 +1,15 @@
 """One record per output: the settings and inputs that made a folder of outputs, and how far it got.
 
-``<output folder>/record.json`` (written atomically by the stage that makes the folder; read by the
-stage to resume or refuse, by the pipeline to skip or re-run, by the results table for timings)::
+``<output folder>/record.json``, written atomically by the stage that makes the folder, read by the
+stage to resume or refuse, by the pipeline to skip or re-run, by the results table for timings::
 
-    {"stage": "make_cam", "run": "9c0e4f1a2b3c",
-     "settings": {"cam.scales": [1.0], ..., "input.weights": "41b0c2d3e4f5"},
-     "complete": ["train", "val"], "seconds": 81.2, "images_per_s": 24.7, "finished": "2026-12-03 10:41"}
+    {"stage": "make_cam", "run": "9c0e4f1a2b3c", "settings": {"cam.scales": [1.0], ...,
+     "input.weights": "41b0c2d3e4f5"}, "complete": ["train", "val"], "seconds": 81.2, "images_per_s": 24.7}
 
-- ``settings``: the flat config keys that determine the output (:func:`settings_of`) and, as
-  ``input.<name>``, the run id of every upstream output read. Paths inside the work_dir are written
-  ``{work_dir}/...``, so a copied or moved work_dir keeps valid records.
-- ``run``: a new id whenever the output is started afresh; downstream records name it, so an output
-  redone with any change makes everything that read it out of date.
-- ``complete``: the parts finished (a split for inference stages, ``"all"`` for a trainer).
+``settings``: the config keys that determine the output and, as ``input.<name>``, the run id of every
+upstream output read; paths inside the work_dir are written ``{work_dir}/...`` (a copied work_dir
+keeps valid records). ``run``: a new id whenever the output starts afresh, so everything that read
+it becomes out of date. ``complete``: the parts finished (splits, or ``"all"`` for a trainer).
 """
 from __future__ import annotations
 
@@ -30,14 +27,11 @@ RECORD = "record.json"
 MODEL = "model.pth"   # a trainer's final weights (weights only)
 LAST = "last.pth"     # a trainer's resume checkpoint
 
-# Leaf names (in any section) that never change what a stage writes.
-NON_OUTPUT_KEYS = frozenset({
-    "num_workers", "workers", "log_every", "checkpoint_every", "overwrite", "pictures",
-    "keep_epochs", "tensorboard", "eval_only",
-    "step_in_backward",  # the same weights as the ordinary step (tests/test_engine.py): a memory lever
-})
-# Keys a finished or interrupted trainer may be continued with: the schedule spans `epochs`, so
-# `max_steps` only says where to stop on the same trajectory.
+# Leaf names (in any section) that never change what a stage writes (step_in_backward: the same
+# weights as the ordinary step, tests/test_engine.py).
+NON_OUTPUT_KEYS = frozenset({"num_workers", "workers", "log_every", "checkpoint_every", "overwrite", "pictures",
+                             "keep_epochs", "tensorboard", "eval_only", "step_in_backward"})
+# A trainer may continue with another max_steps: the schedule spans `epochs`, max_steps says where to stop.
 RESUMABLE_SUFFIXES = (".max_steps",)
 
 

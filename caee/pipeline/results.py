@@ -5,6 +5,7 @@ Writes ``<work_dir>/results.json`` and ``results.md`` and, for a few images, ``f
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,7 @@ from caee.core.io import load_cam_npz, load_image, load_label_png, write_text
 from caee.core.layout import Layout, crf_dir
 from caee.core.pictures import compare_cams, compare_labels, save_picture
 from caee.pipeline.runner import step_timings
-from caee.stages.table import control_config
+from caee.stages.table import STAGES, control_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _cam_row(name: str, folder: Path, index, cfg: Config, how: str) -> dict | No
             "num_images": r["num_evaluated"], "folder": str(folder), "how": how}
 
 
-def _label_row(name: str, folder: Path, index, cfg: Config, how: str) -> dict | None:
+def _label_row(name: str, how: str, folder: Path, index, cfg: Config) -> dict | None:
     if not folder.is_dir():
         return None
     r = evaluate_label_dir(folder, index, cfg.eval.workers or None)["summary"]
@@ -70,27 +71,14 @@ def measure(cfg: Config) -> list[dict]:
                  f"the same CGNet trained without the erasing loss; {cams}"),
     ]
     for alpha in cfg.cam.crf_alphas:
-        rows.append(_label_row(f"CGNet CAM + CRF (alpha {alpha:g})", crf_dir(cgnet_cams, alpha), index, cfg,
-                               f"dense CRF of the CGNet CAMs, background (1 - max)^{alpha:g}"))
-    pl = cfg.pseudo_labels
-    if pl.method == "affinitynet" or pl.compare:
-        rows.append(_label_row("pseudo labels", layout.pseudo_labels(), index, cfg,
-                               f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, "
-                               f"alpha {pl.alpha:g}{_grid(cfg)}){', + CRF' if pl.crf else ''}"))
-    if pl.method == "irn" or pl.compare:
-        ic = cfg.irn
-        rows.append(_label_row("pseudo labels (IRN)", layout.irn_pseudo_labels(), index, cfg,
-                               f"IRN: boundary network on relation labels (fg {ic.conf_fg_thres:g} / bg "
-                               f"{ic.conf_bg_thres:g}), walk beta {ic.beta:g}, 2^{ic.exp_times} steps, radius "
-                               f"{ic.radius}, background {ic.sem_seg_bg_thres:g}"))
+        rows.append(_label_row(f"CGNet CAM + CRF (alpha {alpha:g})",
+                               f"dense CRF of the CGNet CAMs, background (1 - max)^{alpha:g}",
+                               crf_dir(cgnet_cams, alpha), index, cfg))
+    for row in STAGES.values():  # the pseudo labels of each generator the pipeline ran
+        if row.generates and (row.generates == cfg.pseudo_labels.method or cfg.pseudo_labels.compare):
+            rows.append(_label_row(*importlib.import_module(row.module).describe(cfg), row.output(layout), index, cfg))
     rows.append(_deeplab_row(cfg))
     return [r for r in rows if r is not None]
-
-
-def _grid(cfg: Config) -> str:
-    """``, grid stride s`` when the AffinityNet's embeddings are not at its backbone's stride."""
-    s = cfg.train_affinity.embed_stride
-    return f", grid stride {s}" if s else ""
 
 
 def _stage_label(step: str, cfg: Config) -> str:
@@ -140,7 +128,7 @@ def _fig3(cfg: Config, n: int) -> Path | None:
                          load_cam_npz(pa)[1], load_cam_npz(pb)[1]))
     if not rows:
         return None
-    path = layout.figure("fig3_cams")
+    path = layout.work / "fig3_cams.png"
     save_picture(path, compare_cams(rows))
     return path
 
@@ -160,7 +148,7 @@ def _fig4(cfg: Config, n: int) -> Path | None:
                          load_label_png(pred)))
     if not rows:
         return None
-    path = layout.figure("fig4_segmentation")
+    path = layout.work / "fig4_segmentation.png"
     save_picture(path, compare_labels(rows, titles=("image", "ground truth", "DeepLab")))
     return path
 
@@ -185,9 +173,9 @@ def write_results(cfg: Config, jobs: list) -> dict:
     result = {"rows": rows, "pictures": [str(p) for p in pictures]}
     timings = {"stages": stages, "stage_seconds": {s["step"]: s["seconds"] for s in stages}}
     # a finished work_dir copied elsewhere (even read-only) re-runs nothing and rewrites nothing
-    for path, text in ((layout.results_md(), md), (layout.results_json(), _json_text(result)),
-                       (layout.timings_json(), _json_text(timings))):
+    files = [layout.work / name for name in ("results.md", "results.json", "timings.json")]
+    for path, text in zip(files, (md, _json_text(result), _json_text(timings))):
         if not path.is_file() or path.read_text() != text:
             write_text(path, text)
-    logger.info("results: %s, %s (wall times: %s)", layout.results_md(), layout.results_json(), layout.timings_json())
+    logger.info("results: %s, %s (wall times: %s)", *files)
     return {**result, **timings, "markdown": md}

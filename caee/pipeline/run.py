@@ -1,13 +1,22 @@
-"""The whole pipeline from one config: every step of the table of stages in order, then the results table.
+"""The whole pipeline from one config, each finished stage skipped, then the results table.
 
-Steps (caee/stages/table.py ``STEPS``; run in this process, or each under torchrun with ``nproc`` > 1)::
+Stages: OC, CGNet (+ a w = 0 control), CAMs, CRF, pseudo labels (pseudo_labels.method), DeepLab, results.
 
-    train_classifier, train_cgnet, [train_control], cam_classifier, cam_cgnet, [cam_control],
-    train_affinity, pseudo_labels, train_deeplab, results
+Input:  one experiment config (configs/demo.yaml runs on the built-in synthetic set on a CPU).
+Output: every stage's folder under work_dir, each output folder's record.json,
+        <work_dir>/results.md, results.json (the numbers), timings.json (wall times), fig3_cams.png,
+        fig4_segmentation.png.
 
-(the control steps when ``pipeline.control``). Skipping, re-running and resuming follow the records
-the stages write (caee/pipeline/runner.py): a finished step whose settings and inputs still hold is
-skipped, one whose settings or inputs changed runs again, an interrupted one resumes.
+    caee run --config configs/demo.yaml
+    caee run --config configs/voc/r38.yaml --nproc 4 data.root=/data/VOC2012
+    caee run --config configs/demo.yaml --stages train_cgnet cam_cgnet results
+
+A finished stage is skipped while its settings and the stages it reads are unchanged; a changed
+key re-runs exactly the stages it affects (their old outputs are removed first); an interrupted
+stage resumes when the same command is run again. --overwrite starts the selected stages over.
+
+Steps: caee/stages/table.py ``STEPS`` (the control steps when ``pipeline.control``, the generator of
+``pseudo_labels.method``), run in this process or each under torchrun with --nproc > 1.
 """
 from __future__ import annotations
 
@@ -23,9 +32,7 @@ RESULTS = "results"
 
 
 def run(cfg: Config, only: list[str] | None = None, nproc: int = 1, overwrite: bool = False) -> dict:
-    """Run the steps (all, or those named in ``only``) and write the results table.
-
-    overwrite: start the selected steps over even when their records still hold."""
+    """Run the steps (all, or those named in ``only``; ``overwrite``: start them over) and write the results table."""
     names = plan(cfg)
     unknown = sorted(set(only or []) - set(names + [RESULTS]))
     if unknown:

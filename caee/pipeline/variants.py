@@ -34,6 +34,7 @@ from caee.core.io import write_json
 from caee.core.layout import Layout
 from caee.core.logs import setup_logging
 from caee.pipeline.runner import Job, Summary, jobs_of, run_jobs
+from caee.stages.table import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def evaluate_variant(variant: Variant) -> dict[str, dict]:
             result = evaluate_cam_dir(layout.cam_dir(step[4:]), index, cfg.eval.thresholds, cfg.eval.threshold,
                                       workers)
         elif step == "pseudo_labels":
-            result = evaluate_label_dir(layout.pseudo_labels(), index, workers)
+            result = evaluate_label_dir(STAGES["make_pseudo_labels"].output(layout), index, workers)
         else:
             continue
         write_json(layout.eval_file(step, cfg.data.cam_split), result)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def footer(notes: Sequence[str], failures: Sequence[str]) -> list[str]:
 def run_guarded(run: Callable[[], Report]) -> tuple[int, Report | None, float]:
     """Run a driver under the command-line error guard: (exit code, report, wall seconds); exit
     code 2 for bad input (the guard reported it), 1 when a variant failed, else 0."""
-    from caee.cli import guarded
+    from caee.core.errors import guarded
 
     t0 = time.perf_counter()
     done: list[Report] = []
@@ -102,3 +103,14 @@ def run_guarded(run: Callable[[], Report]) -> tuple[int, Report | None, float]:
     if rc or not done:
         return rc or 2, None, time.perf_counter() - t0
     return (1 if done[0].failures else 0), done[0], time.perf_counter() - t0
+
+
+def print_report(rc: int, report: Report | None, seconds: float) -> int:
+    """A reproduction driver's report: print the table, its files and the failures; returns the exit code."""
+    if report is None:
+        return rc
+    print(report.markdown)
+    print(f"\nfiles: {', '.join(map(str, report.files))}; wall time {seconds:.0f} s")
+    for failure in report.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return rc

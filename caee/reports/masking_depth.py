@@ -50,7 +50,7 @@ def check_depths(depths: Sequence[int] | None, backbone: str) -> list[int]:
 def depth_variants(base: Config, depths: Sequence[int], full: bool = False) -> list[Variant]:
     """Variant ``oc`` (one OC for all) and ``depth_<d>`` per depth: a CGNet with ``masking.depth=d``
     against that OC, its CAMs, and with ``full`` AffinityNet + pseudo labels from those CAMs."""
-    root = Layout(base).experiment_root("masking_depth")
+    root = Layout(base).stage_dir("masking_depth")
     oc = make_variant(base, root, "oc", {}, DEPTH_OC_STAGES, meta={"depth": None})
     oc_weights = str(Layout(oc.cfg).model("train_classifier"))
     stages = DEPTH_STAGES + (FULL_STAGES if full else ())
@@ -128,7 +128,7 @@ def run_depth_sweep(base: Config, depths: Sequence[int] | None = None, full: boo
     write ``<work_dir>/masking_depth/masking_depth.{md,json,png}``."""
     depths = check_depths(depths, base.train_classifier.net.backbone)
     variants = depth_variants(base, depths, full)
-    root = Layout(base).experiment_root("masking_depth")
+    root = Layout(base).stage_dir("masking_depth")
     setup_logging(root)
     outcomes = run_variants(variants, root, overwrite)
     failures = failure_lines(outcomes)

@@ -32,7 +32,7 @@ TABLE1_DEMO_CAPS = {
 def table1_variants(base: Config, ocs: Mapping[str, Mapping[str, Any]]) -> list[Variant]:
     """One variant per OC: ``{name: overrides}`` (e.g. ``{"resnet101": {"train_classifier.net.backbone":
     "resnet101", ...}}``); each trains its OC and a CGNet (``base``'s train_cgnet) against it."""
-    root = Layout(base).experiment_root("table1")
+    root = Layout(base).stage_dir("table1")
     return [make_variant(base, root, name, ov, TABLE1_STAGES, meta={"oc": name}) for name, ov in ocs.items()]
 
 
@@ -77,7 +77,7 @@ def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequen
                overwrite: bool = False) -> Report:
     """Train / evaluate every OC variant and its CGNet; write ``<work_dir>/table1/table1.{md,json}``."""
     variants = table1_variants(base, ocs)
-    root = Layout(base).experiment_root("table1")
+    root = Layout(base).stage_dir("table1")
     setup_logging(root)
     outcomes = run_variants(variants, root, overwrite)
     failures = failure_lines(outcomes)

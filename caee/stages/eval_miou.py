@@ -1,4 +1,15 @@
-"""Evaluation stage: the mIoU of a CAM folder (threshold sweep) or a label folder against the ground truth.
+"""Evaluate CAMs (background-threshold sweep) or label maps (CRF labels, pseudo labels, predictions).
+
+Input:  eval.dir (default: the CAMs of cam.source, <work_dir>/cam_<cam.source>) holding <id>.npz CAMs
+        or <id>.png label maps (eval.kind=auto tells them apart); ground truth data.eval_mask_dir of
+        eval.split (default data.cam_split).
+Output: the report on the console and in <work_dir>/eval/log.txt; the same as JSON in eval.out
+        (default <work_dir>/eval/<folder name>_<split>.json) with a "summary" entry.
+CAMs: every threshold of eval.thresholds in one pass; the best (an oracle) and the mIoU at the fixed
+eval.threshold are both reported.
+
+    caee eval-miou --config configs/voc/r38.yaml eval.split=train
+    caee eval-miou --config configs/voc/r38.yaml eval.dir=work_dirs/voc/cam_cgnet_crf_4
 
 Evaluation reads PNG / npz files with numpy only: this module does not import torch (about 2 s of a
 process start-up on a small machine). It needs no device, RNG or process group, so it sets up its
@@ -24,7 +35,7 @@ def eval_paths(cfg: Config) -> tuple[Path, str, Path]:
     """(folder to evaluate, split, result JSON path) from the eval section and its defaults."""
     layout = Layout(cfg)
     folder, split = layout.eval_dir(), layout.eval_split()
-    return folder, split, layout.eval_out(folder, split)
+    return folder, split, layout.eval_out()
 
 
 def _start(cfg: Config) -> Path:

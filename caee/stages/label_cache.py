@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch.utils.data import Dataset
 
-from caee.core import distributed, records
+from caee.core import distributed
 from caee.core.config import CrfConfig
 from caee.core.errors import CaeeError
 from caee.core.io import claim_folder, load_cam_npz, load_image, load_label_png, save_label_png
@@ -25,51 +25,12 @@ from caee.core.parallel import run_pool, workers_for
 from caee.data import SegmentationDataset, SplitIndex
 from caee.data.splits import check_label_values
 from caee.data.transforms import AffinityAugment
+from caee.stages.common import finish_label_folders, open_label_folders, run_id
 from caee.method.affinity import confident_labels, downsample_labels
 from caee.method.affinity_labels import cell_table_from_cams, cells_from_table
 from caee.method.crf import crf_cam_labels, label_folder_settings
 
 logger = logging.getLogger(__name__)
-
-
-def cam_run(cam_dir: Path) -> str:
-    """The run id of the CAM folder's record ("unrecorded" for CAMs made elsewhere)."""
-    record = records.read(cam_dir)
-    return record["run"] if record else "unrecorded"
-
-
-def open_label_folders(folders: Mapping[Path, dict], overwrite: bool, stage: str = "train_affinity",
-                       overwrite_key: str = "train_affinity.overwrite") -> set[Path]:
-    """Check every folder's record against its settings before any changes (refused unless
-    ``overwrite``), then open them; returns the folders started over. Rank 0 decides; all wait."""
-    redo = set()
-    if distributed.is_main():
-        for folder, settings in folders.items():
-            record = records.read(folder)
-            diffs = records.differences(record["settings"], settings) if record else []
-            if (diffs or record is None) and next(folder.glob("*.png"), None) is not None:
-                if not overwrite and record is None:
-                    raise CaeeError(f"{folder} holds outputs without a record (made elsewhere or by an older "
-                                    f"version); re-run with {overwrite_key}=true (or --overwrite)")
-                if not overwrite:
-                    raise records.refusal(folder, diffs, overwrite_key)
-                redo.add(folder)
-        for folder, settings in folders.items():
-            claim_folder(folder)  # locked; a killed run's temp files removed
-            record = records.read(folder)
-            if folder in redo or record is None:
-                for png in folder.glob("*.png"):
-                    png.unlink()
-                records.write(folder, records.new(stage, settings))
-    distributed.barrier()
-    return redo
-
-
-def finish_label_folders(folders: list[Path], split: str) -> None:
-    distributed.barrier()
-    if distributed.is_main():
-        for folder in folders:
-            records.finish(folder, records.read(folder), split, 0.0, None)
 
 
 def _crf_job(job: tuple[str, str, list[tuple[float, str]], CrfConfig, int]) -> int:
@@ -106,8 +67,8 @@ def ensure_crf_labels(index: SplitIndex, cam_dir: str | Path, crf_dirs: Mapping[
     """
     cam_dir = Path(cam_dir)
     dirs = {float(a): Path(d) for a, d in crf_dirs.items()}
-    run = cam_run(cam_dir)
-    open_label_folders({d: label_folder_settings(run, a, crf_cfg) for a, d in dirs.items()}, overwrite)
+    run = run_id(Path(cam_dir))
+    open_label_folders({d: label_folder_settings(run, a, crf_cfg) for a, d in dirs.items()}, overwrite, "train_affinity")
     jobs = []
     for i, image_id in enumerate(index.ids):
         todo = [(a, str(d / f"{image_id}.png")) for a, d in dirs.items() if not (d / f"{image_id}.png").is_file()]
@@ -139,7 +100,7 @@ def _cell_job(job: tuple[str, str, str, float, float, int, CrfConfig, int]) -> N
 def _table_settings(cam_dir: Path, la_alpha: float, ha_alpha: float, stride: int, crf_cfg: CrfConfig) -> dict:
     """What determines a cell table: the CRF settings, alphas, stride and the CAMs (the fingerprint
     make_cam recorded in the CAM folder; None for a folder made elsewhere)."""
-    cams = cam_run(cam_dir)
+    cams = run_id(Path(cam_dir))
     crf = {f"crf.{k}": v for k, v in dataclasses.asdict(crf_cfg).items() if k != "workers"}
     return {**crf, "la_alpha": float(la_alpha), "ha_alpha": float(ha_alpha), "stride": int(stride), "cams": cams}
 
@@ -154,7 +115,7 @@ def ensure_cell_tables(index: SplitIndex, cam_dir: str | Path, la_alpha: float, 
     settings): tables made otherwise are refused, or with ``overwrite`` recomputed."""
     cam_dir = Path(cam_dir)
     out_dir = cell_label_dir(cam_dir, la_alpha, ha_alpha, stride)
-    open_label_folders({out_dir: _table_settings(cam_dir, la_alpha, ha_alpha, stride, crf_cfg)}, overwrite)
+    open_label_folders({out_dir: _table_settings(cam_dir, la_alpha, ha_alpha, stride, crf_cfg)}, overwrite, "train_affinity")
     params = crf_cfg
     jobs = [(str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), str(out_dir / f"{image_id}.png"),
              float(la_alpha), float(ha_alpha), stride, params, index.num_classes)

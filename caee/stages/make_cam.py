@@ -1,16 +1,18 @@
-"""Stage 3: multi-scale CAMs of the CGNet (or the OC), optional dense-CRF labels and pictures.
+"""Stage 3: multi-scale + flip CAMs of the CGNet (cam.source=cgnet) or the OC (cam.source=classifier).
 
-Outputs (``out_dir`` = cam.out_dir, default ``<work_dir>/cam_<cam.source>``)::
+Input:  data.root (images + image-level labels of cam.split, default data.cam_split);
+        cam.weights (default <work_dir>/train_<cam.source>/model.pth, or a PSA-format .pth).
+Output: <out_dir>/<id>.npz   keys (K,) int64 0-based classes of the image, cams (K, H, W) float16 in [0, 1]
+        <out_dir>/{config.yaml, log.txt, record.json}       (out_dir = cam.out_dir, default <work_dir>/cam_<cam.source>)
+        <out_dir>_crf_<alpha>/<id>.png               dense-CRF labels for each alpha in cam.crf_alphas
+        <out_dir>_pictures/<id>.png                  image | GT | CAMs of the first cam.pictures images
+Existing files are skipped unless cam.overwrite=true; record.json says which splits are complete.
 
-    <out_dir>/<id>.npz                    keys (K,) int64, cams (K, H, W) cam.dtype (caee.core.io.save_cam_npz)
-    <out_dir>/{config.yaml, log.txt, record.json}   record.json: settings, input, complete splits
-    <out_dir>_crf_<alpha>/<id>.png        CRF labels for each alpha in cam.crf_alphas (+ config.yaml,
-                                          record.json)
-    <out_dir>_pictures/<id>.png           image | GT | CAM per class, first cam.pictures images
+    caee make-cam --config configs/voc/r38.yaml 'cam.crf_alphas=[4,24]'
+    torchrun --nproc_per_node 4 -m caee make-cam --config configs/voc/r38.yaml cam.source=classifier
 
-Existing outputs are kept unless cam.overwrite; so an interrupted run resumes where it stopped.
-Each folder records the settings that determine its files (record.json); a re-run with other
-settings is refused before anything is written, unless cam.overwrite.
+An interrupted run resumes where it stopped. A re-run with other settings is refused before
+anything is written, unless cam.overwrite.
 Under torchrun every rank does the images ``ids[rank::world]``; nothing is gathered.
 """
 from __future__ import annotations
@@ -37,7 +39,9 @@ from caee.models.classifier import load_classifier
 from caee.core.parallel import ThreadWriter, run_pool, workers_for
 from caee.core.pictures import cam_grid, save_picture
 from caee.core.layout import Layout, crf_dir, pictures_dir
-from caee.stages.common import claim_folder, open_output, stage_settings, start_stage
+from caee.core.io import claim_folder
+from caee.stages.common import open_output, stage_settings
+from caee.stages.setup import start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def open_folders(cfg: Config, out_dir: Path) -> dict:
     record = open_output(out_dir, "make_cam", stage_settings(cfg, "make_cam"), cfg.cam.overwrite, "*.npz")
     for alpha in cfg.cam.crf_alphas:
         folder = crf_dir(out_dir, alpha)
-        claim_folder(folder)
+        claim_folder(folder, main=distributed.is_main())
         open_output(folder, "make_cam", label_folder_settings(record["run"], alpha, cfg.crf), cfg.cam.overwrite,
                     "*.png")
     return record

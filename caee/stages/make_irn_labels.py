@@ -1,4 +1,11 @@
-"""Stage: pseudo labels by IRN's semantic walk (step/make_sem_seg_labels.py, docs/METHOD.md §12).
+"""Pseudo labels by IRN's semantic walk of the CAMs along the trained boundary map.
+
+Input:  data.root (images of irn.split, default data.cam_split); the CAMs (irn.cam_dir, default
+        <work_dir>/cam_cgnet); the boundary network <work_dir>/train_irn/model.pth (or irn.weights).
+Output: <out_dir>/<id>.png palette label maps and <out_dir>/record.json (out_dir = irn.out_dir,
+        default <work_dir>/pseudo_labels_irn).
+
+    caee make-irn-labels --config configs/voc/r38_irn.yaml data.root=/data/VOC2012
 
 Per image of ``irn.split`` (default ``data.cam_split``): the boundary map of the trained network
 (:func:`caee.method.irn.edge_map`: image and mirror padded to ``irn.crop_size``), the image's CAMs
@@ -29,6 +36,7 @@ from caee.core.logs import show_progress
 from caee.data import ensure_dataset, load_split, normalize_image
 from caee.method.irn import cams_to_grid, edge_map, sem_seg_labels, semantic_walk
 from caee.models.irn import load_irn
+from caee.stages import table
 from caee.stages.common import finish_label_stage, start_label_stage
 
 logger = logging.getLogger(__name__)
@@ -40,11 +48,19 @@ def grid_cams(cams: torch.Tensor, size: tuple[int, int], how: str, stride: int) 
     return F.interpolate(cams.float().unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
 
 
+def describe(cfg: Config) -> tuple[str, str]:
+    """The row of the results table: (output, how it was produced)."""
+    ic = cfg.irn
+    return ("pseudo labels (IRN)", f"IRN: boundary network on relation labels (fg {ic.conf_fg_thres:g} / bg "
+            f"{ic.conf_bg_thres:g}), walk beta {ic.beta:g}, 2^{ic.exp_times} steps, radius {ic.radius}, "
+            f"background {ic.sem_seg_bg_thres:g}")
+
+
 def main(cfg: Config) -> Path:
     t0 = time.perf_counter()
     cfg = expand_work_dir(cfg)
-    ic, layout = cfg.irn, Layout(cfg)
-    weights, out_dir, cam_dir = layout.irn_weights(), layout.irn_pseudo_labels(), layout.irn_cam_dir()
+    ic, row = cfg.irn, table.stage("make_irn_labels")
+    weights, out_dir, cam_dir = row.input(cfg, "irn"), row.output(Layout(cfg)), row.input(cfg, "cams")
     split = ic.split or cfg.data.cam_split
     env, record = start_label_stage(cfg, "make_irn_labels", out_dir, ic.overwrite)
     ensure_dataset(cfg.data)

@@ -1,4 +1,15 @@
-"""Stage 5: pseudo labels by random walk of the CAMs with AffinityNet's affinities (PSA, docs/METHOD.md §6).
+"""Stage 5: pseudo labels by random walk of the CAMs with AffinityNet's affinities (PSA).
+
+Input:  data.root (images of pseudo_labels.split, default data.cam_split); the CAMs
+        <work_dir>/cam_cgnet/<id>.npz (or pseudo_labels.cam_dir: any CAM folder, OC or CGNet);
+        the AffinityNet <work_dir>/train_affinity/model.pth (or pseudo_labels.weights, e.g. PSA's
+        res38_aff.pth, whose architecture is then train_affinity.net).
+Output: <out_dir>/<id>.png palette label maps (default <work_dir>/pseudo_labels) and
+        <out_dir>/record.json; log and config in <work_dir>/make_pseudo_labels/.
+        Existing PNGs are kept unless pseudo_labels.overwrite=true.
+
+    caee make-pseudo-labels --config configs/voc/r38.yaml data.root=/data/VOC2012
+    torchrun --nproc_per_node 4 -m caee make-pseudo-labels --config configs/voc/r38.yaml
 
 Per image of ``pseudo_labels.split`` (default ``data.cam_split``):
 
@@ -39,6 +50,7 @@ from caee.models.affinitynet import load_affinitynet
 from caee.core.parallel import ProcessWriter, workers_for
 from caee.method.pseudo_labels import PairCache, WalkParams, embed_image, labels_from_scores, random_walk_scores
 from caee.core.layout import Layout
+from caee.stages import table
 from caee.stages.common import finish_label_stage, start_label_stage
 
 logger = logging.getLogger(__name__)
@@ -56,13 +68,20 @@ def _walk_params(cfg: Config) -> WalkParams:
     return WalkParams(alpha=pc.alpha, beta=pc.beta, steps=pc.steps, radius=pc.radius, psa_border=pc.psa_border)
 
 
+def describe(cfg: Config) -> tuple[str, str]:
+    """The row of the results table: (output, how it was produced)."""
+    pl, grid = cfg.pseudo_labels, cfg.train_affinity.embed_stride
+    return ("pseudo labels", f"random walk on AffinityNet affinities (beta {pl.beta:g}, t {pl.steps}, alpha "
+            f"{pl.alpha:g}{f', grid stride {grid}' if grid else ''}){', + CRF' if pl.crf else ''}")
+
+
 def main(cfg: Config) -> Path:
     cfg = expand_work_dir(cfg)
-    layout = Layout(cfg)
-    out_dir = layout.pseudo_labels()
+    row = table.stage("make_pseudo_labels")
+    out_dir = row.output(Layout(cfg))
     pc = cfg.pseudo_labels
     split = pc.split or cfg.data.cam_split
-    cam_dir, weights = layout.pseudo_label_cam_dir(), layout.affinity_weights()
+    cam_dir, weights = row.input(cfg, "cams"), row.input(cfg, "affinitynet")
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split '{split}' or set "
                         "pseudo_labels.cam_dir")

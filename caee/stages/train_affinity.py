@@ -1,4 +1,15 @@
-"""Stage 4: train AffinityNet on confident pair labels from the CAMs' la/ha CRF results (PSA).
+"""Stage 4: train AffinityNet (PSA) on pair labels from the CAMs' low/high-alpha CRF labels.
+
+Input:  data.root (images of data.train_split); the CAMs <work_dir>/cam_cgnet/<id>.npz (or
+        train_affinity.cam_dir) and their CRF labels <cam_dir>_crf_<la_alpha>/ and
+        <cam_dir>_crf_<ha_alpha>/ (computed from the CAMs and cached there when absent);
+        train_affinity.net.pretrained (ImageNet weights) or train_affinity.init (our AffinityNet
+        model.pth, PSA's res38_aff.pth, or a classifier model.pth / res38_cls.pth whose backbone
+        alone is used).
+Output: <work_dir>/train_affinity/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, record.json}
+
+    caee train-affinity --config configs/voc/r38.yaml data.root=/data/VOC2012
+    torchrun --nproc_per_node 4 -m caee train-affinity --config configs/voc/r38.yaml
 
 Labels (``train_affinity.label_rule``, :mod:`caee.method.affinity_labels`): ``psa`` reads cell label
 tables from ``<cam_dir>_cells_<la>_<ha>_s<stride>/<id>.png`` and crops them with the image
@@ -23,7 +34,8 @@ from caee.data.transforms import AffinityAugment, build_train_transform
 from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
 from caee.core.errors import CaeeError
 from caee.models.affinitynet import AffinityNet, build_affinitynet, init_affinitynet_from
-from caee.core.layout import Layout, crf_dir
+from caee.core.layout import crf_dir
+from caee.stages import table
 from caee.stages.common import finish_trainer, start_trainer
 
 logger = logging.getLogger(__name__)
@@ -97,7 +109,7 @@ def main(cfg: Config) -> FitResult:
     start = start_trainer(cfg, "train_affinity")
     cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_affinity
-    cam_dir = Layout(cfg).affinity_cam_dir()
+    cam_dir = table.stage("train_affinity").input(cfg, "cams")
     if not cam_dir.is_dir():
         raise CaeeError(f"CAM folder {cam_dir} does not exist; run make_cam.py on split "
                         f"'{cfg.data.train_split}' first or set train_affinity.cam_dir")

@@ -1,4 +1,12 @@
-"""Stage 2: train the CGNet with class-specific adversarial erasing against the frozen OC."""
+"""Stage 2: train the CGNet with class-specific adversarial erasing against the frozen OC.
+
+Input:  data.root; the OC from <work_dir>/train_classifier/model.pth or train_cgnet.oc_weights
+        (our model.pth or PSA's res38_cls.pth / OC-CSE's od_cam.pth); train_cgnet.net.pretrained.
+Output: <work_dir>/train_cgnet/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, record.json}
+
+    caee train-cgnet --config configs/voc/r38.yaml data.root=/data/VOC2012
+    caee train-cgnet --config configs/demo.yaml masking.depth=3   # feature-level masking
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +25,7 @@ from caee.method.erasing import cse_loss, cse_weight, erased_logits, erasing_mas
 from caee.core.errors import CaeeError, not_found
 from caee.models.classifier import CamClassifier, build_classifier, load_classifier
 from caee.method.epoch_selection import is_better, train_cam_miou
-from caee.core.layout import Layout
+from caee.stages import table
 from caee.stages.common import finish_trainer, start_trainer
 from caee.stages.train_classifier import ClassifierTask, multilabel_accuracy
 from caee.core.io import load_image, load_label_png
@@ -118,7 +126,7 @@ def main(cfg: Config) -> FitResult:
     start = start_trainer(cfg, "train_cgnet")
     cfg, env, index, names = start.cfg, start.env, start.index, start.names
     tc = cfg.train_cgnet
-    oc_path = Layout(cfg).oc_weights()
+    oc_path = table.stage("train_cgnet").input(cfg, "oc")
     if not oc_path.is_file():
         raise CaeeError(f"OC weights {not_found(oc_path)}; run train_classifier.py first or set train_cgnet.oc_weights")
     oc = freeze_module(load_classifier(oc_path, cfg.train_classifier.net, len(names))).to(env.device)

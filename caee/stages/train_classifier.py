@@ -1,4 +1,12 @@
-"""Stage 1: train the ordinary classifier (OC) with multi-label soft-margin loss (docs/METHOD.md §1)."""
+"""Stage 1: train the ordinary classifier (OC) on image-level labels.
+
+Input:  data.root (images + image-level labels of data.train_split); train_classifier.net.pretrained
+        (ImageNet weights: MXNet .params or .pth) or train_classifier.init (a PSA/caee checkpoint).
+Output: <work_dir>/train_classifier/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, record.json}
+
+    caee train-classifier --config configs/voc/r38.yaml data.root=/data/VOC2012
+    torchrun --nproc_per_node 4 -m caee train-classifier --config configs/voc/r38.yaml
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,21 @@
-"""Stage 6: train DeepLab (LargeFOV or ASPP) on pseudo labels, then segment and evaluate (docs/METHOD.md §7, §8).
+"""Stage 6: train DeepLab (LargeFOV / ASPP) on the pseudo labels, then segment and evaluate.
+
+Input:  data.root (images of train_deeplab.split, "" = pseudo_labels.split or data.cam_split;
+        images and ground truth of train_deeplab.eval_split, "" = data.val_split);
+        train_deeplab.label_dir ("" = <work_dir>/pseudo_labels, or pseudo_labels.out_dir): one
+        <id>.png label map per training image (0 = background, 1..C, 255 = ignore), checked first;
+        train_deeplab.net.pretrained (ImageNet weights) or train_deeplab.init (a checkpoint).
+Output: <work_dir>/train_deeplab/
+          model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, label_histogram.json
+          pred_<split>/<id>.png          predictions (VOC palette)
+          pred_<split>_crf/<id>.png      with train_deeplab.test_crf=true
+          results_<split>.json           mIoU / per-class IoU; scales, flip, CRF, init, label source
+
+    caee train-deeplab --config configs/voc/r38.yaml
+    torchrun --nproc_per_node 4 -m caee train-deeplab --config configs/voc/r38.yaml
+    # re-evaluate a trained model.pth with other test settings (no training):
+    caee train-deeplab --config configs/voc/r38.yaml train_deeplab.eval_only=true \\\\
+        'train_deeplab.test_scales=[0.5,0.75,1,1.25,1.5]' train_deeplab.test_flip=true train_deeplab.test_crf=true
 
 Training images: every image of ``train_deeplab.split`` ("" = ``pseudo_labels.split``, itself
 defaulting to ``data.cam_split``: the images the pseudo labels were made for). The label folder
@@ -40,7 +57,9 @@ from caee.core.logs import setup_logging
 from caee.models.deeplab import DeepLab, build_deeplab
 from caee.core.layout import Layout
 from caee.core.parallel import available_cpus, run_pool, workers_for
-from caee.stages.common import resume_check, stage_settings, start_stage
+from caee.stages import table
+from caee.stages.common import resume_check, stage_settings
+from caee.stages.setup import start_stage
 from caee.weights.checkpoints import init_weights_from
 
 logger = logging.getLogger(__name__)
@@ -179,7 +198,7 @@ def resolve_inputs(cfg: Config) -> tuple[str, Path]:
     """(training split, label folder) after applying the defaults."""
     tc = cfg.train_deeplab
     split = tc.split or cfg.pseudo_labels.split or cfg.data.cam_split
-    label_dir = Layout(cfg).deeplab_labels()
+    label_dir = table.stage(STAGE).input(cfg, "labels")
     return split, label_dir
 
 
@@ -207,7 +226,7 @@ def evaluate_only(cfg: Config) -> dict | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
     ensure_dataset(cfg.data)
-    weights = Layout(cfg).deeplab_weights()
+    weights = Path(tc.weights) if tc.weights else Layout(cfg).model(STAGE)
     names = dataset_class_names(cfg.data)
     model, meta = segment.load_deeplab(weights, cfg, len(names))
     model.to(device)

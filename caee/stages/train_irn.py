@@ -1,4 +1,11 @@
-"""Stage: train IRN's class-boundary branch on relation labels from a CAM folder (docs/METHOD.md §12).
+"""Train IRN's class-boundary network on relation labels from a CAM folder (pseudo_labels.method: irn).
+
+Input:  data.root (images of data.train_split); the CAMs <work_dir>/cam_cgnet (or irn.cam_dir: any
+        CAM folder); irn.net.pretrained (torchvision ImageNet ResNet50) or irn.init.
+Output: <work_dir>/train_irn/{model.pth, last.pth, config.yaml, log.txt, metrics.jsonl, record.json};
+        relation labels cached in <cam_dir>_irlabels_<fg>_<bg>/ (with their record).
+
+    caee train-irn --config configs/voc/r38_irn.yaml data.root=/data/VOC2012
 
 1. Relation labels (:func:`caee.method.irn.ir_labels`, IRN's cam_to_ir_label.py) of every training
    image, cached per CAM folder in ``<cam_dir>_irlabels_<fg>_<bg>/<id>.png`` (the folder's record holds
@@ -8,7 +15,6 @@
    colour, labels with 255); labels taken on the boundary grid (:func:`caee.method.irn.reduce_labels`).
 3. Loss :func:`caee.method.irn.boundary_loss` on the path affinities of every pair within
    ``irn.train_radius`` (IRN's training pair set), the backbone frozen; poly lr, SGD.
-
 """
 from __future__ import annotations
 
@@ -26,7 +32,6 @@ from caee.core import distributed
 from caee.core.config import Config, IrnConfig, config_to_dict
 from caee.core.errors import CaeeError
 from caee.core.io import load_cam_npz, load_image, save_label_png
-from caee.core.layout import Layout
 from caee.core.parallel import run_pool, workers_for
 from caee.data import SegmentationDataset, SplitIndex
 from caee.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -34,9 +39,8 @@ from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
 from caee.method.affinity import pair_indices, pair_label_targets
 from caee.method.irn import boundary_affinity, boundary_loss, ir_labels, reduce_labels
 from caee.models.irn import IrnEdgeNet, arch_name, build_irn
-from caee.core.layout import ir_label_dir
-from caee.stages.common import finish_trainer, start_trainer
-from caee.stages.label_cache import cam_run, finish_label_folders, open_label_folders
+from caee.stages import table
+from caee.stages.common import finish_label_folders, finish_trainer, open_label_folders, run_id, start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +50,17 @@ STAGE = "train_irn"
 # ---------------------------------------------------------------- relation labels
 
 
+def ir_label_dir(cam_dir: str | Path, fg: float, bg: float) -> Path:
+    """IRN's relation labels of the CAMs in ``cam_dir`` at thresholds ``fg`` / ``bg``:
+    ``.../cam_cgnet`` -> ``.../cam_cgnet_irlabels_0.3_0.05``."""
+    cam_dir = Path(cam_dir)
+    return cam_dir.parent / f"{cam_dir.name}_irlabels_{fg:g}_{bg:g}"
+
+
 def ir_label_settings(cam_dir: Path, ic: IrnConfig) -> dict:
     """What determines a folder of relation labels: the CAMs, the two thresholds and the CRF."""
     crf = {f"crf.{k}": v for k, v in dataclasses.asdict(ic.crf).items() if k != "workers"}
-    return {"input.cams": cam_run(cam_dir), "conf_fg_thres": float(ic.conf_fg_thres),
+    return {"input.cams": run_id(cam_dir), "conf_fg_thres": float(ic.conf_fg_thres),
             "conf_bg_thres": float(ic.conf_bg_thres), "crf_gt_prob": float(ic.crf_gt_prob), **crf}
 
 
@@ -67,7 +78,7 @@ def ensure_ir_labels(index: SplitIndex, cam_dir: Path, ic: IrnConfig, workers: i
     """Make sure ``ir_label_dir(cam_dir)/<id>.png`` exists for every image of ``index`` (missing ones
     computed in a process pool, each rank taking its share). Returns the folder."""
     out_dir = ir_label_dir(cam_dir, ic.conf_fg_thres, ic.conf_bg_thres)
-    open_label_folders({out_dir: ir_label_settings(cam_dir, ic)}, ic.overwrite, "train_irn", "irn.overwrite")
+    open_label_folders({out_dir: ir_label_settings(cam_dir, ic)}, ic.overwrite, "train_irn")
     jobs = [(str(index.image_path(i)), str(cam_dir / f"{image_id}.npz"), str(out_dir / f"{image_id}.png"), ic,
              index.num_classes) for i, image_id in enumerate(index.ids) if not (out_dir / f"{image_id}.png").is_file()]
     if jobs:
@@ -177,7 +188,7 @@ def main(cfg: Config) -> FitResult:
     start = start_trainer(cfg, STAGE)  # the walk's settings are not recorded: they do not change the network
     cfg, env, index, names = start.cfg, start.env, start.index, start.names
     ic = cfg.irn
-    cam_dir = Layout(cfg).irn_cam_dir()
+    cam_dir = table.stage(STAGE).input(cfg, "cams")
     if ic.crop_size <= 0 or ic.crop_size % ic.edge_stride:
         raise CaeeError(f"irn.crop_size={ic.crop_size} must be a positive multiple of irn.edge_stride={ic.edge_stride}")
     model = build_model(ic)
