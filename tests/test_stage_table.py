@@ -103,3 +103,14 @@ def test_no_other_module_lists_the_stages():
         if len(listed) >= 4:
             offenders.append(f"{path.relative_to(root)}: {listed}")
     assert not offenders, "modules listing stages besides caee/stages/table.py:\n  " + "\n  ".join(offenders)
+
+
+def test_irn_lives_in_its_modules_its_section_and_its_rows():
+    """IRN's two stages were added as a stage should be: besides their own modules (and the ResNet50
+    backbone they use), only the config section (config.py, its range rules) and the rows of the
+    table name them; the CLI, pipeline, records, layout and results table follow from the rows."""
+    root = Path(table.__file__).resolve().parents[1]
+    own = {"method/irn.py", "models/irn.py", "models/resnet50.py", "stages/train_irn.py", "stages/make_irn_labels.py"}
+    naming = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
+              if "irn" in p.read_text().lower() and p.relative_to(root).as_posix() not in own}
+    assert naming == {"core/config.py", "core/config_rules.py", "stages/table.py"}
