@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     by_name = commands()
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, by_name))
-        lines = [f"  {c.name:<{width}}  {module_doc(c.module).splitlines()[0]}" for c in by_name.values()]
+        lines = [f"  {c.name:<{width}}  {(module_doc(c.module).splitlines() or [''])[0]}" for c in by_name.values()]
         print("usage: caee <command> --config FILE [--print-config] [key=value ...]\n\nClass-specific adversarial "
               "erasing (OC-CSE) for weakly supervised semantic segmentation.\n\ncommands:\n" + "\n".join(lines) +
               "\n\n`caee <command> --help` lists the command's config keys with defaults and meanings.")
