@@ -180,6 +180,29 @@ PSEUDO_KEYS = {"cam_dir": "<setup>", "weights": "<setup>", "out_dir": "<tmp>/lab
                "method": "<pipeline>", "compare": "<pipeline>"}
 
 
+# the crf section, observed in the pseudo-label run above: pydensecrf's calls (recorded) and the
+# number of CRF processes; every value differs from the default and from the others
+CRF_VALUES = {"iterations": 3, "gaussian_sxy": 2, "gaussian_compat": 5, "bilateral_sxy": 70, "bilateral_srgb": 11,
+              "bilateral_compat": 7, "min_prob": 0.3, "workers": 4}
+
+
+def _recording_crf(monkeypatch) -> list:
+    from test_stage_wiring import _RecordingCRF
+
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    monkeypatch.setattr(_RecordingCRF, "calls", [])
+    monkeypatch.setattr(dcrf, "DenseCRF2D", _RecordingCRF)
+    return _RecordingCRF.calls
+
+
+def test_every_crf_key_has_a_row():
+    from caee.core.config import CrfConfig
+
+    assert set(CRF_VALUES) == {f.name for f in dataclasses.fields(CrfConfig)}
+    assert all(v != getattr(CrfConfig(), k) for k, v in CRF_VALUES.items())
+    assert len({repr(v) for v in CRF_VALUES.values()}) == len(CRF_VALUES)
+
+
 def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeypatch):
     from caee.core.config import PseudoLabelConfig, config_from_dict
     from caee.stages import make_pseudo_labels as mpl
@@ -196,7 +219,9 @@ def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeyp
     cfg["pseudo_labels"].update(values)
     save_label_png(out / "q.png", np.full(SIZES["q"], 9, np.uint8))  # stale: only overwrite replaces it
 
-    walks, submitted, models = [], [], []
+    walks, submitted, models, writers = [], [], [], []
+    cfg["crf"] = dict(CRF_VALUES)
+    crf_calls = _recording_crf(monkeypatch)
     real_walk, real_embed = mpl.random_walk_scores, mpl.embed_image
 
     def embed_spy(model, *args):
@@ -207,13 +232,15 @@ def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeyp
         walks.append({"params": params, "pairs": (pairs.radius, pairs.psa_border), "cams": cams.clone()})
         return real_walk(feats, cams, params, stride, pairs)
 
-    class Writer:  # what would go to the CRF processes
+    class Writer:  # what would go to the CRF processes: run here, pydensecrf recorded (crf section)
         def __init__(self, fn, workers):
-            pass
+            self.fn = fn
+            writers.append(workers)
 
         def submit(self, job):
             submitted.append(job)
             image_path, scores, keys, crf, out_path = job
+            self.fn(job)
             save_label_png(out_path, np.zeros(scores.shape[1:], np.uint8))
 
         def close(self):
@@ -233,6 +260,16 @@ def test_every_pseudo_labels_key_reaches_the_walk_or_the_files(tmp_path, monkeyp
     for state in models:                                                                 # weights
         for k, v in net.state_dict().items():
             assert torch.equal(state[k], v), k
+    assert writers == [CRF_VALUES["workers"]]                                            # crf.workers
+    assert len(crf_calls) == len(val)
+    for rec in crf_calls:                                                                # the crf section
+        assert rec["gaussian"] == {"sxy": CRF_VALUES["gaussian_sxy"], "compat": CRF_VALUES["gaussian_compat"]}
+        assert rec["bilateral"] == {"sxy": CRF_VALUES["bilateral_sxy"], "srgb": CRF_VALUES["bilateral_srgb"],
+                                    "compat": CRF_VALUES["bilateral_compat"]}
+        assert rec["iterations"] == CRF_VALUES["iterations"]
+        # min_prob floors every probability before normalising: the unary's largest possible value
+        floor, n = CRF_VALUES["min_prob"], rec["size"][2]
+        assert rec["unary"].max() <= -np.log(floor / (1 + (n - 1) * floor)) + 1e-4
     for w, image_id in zip(walks, val):                                                  # cam_dir
         keys, cams = load_cam_npz(work / "cams" / f"{image_id}.npz")
         torch.testing.assert_close(w["cams"].float(), torch.from_numpy(cams).float())
@@ -647,8 +684,10 @@ def test_every_trainer_key_reaches_the_engine_and_the_stage_s_consumers(section,
     module = importlib.import_module(f"caee.stages.{module_name}")
     nested, flat = _section_values(section, trainer_inputs)
     cfg = {"work_dir": str(tmp_path / "work"), "device": "cpu",
-           # the CGNet's oracle scores the CAM split at each epoch's end: its 2 images
-           "data": {"dataset": "voc", "root": str(trainer_inputs["voc"]), "num_workers": 0, "cam_split": "val"},
+           # data.cam_split: the CGNet's oracle scores the CAM split at each epoch's end (its 2 images);
+           # data.train_split: the classifier trains on 6 of the 8 images
+           "data": {"dataset": "voc", "root": str(trainer_inputs["voc"]), "num_workers": 0, "cam_split": "val",
+                    **({"train_split": "sub"} if section == "train_classifier" else {})},
            "crf": {"workers": 1, "iterations": 2}, "eval": {"workers": 1}, section: nested}
     if section == "train_cgnet":
         cfg["masking"] = {k: row[0] for k, row in MASKING_ROWS.items()}
@@ -673,9 +712,172 @@ def test_every_trainer_key_reaches_the_engine_and_the_stage_s_consumers(section,
             failed.append(key)
     if section == "train_cgnet":
         failed += [f"masking.{k}" for k, row in MASKING_ROWS.items() if not row[1](run, spies, row[0])]
+        failed += [] if run.task.oracle.index.ids == EVAL_IDS else ["data.cam_split"]
+    if section == "train_classifier" and run.dataset.index.ids != SUBSET:
+        failed.append("data.train_split")
+    failed += [] if run.num_workers == 0 else ["data.num_workers"]   # 0: not the default 2
     assert not failed, f"{section}: these keys did not reach their consumer: {failed}"
 
 
 def test_every_masking_key_has_a_row():
     assert set(MASKING_ROWS) == {f.name for f in dataclasses.fields(MaskingConfig)}
     assert all(row[0] != getattr(MaskingConfig(), k) for k, row in MASKING_ROWS.items())
+
+
+# ---------------------------------------------------------------- eval (eval_miou.py)
+
+# a folder holding CAMs and one stray PNG (only an explicit eval.kind scores it), the val split
+# without one CAM (only allow_missing scores it)
+EVAL_KEYS = {
+    "dir": ("<tmp>/to_score", lambda r: r.args[0] == r.tmp / "to_score"),
+    "kind": ("cam", lambda r: r.called == "cam"),
+    "split": ("val", lambda r: r.args[1].ids == VAL),
+    "out": ("<tmp>/scores.json", lambda r: (r.tmp / "scores.json").is_file()),
+    "thresholds": ([0.2, 0.4], lambda r: r.args[2] == [0.2, 0.4] and
+                   sorted(r.result["summary"]["thresholds"]) == [0.2, 0.3, 0.4]),
+    "threshold": (0.3, lambda r: r.args[3] == 0.3 and r.result["summary"]["threshold"] == 0.3),
+    "allow_missing": (True, lambda r: r.args[5] is True and r.result["summary"]["num_evaluated"] == len(VAL) - 1),
+    "workers": (1, lambda r: r.args[4] == 1),
+}
+
+
+def test_every_eval_key_reaches_the_scoring(tmp_path, fake_voc, monkeypatch):
+    from caee.core.config import EvalConfig
+    from caee.engine import scoring
+    from caee.stages import eval_miou
+
+    assert set(EVAL_KEYS) == {f.name for f in dataclasses.fields(EvalConfig)}, "an eval key without a row"
+    assert all(row[0] != getattr(EvalConfig(), k) for k, row in EVAL_KEYS.items())
+    folder = tmp_path / "to_score"
+    for image_id in VAL[:-1]:
+        h, w = FAKE_VOC[image_id][0]
+        save_cam_npz(folder / f"{image_id}.npz", np.array([2], np.int64), np.full((1, h, w), 0.35, np.float32))
+    save_label_png(folder / "stray.png", np.zeros((4, 4), np.uint8))
+
+    class Run:
+        tmp = tmp_path
+
+    real = {"cam": scoring.evaluate_cam_dir, "label": scoring.evaluate_label_dir}
+
+    def spy(kind):
+        def f(*args):
+            Run.args, Run.called = list(args), kind
+            return real[kind](*args)
+        return f
+
+    monkeypatch.setattr(scoring, "evaluate_cam_dir", spy("cam"))
+    monkeypatch.setattr(scoring, "evaluate_label_dir", spy("label"))
+    values = {k: (str(row[0]).replace("<tmp>", str(tmp_path)) if isinstance(row[0], str) else row[0])
+              for k, row in EVAL_KEYS.items()}
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc", f"data.root={fake_voc}",
+                             *[f"eval.{k}={v}" for k, v in values.items()]])
+    Run.result = eval_miou.main(cfg)
+    failed = [k for k, row in EVAL_KEYS.items() if not row[1](Run)]
+    assert not failed, f"these eval keys did not reach the scoring: {failed}"
+
+
+def test_deeplab_eval_only_and_weights_reach_the_evaluation(trainer_inputs, tmp_path, monkeypatch):
+    """train_deeplab.eval_only with train_deeplab.weights: no training, the evaluation of
+    data.val_split (train_deeplab.eval_split empty) with the network of those weights."""
+    from caee.models.deeplab import build_deeplab
+    from caee.stages import train_deeplab
+
+    net = NetConfig(backbone="tinycnn", width=0.25, dropout=0.0)
+    torch.manual_seed(31)
+    model = build_deeplab(net, 21, "largefov", 8, [2], 0.1)
+    weights = tmp_path / "deeplab.pth"
+    torch.save({"model": model.state_dict(), "arch": "deeplab", "net": dataclasses.asdict(net), "head": "largefov",
+                "head_channels": 8, "head_dilations": [2], "head_dropout": 0.1, "num_classes": 20}, weights)
+    seen = []
+    real = train_deeplab.segment.segment_split
+    monkeypatch.setattr(train_deeplab.segment, "segment_split",
+                        lambda m, index, *a: (seen.append(({k: v.clone() for k, v in m.state_dict().items()}, index)),
+                                              real(m, index, *a))[1])
+    monkeypatch.setattr(train_deeplab, "fit", lambda *a, **k: pytest.fail("eval_only trained"))
+    cfg = load_config(None, [f"work_dir={tmp_path / 'work'}", "device=cpu", "data.dataset=voc",
+                             f"data.root={trainer_inputs['voc']}", "data.num_workers=0", "data.val_split=eval2",
+                             "eval.workers=1", "train_deeplab.eval_only=true", f"train_deeplab.weights={weights}",
+                             "train_deeplab.net.backbone=tinycnn", "train_deeplab.net.width=0.25",
+                             "train_deeplab.head_channels=8", "train_deeplab.head_dilations=[2]"])
+    train_deeplab.main(cfg)
+    (state, index), = seen
+    assert index.ids == EVAL_IDS[::-1]                                   # data.val_split
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())   # eval_only + weights
+
+
+# ---------------------------------------------------------------- data (caee/data/splits.py, custom.py)
+
+DATA_KEYS = {  # observed in the index load_split makes (the consumer of every dataset key)
+    "dataset": ("custom", lambda ix, root: ix.class_names == ["cat", "dog", "car"]),
+    "root": ("<root>", lambda ix, root: ix.root == root and ix.image_path(0).is_relative_to(root)),
+    "image_dir": ("imgs", lambda ix, root: ix.image_path(0).parent == root / "imgs"),
+    "mask_dir": ("masks", lambda ix, root: ix.mask_dir == root / "masks"),
+    "eval_mask_dir": ("gt", lambda ix, root: ix.eval_mask_dir == root / "gt"),
+    "labels_csv": ("labels.csv", lambda ix, root: ix.labels.tolist() == [[1, 0, 1], [0, 1, 0]]),
+}
+# observed in the runs above: train_split and cam_split (the trainers), val_split (DeepLab's
+# evaluation), num_workers (fit's argument); synthetic: test_every_synthetic_key_changes_the_images
+DATA_ELSEWHERE = {"train_split", "cam_split", "val_split", "num_workers", "synthetic"}
+
+
+def test_every_data_key_reaches_the_index(tmp_path):
+    from caee.core.config import DataConfig
+    from caee.data import load_split
+
+    assert set(DATA_KEYS) | DATA_ELSEWHERE == {f.name for f in dataclasses.fields(DataConfig)}
+    root = tmp_path / "custom"
+    for d in ("imgs", "masks", "gt", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    for i in ("a", "b"):
+        Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(root / "imgs" / f"{i}.png")
+        save_label_png(root / "masks" / f"{i}.png", np.zeros((6, 8), np.uint8))
+        save_label_png(root / "gt" / f"{i}.png", np.zeros((6, 8), np.uint8))
+    (root / "ImageSets/Segmentation/train.txt").write_text("a\nb\n")
+    (root / "labels.csv").write_text("image_id,cat,dog,car\na,1,0,1\nb,0,1,0\n")
+    values = {k: str(root) if row[0] == "<root>" else row[0] for k, row in DATA_KEYS.items()}
+    cfg = load_config(None, [f"data.{k}={v}" for k, v in values.items()])
+    index = load_split(cfg.data, "train")
+    failed = [k for k, row in DATA_KEYS.items() if not row[1](index, root)]
+    assert not failed, f"these data keys did not reach the index: {failed}"
+
+
+# ---------------------------------------------------------------- data.synthetic (caee/data/synthetic.py)
+
+SYNTHETIC_DRAW = {  # the drawing of one image: image or mask differs from the default's for the same stream
+    "image_size": 40, "num_classes": 3, "objects_per_image": [3, 3], "object_radius": [8, 10], "part_size": 4,
+    "part_hidden_prob": 1.0, "body_saturation": 0.6, "stripe_period": 3.0, "stripe_amplitude": 0.8,
+    "stripe_jitter_deg": 30.0, "stripe_fade": 0.9, "stripe_angles": "mirror_free", "object_aspect": [0.4, 0.5],
+    "wobble": 0.3, "noise_std": 0.1, "min_visible_px": 900, "ignore_band": 2,
+}
+SYNTHETIC_FILES = {"num_train": 2, "num_val": 1, "image_format": "png", "seed": 3}  # the generated folder
+
+
+def test_every_synthetic_key_changes_the_images(tmp_path):
+    from caee.core.config import SyntheticConfig
+    from caee.data import synthetic
+
+    assert set(SYNTHETIC_DRAW) | set(SYNTHETIC_FILES) == {f.name for f in dataclasses.fields(SyntheticConfig)}
+    base = SyntheticConfig(image_size=48)
+    assert all(v != getattr(base, k) for k, v in {**SYNTHETIC_DRAW, **SYNTHETIC_FILES}.items())
+
+    def draw(cfg, stream):
+        image, mask, _ = synthetic.render_sample(np.random.default_rng(stream), cfg)
+        return image, mask
+
+    same = []
+    for key, value in SYNTHETIC_DRAW.items():
+        changed = dataclasses.replace(base, **{key: value})
+        if all(a.shape == b.shape and np.array_equal(a, b) for s in (0, 1, 2)
+               for a, b in zip(draw(base, s), draw(changed, s))):
+            same.append(key)
+    assert not same, f"these synthetic keys do not change the drawing: {same}"
+
+    cfg = dataclasses.replace(base, image_size=16, object_radius=[3, 5], part_size=2, min_visible_px=4,
+                              **SYNTHETIC_FILES)
+    root = synthetic.generate_synthetic(tmp_path / "syn", cfg, workers=1)
+    split = lambda s: (root / "ImageSets/Segmentation" / f"{s}.txt").read_text().split()  # noqa: E731
+    assert len(split("train")) == 2 and len(split("val")) == 1                    # num_train, num_val
+    files = sorted(p.name for p in (root / "JPEGImages").iterdir())
+    assert files == ["train_00000.png", "train_00001.png", "val_00000.png"]      # image_format
+    image, _, _ = synthetic.render_sample(synthetic._sample_rng(3, "train", 1), cfg)   # seed
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "JPEGImages" / "train_00001.png")), image)
