@@ -432,12 +432,21 @@ class TrainerRun:
         return self.values["epochs"] * (len(self.dataset) // self.values["batch_size"])
 
 
-def _expected_lrs(run: TrainerRun) -> list[float]:
+def _lr_at(run: TrainerRun, step: int) -> float:
     v = run.values
-    steps = [r["step"] - 1 for r in run.metrics]       # the lr logged at a step is the one it trained with
     if v.get("schedule") == "onecycle":
-        return [_onecycle(s, run.total(), v["lr"]) for s in steps]
-    return [_poly(s, run.total(), v["lr"], v["poly_power"]) for s in steps]
+        return _onecycle(step, run.total(), v["lr"])
+    return _poly(step, run.total(), v["lr"], v["poly_power"])
+
+
+def _expected_lrs(run: TrainerRun) -> list[float]:
+    return [_lr_at(run, r["step"] - 1) for r in run.metrics]   # the lr logged at a step is the one it trained with
+
+
+def _group_lrs_ok(run: TrainerRun) -> bool:
+    """The optimiser's own lr of every group at the last step: base lr x schedule x the group's multiplier."""
+    last = _lr_at(run, len(run.batches) - 1)
+    return all(g["lr"] == pytest.approx(last * g["lr_mult"], rel=1e-9) for g in run.groups.values())
 
 
 def _check_pretrained(run, path):
@@ -461,7 +470,7 @@ ENGINE_CHECKS = {
     "batch_size": lambda r, v: all(b["n"] == v for b in r.batches),
     "epochs": lambda r, v: [x["lr"] for x in r.metrics] == pytest.approx(_expected_lrs(r), rel=1e-9),
     "max_steps": lambda r, v: len(r.batches) == v and r.last_step == v,
-    "lr": lambda r, v: [x["lr"] for x in r.metrics] == pytest.approx(_expected_lrs(r), rel=1e-9),
+    "lr": lambda r, v: [x["lr"] for x in r.metrics] == pytest.approx(_expected_lrs(r), rel=1e-9) and _group_lrs_ok(r),
     "schedule": lambda r, v: [x["lr"] for x in r.metrics] == pytest.approx(_expected_lrs(r), rel=1e-9),
     "poly_power": lambda r, v: [x["lr"] for x in r.metrics] == pytest.approx(_expected_lrs(r), rel=1e-9),
     "optimizer": lambda r, v: all(("betas" in g) == (v == "adam") for g in r.groups.values()),
@@ -595,12 +604,12 @@ IRN_ELSEWHERE = {k: "tests/test_irn_stages.py::test_make_irn_labels_equal_the_wa
 IRN_ELSEWHERE["crf"] = "tests/test_irn_stages.py::test_train_irn_writes_relation_labels_of_the_configured_settings_and_trains"
 
 TRAINERS = {
-    "train_classifier": ("train_classifier", "adam", lambda p: {}, ()),
+    "train_classifier": ("train_classifier", "sgd", lambda p: {}, ()),
     "train_cgnet": ("train_cgnet", "sgd", _rows_cgnet, ("erasing_mask", "erased_logits")),
     "train_affinity": ("train_affinity", "adam", _rows_affinity,
                        ("ensure_crf_labels", "ensure_cell_tables", "offset_affinity")),
     "train_deeplab": ("train_deeplab", "sgd", _rows_deeplab, ("build_deeplab", "check_label_dir")),
-    "irn": ("train_irn", "adam", _rows_irn, ("ensure_ir_labels", "ir_labels", "boundary_affinity", "reduce_labels")),
+    "irn": ("train_irn", "sgd", _rows_irn, ("ensure_ir_labels", "ir_labels", "boundary_affinity", "reduce_labels")),
 }
 # keys a trainer does not read at all (so nothing can observe them)
 NOT_READ = {
