@@ -7,11 +7,17 @@ of the method call that uses it (a spy) or a property of the stage's output, nev
 object. One stage run with every key changed at once serves all rows. A key that cannot be
 observed this way goes to ``UNOBSERVABLE`` with the reason; keep that list short.
 
-Covered so far: the ``cam`` section (make_cam.py: ``multiscale_cams`` arguments and the files
-written), which CAM folder the later stages read for each ``cam.source`` (``train_affinity.cam_dir``
-and ``pseudo_labels.cam_dir`` left at their defaults) and the ``pseudo_labels`` section
-(make_pseudo_labels.py: the random walk's and the embedding's arguments, the CRF jobs, the files).
-The other sections are still to come.
+Covered: the ``cam`` section (make_cam.py: ``multiscale_cams`` arguments and the files written),
+which CAM folder the later stages read for each ``cam.source``, the ``pseudo_labels`` section
+(make_pseudo_labels.py: the random walk's and the embedding's arguments, the CRF jobs, the files),
+the ``crf`` section (pydensecrf's recorded calls in that run), the five trainer sections
+(train_classifier, train_cgnet, train_affinity, train_deeplab, irn: one real run each, ``fit`` and
+the stage's own consumers spied) with ``masking`` in the CGNet's run, ``eval`` (the scoring's
+arguments and result), ``data`` (the index ``load_split`` makes, the trainers' splits and
+workers) and ``data.synthetic`` (the drawing and the generated folder). Not observable: the CUDA
+only keys (amp, channels_last) and the keys a network does not read (``NOT_READ``); IRN's walk keys
+are compared with the method by hand in tests/test_irn_stages.py (``IRN_ELSEWHERE``).
+tools/mutation_check.py makes a "stage ignores <key>" mutation from each row.
 """
 from __future__ import annotations
 

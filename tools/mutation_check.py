@@ -578,6 +578,31 @@ TRAIN_KEY_READS.update({
 })
 MUTATIONS += [m(f"stage ignores {key}", file, old, new, test) for key, (file, old, new, test) in TRAIN_KEY_READS.items()]
 
+
+def _synthetic_reads() -> list[Mutation]:
+    """data.synthetic: for every key, the first line of caee/data/synthetic.py that reads ``cfg.<key>``
+    (and occurs once) with the key's default in its place; tests/test_key_wiring.py draws or
+    generates with each key changed."""
+    from caee.core.config import SyntheticConfig
+
+    path = "caee/data/synthetic.py"
+    text = (REPO / path).read_text()
+    out = []
+    for f in dataclasses.fields(SyntheticConfig):
+        default = getattr(SyntheticConfig(), f.name)
+        lines = [line for line in text.splitlines(keepends=True) if f"cfg.{f.name}" in line and text.count(line) == 1]
+        if lines:
+            old = lines[0]
+            out.append(m(f"stage ignores data.synthetic.{f.name}", path, old, old.replace(f"cfg.{f.name}", repr(default)),
+                         _K + "test_every_synthetic_key_changes_the_images"))
+        else:
+            out.append(m(f"stage ignores data.synthetic.{f.name}", path, f"cfg.{f.name} <no line reads it once>", "",
+                         _K + "test_every_synthetic_key_changes_the_images"))
+    return out
+
+
+MUTATIONS += _synthetic_reads()
+
 MUTATIONS += [
     m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", _LAYOUT,
       'self._or(self.cfg.train_affinity.cam_dir, self.cam_dir("cgnet"))',
