@@ -398,7 +398,9 @@ KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read
     "cam.split": (_MC, "split = cc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
     "cam.pictures": (_MC, "range(min(cc.pictures, len(index)))", "range(min(0, len(index)))"),
     "cam.crf_alphas": (_MC, "list(cc.crf_alphas), cfg.crf", "[], cfg.crf"),
-    "cam.overwrite": (_MC, "if cc.overwrite or not", "if False or not"),
+    # (the per-file skip `if cc.overwrite or not ...` cannot matter: open_output has removed the files)
+    "cam.overwrite": (_MC, 'stage_settings(cfg, "make_cam"), cfg.cam.overwrite, "*.npz")',
+                      'stage_settings(cfg, "make_cam"), False, "*.npz")'),
     # the lead's layout.py: update these patterns when it is rewritten
     "cam.source": (_LAYOUT, 'default = self.model(f"train_{source}")', 'default = self.model("train_cgnet")'),
     "cam.weights": (_LAYOUT, "return self._or(self.cfg.cam.weights, default)", "return default"),
@@ -413,7 +415,9 @@ PSEUDO_KEY_READS: dict[str, tuple[str, str, str]] = {  # the walk settings: "pse
     "pseudo_labels.psa_border (pair set)": (_MPL, "PairCache(params.radius, params.psa_border)",
                                             "PairCache(params.radius, False)"),
     "pseudo_labels.split": (_MPL, "split = pc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
-    "pseudo_labels.overwrite": (_MPL, "if pc.overwrite or not (out_dir", "if False or not (out_dir"),
+    # (the per-file skip `if pc.overwrite or not ...` cannot matter: the stage's start has removed the files)
+    "pseudo_labels.overwrite": (_MPL, 'start_label_stage(cfg, "make_pseudo_labels", out_dir, pc.overwrite)',
+                                'start_label_stage(cfg, "make_pseudo_labels", out_dir, False)'),
     "pseudo_labels.crf": (_MPL, "crf = cfg.crf if pc.crf else None", "crf = None"),
 }
 MUTATIONS += [m(f"stage ignores {key}", file, old, new,
