@@ -619,7 +619,7 @@ TRAINERS = {
 }
 # keys a trainer does not read at all (so nothing can observe them)
 NOT_READ = {
-    "train_affinity": {"net.dropout": "AffinityNet has no dropout (PSA)", "amp": "CUDA only"},
+    "train_affinity": {"net.dropout": "AffinityNet has no dropout (PSA)"},
     "train_deeplab": {"net.dropout": "DeepLab's dropout is head_dropout (the backbone has none)"},
     "irn": {"net.dropout": "IRN's network has no dropout",
             "resize_long": "IRN rescales by irn.scale_range (official: no long-side resize)",
