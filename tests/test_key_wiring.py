@@ -896,3 +896,19 @@ def test_every_synthetic_key_changes_the_images(tmp_path):
     assert files == ["train_00000.png", "train_00001.png", "val_00000.png"]      # image_format
     image, _, _ = synthetic.render_sample(synthetic._sample_rng(3, "train", 1), cfg)   # seed
     np.testing.assert_array_equal(np.asarray(Image.open(root / "JPEGImages" / "train_00001.png")), image)
+
+
+def test_affinity_psa_rule_augments_with_the_section_s_crop_flip_and_jitter(trainer_inputs, monkeypatch):
+    """label_rule psa (the default; the run above uses top_left): PSA's augmentation of the cell
+    tables gets the section's crop_size, hflip and color_jitter."""
+    pytest.importorskip("pydensecrf")
+    from caee.data import load_split
+    from caee.stages import train_affinity
+
+    seen = []
+    real = train_affinity.AffinityAugment
+    monkeypatch.setattr(train_affinity, "AffinityAugment", lambda *a: (seen.append(a), real(*a))[1])
+    cfg = config_from_dict({"data": {"dataset": "voc", "root": str(trainer_inputs["voc"])}, "crf": {"workers": 1},
+                            "train_affinity": {k: ENGINE_VALUES[k] for k in ("crop_size", "hflip", "color_jitter")}})
+    train_affinity.build_dataset(cfg, load_split(cfg.data, "val"), trainer_inputs["cams"], 4)
+    assert seen == [(ENGINE_VALUES["crop_size"], ENGINE_VALUES["hflip"], ENGINE_VALUES["color_jitter"])]

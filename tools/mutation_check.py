@@ -427,6 +427,7 @@ MUTATIONS += [m(f"stage ignores {key}", file, old, new,
 # engine's reads (caee/engine/trainer.py) are caught by any trainer's run; a stage's own reads by its run
 _T = _K + "test_every_trainer_key_reaches_the_engine_and_the_stage_s_consumers[{}]"
 _ADAM, _SGD = _T.format("train_affinity"), _T.format("train_deeplab")   # the cheapest run of each variant
+_AFF_PSA = _K + "test_affinity_psa_rule_augments_with_the_section_s_crop_flip_and_jitter"
 _TR, _TF, _TC = "caee/engine/trainer.py", "caee/data/transforms.py", "caee/stages/train_cgnet.py"
 _TA, _TD, _TI = "caee/stages/train_affinity.py", "caee/stages/train_deeplab.py", "caee/stages/train_irn.py"
 TRAIN_KEY_READS: dict[str, tuple[str, str, str, str]] = {  # key: (file, the read, the read replaced, test)
@@ -490,8 +491,13 @@ TRAIN_KEY_READS: dict[str, tuple[str, str, str, str]] = {  # key: (file, the rea
                                      "build_affinitynet(net, [64, 128, 256], tc.embed_stride)", _ADAM),
     "train_affinity.embed_stride": (_TA, "build_affinitynet(net, tc.head_channels, tc.embed_stride)",
                                     "build_affinitynet(net, tc.head_channels, 0)", _ADAM),
-    "train_affinity.crop_size": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
-                                 "AffinityAugment(448, tc.hflip, tc.color_jitter)", _ADAM),
+    "train_affinity.crop_size (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                 "AffinityAugment(448, tc.hflip, tc.color_jitter)", _AFF_PSA),
+    "train_affinity.hflip (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                              "AffinityAugment(tc.crop_size, True, tc.color_jitter)", _AFF_PSA),
+    "train_affinity.color_jitter (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                                     "AffinityAugment(tc.crop_size, tc.hflip, [0.3, 0.3, 0.3, 0.1])",
+                                                     _AFF_PSA),
     "train_deeplab.head": (_TD, "len(names) + 1, tc.head, tc.head_channels,", 'len(names) + 1, "largefov", tc.head_channels,',
                            _SGD),
     "train_deeplab.head_channels": (_TD, "tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)",
