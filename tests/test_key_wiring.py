@@ -886,6 +886,10 @@ def test_every_synthetic_key_changes_the_images(tmp_path):
                for a, b in zip(draw(base, s), draw(changed, s))):
             same.append(key)
     assert not same, f"these synthetic keys do not change the drawing: {same}"
+    # part_size is read twice (where the emblem goes, how large it is painted): every emblem shown whole
+    _, _, objects = synthetic.render_sample(np.random.default_rng(0), dataclasses.replace(
+        base, part_size=SYNTHETIC_DRAW["part_size"], part_hidden_prob=0.0))
+    assert max(o["part_visible_px"] for o in objects) == SYNTHETIC_DRAW["part_size"] ** 2
 
     cfg = dataclasses.replace(base, image_size=16, object_radius=[3, 5], part_size=2, min_visible_px=4,
                               **SYNTHETIC_FILES)

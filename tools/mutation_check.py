@@ -603,8 +603,8 @@ MUTATIONS += [m(f"stage ignores {key}", file, old, new, test) for key, (file, ol
 
 
 def _synthetic_reads() -> list[Mutation]:
-    """data.synthetic: for every key, the first line of caee/data/synthetic.py that reads ``cfg.<key>``
-    (and occurs once) with the key's default in its place; tests/test_key_wiring.py draws or
+    """data.synthetic: for every key, the last line of caee/data/synthetic.py that uses ``cfg.<key>``
+    (occurring once, not a range check) with the key's default in its place; tests/test_key_wiring.py draws or
     generates with each key changed."""
     from caee.core.config import SyntheticConfig
 
@@ -613,9 +613,10 @@ def _synthetic_reads() -> list[Mutation]:
     out = []
     for f in dataclasses.fields(SyntheticConfig):
         default = getattr(SyntheticConfig(), f.name)
-        lines = [line for line in text.splitlines(keepends=True) if f"cfg.{f.name}" in line and text.count(line) == 1]
+        lines = [line for line in text.splitlines(keepends=True) if f"cfg.{f.name}" in line and text.count(line) == 1
+                 and not line.strip().startswith(("if ", "raise "))]   # not the range checks: a use
         if lines:
-            old = lines[0]
+            old = lines[-1]
             out.append(m(f"stage ignores data.synthetic.{f.name}", path, old, old.replace(f"cfg.{f.name}", repr(default)),
                          _K + "test_every_synthetic_key_changes_the_images"))
         else:
