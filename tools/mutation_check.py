@@ -603,25 +603,27 @@ MUTATIONS += [m(f"stage ignores {key}", file, old, new, test) for key, (file, ol
 
 
 def _synthetic_reads() -> list[Mutation]:
-    """data.synthetic: for every key, the last line of caee/data/synthetic.py that uses ``cfg.<key>``
-    (occurring once, not a range check) with the key's default in its place; tests/test_key_wiring.py draws or
-    generates with each key changed."""
+    """data.synthetic: for every key, the first line of caee/data/synthetic.py that uses ``cfg.<key>``
+    (occurring once, not a range check) with the key's default in its place (part_size: where the
+    emblem is painted, the last such line); tests/test_key_wiring.py draws or generates with each key
+    changed."""
+    import re
+
     from caee.core.config import SyntheticConfig
 
     path = "caee/data/synthetic.py"
     text = (REPO / path).read_text()
+    which = {"part_size": -1}
     out = []
     for f in dataclasses.fields(SyntheticConfig):
         default = getattr(SyntheticConfig(), f.name)
-        lines = [line for line in text.splitlines(keepends=True) if f"cfg.{f.name}" in line and text.count(line) == 1
+        read = re.compile(rf"(?<![\w.])cfg\.{f.name}\b")
+        lines = [line for line in text.splitlines(keepends=True) if read.search(line) and text.count(line) == 1
                  and not line.strip().startswith(("if ", "raise "))]   # not the range checks: a use
-        if lines:
-            old = lines[-1]
-            out.append(m(f"stage ignores data.synthetic.{f.name}", path, old, old.replace(f"cfg.{f.name}", repr(default)),
-                         _K + "test_every_synthetic_key_changes_the_images"))
-        else:
-            out.append(m(f"stage ignores data.synthetic.{f.name}", path, f"cfg.{f.name} <no line reads it once>", "",
-                         _K + "test_every_synthetic_key_changes_the_images"))
+        old, new = (lines[which.get(f.name, 0)], read.sub(repr(default), lines[which.get(f.name, 0)])) if lines \
+            else (f"cfg.{f.name} <no line uses it once>", "")
+        out.append(m(f"stage ignores data.synthetic.{f.name}", path, old, new,
+                     _K + "test_every_synthetic_key_changes_the_images"))
     return out
 
 
