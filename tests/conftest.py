@@ -97,15 +97,15 @@ def fake_voc_labels() -> dict[str, list[int]]:
 
 
 def mini_config(tmp_path: Path, **overrides):
-    """A miniature experiment on a tiny synthetic set (64 x 64, 3 classes, 48 + 12 images) with
+    """A miniature experiment on a tiny synthetic set (64 x 64, 3 classes, 16 + 4 images) with
     TinyCNN networks and a handful of steps per stage: the whole pipeline runs in seconds."""
     from caee.core.config import load_config
 
     items = {
         "work_dir": str(tmp_path / "work"), "device": "cpu",
         "data.root": str(tmp_path / "synthetic"), "data.num_workers": 0,
-        "data.synthetic.image_size": 64, "data.synthetic.num_classes": 3, "data.synthetic.num_train": 48,
-        "data.synthetic.num_val": 12, "data.synthetic.object_radius": [9, 13], "data.synthetic.part_size": 5,
+        "data.synthetic.image_size": 64, "data.synthetic.num_classes": 3, "data.synthetic.num_train": 16,
+        "data.synthetic.num_val": 4, "data.synthetic.object_radius": [9, 13], "data.synthetic.part_size": 5,
         "data.synthetic.seed": 1,
         "cam.scales": [1.0], "cam.flip": True, "crf.workers": 1, "eval.workers": 1,
     }
@@ -173,3 +173,63 @@ def run_stage(main, doc=None, argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     return guarded(lambda: main(load_config(args.config, args.overrides)))
+# ---------------------------------------------------------------- one finished miniature pipeline
+
+# the runner, layout and results tests all read this one pipeline (built once per session): 2 steps per
+# trainer, no control, one CRF alpha, and its CAM and pseudo-label folders set by their path keys
+# (to <work_dir>/my_cams and <work_dir>/my_labels, so that a copied work_dir still holds everything);
+# DeepLab starts from the CGNet, as the demo does (a path setting naming another step's output)
+MINI_PIPELINE = {**{f"{s}.max_steps": 2 for s in ("train_classifier", "train_cgnet", "train_affinity",
+                                                    "train_deeplab")},
+                 "cam.crf_alphas": [4], "pipeline.control": False, "pipeline.pictures": 0, "pseudo_labels.steps": 4,
+                 "train_deeplab.init": "{work_dir}/train_cgnet/model.pth"}
+
+
+def mini_pipeline_config(work: Path, data: Path, **overrides):
+    """The config of the ``mini_pipeline`` fixture for a work_dir (a copy) and the data root."""
+    paths = {"work_dir": str(work), "data.root": str(data), "cam.out_dir": str(work / "my_cams"),
+             "pseudo_labels.out_dir": str(work / "my_labels")}
+    return mini_config(work.parent, **MINI_PIPELINE, **{**paths, **overrides})
+
+
+class FinishedPipeline:
+    """``work`` and ``data``: the folders; ``result``: what the results step returned; ``ran``: the steps run."""
+
+    def __init__(self, work: Path, data: Path, result: dict, ran: list[str]):
+        self.work, self.data, self.result, self.ran = work, data, result, ran
+
+    def config(self, **overrides):
+        return mini_pipeline_config(self.work, self.data, **overrides)
+
+
+@pytest.fixture(scope="session")
+def mini_pipeline(tmp_path_factory) -> FinishedPipeline:
+    """One finished miniature pipeline, shared read-only; a test that changes it copies it first
+    (``copied_pipeline``)."""
+    import logging
+
+    pytest.importorskip("pydensecrf")
+    from caee.pipeline import run as pipeline
+    from caee.pipeline.runner import jobs_of, run_jobs
+
+    root = tmp_path_factory.mktemp("mini_pipeline")
+    log = logging.getLogger("caee")
+    handlers = list(log.handlers)
+    cfg = mini_pipeline_config(root / "work", root / "synthetic")
+    jobs = jobs_of(cfg, pipeline.plan(cfg))
+    summary = run_jobs(jobs, context=jobs)
+    result = pipeline.write_results(cfg, jobs)
+    for h in list(log.handlers):
+        if h not in handlers:
+            log.removeHandler(h)
+            h.close()
+    return FinishedPipeline(root / "work", root / "synthetic", result, list(summary.ran))
+
+
+@pytest.fixture
+def copied_pipeline(mini_pipeline, tmp_path) -> FinishedPipeline:
+    """A copy of the finished pipeline's work_dir in this test's folder (the data root is shared)."""
+    import shutil
+
+    shutil.copytree(mini_pipeline.work, tmp_path / "work", symlinks=True)
+    return FinishedPipeline(tmp_path / "work", mini_pipeline.data, mini_pipeline.result, mini_pipeline.ran)

@@ -437,7 +437,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, dataset, monkeypatch, ca
     """The 2nd last.pth write finds the disk full: one line naming last.pth; the files stay as they were
     at that moment (last.pth of step 1, no model.pth, no temp file); a re-run resumes and finishes."""
     config = write_config(tmp_path, **{"data.root": str(dataset), "train_classifier.max_steps": 3,
-                                       "train_classifier.checkpoint_every": 1})
+                                       "train_classifier.epochs": 2, "train_classifier.checkpoint_every": 1})
     folder = tmp_path / "work" / "train_classifier"
     at_fault: dict[str, bytes] = {}
     fail_writes(monkeypatch, "last.pth", errno.ENOSPC, after=1, on_fault=lambda: at_fault.update(files_of(folder)))

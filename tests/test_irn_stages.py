@@ -231,24 +231,28 @@ def test_voc_irn_config_selects_irn_and_changes_nothing_else(tmp_path):
     assert cfg.irn.conf_fg_thres == 0.30 and cfg.irn.exp_times == 8 and cfg.irn.sem_seg_bg_thres == 0.25
 
 
-def test_miniature_pipeline_runs_end_to_end_with_irn_settings_checked_and_resumable(tmp_path):
-    """caee run with pseudo_labels.method=irn: IRN's stages run between the CGNet CAMs and DeepLab, a
-    second run skips every step, a changed walk key re-runs exactly the IRN labels and DeepLab, and
-    the results table has the IRN row."""
-    pytest.importorskip("pydensecrf")
+def test_miniature_pipeline_runs_end_to_end_with_irn_settings_checked_and_resumable(copied_pipeline):
+    """caee run with pseudo_labels.method=irn on a copy of conftest.py's finished miniature pipeline:
+    IRN's stages run between the CGNet CAMs and DeepLab (the steps before them are reused), a second
+    run skips every step, a changed walk key re-runs exactly the IRN labels and DeepLab, and the
+    results table has the IRN row."""
     from caee.pipeline import run as pipeline
     from caee.pipeline.runner import jobs_of, run_jobs
-    from conftest import mini_config
 
-    cfg = mini_config(tmp_path, **_IRN_MINI)
-    result = pipeline.run(cfg)
-    work = tmp_path / "work"
+    irn_keys = {k: v for k, v in _IRN_MINI.items() if k.startswith("irn.") or k == "pseudo_labels.method"}
+    cfg = copied_pipeline.config(**irn_keys)
+    names = [j.step.name for j in jobs_of(cfg, pipeline.plan(cfg))]
+    assert names == ["train_classifier", "train_cgnet", "cam_classifier", "cam_cgnet", "train_irn", "irn_labels",
+                     "train_deeplab"]
+    jobs = jobs_of(cfg, names)
+    assert run_jobs(jobs, context=jobs).ran == ["train_irn", "irn_labels", "train_deeplab"]
+    result = pipeline.run(cfg, only=["results"])
+    work = copied_pipeline.work
     rows = {r["output"]: r for r in result["rows"]}
     assert "pseudo labels (IRN)" in rows and "pseudo labels" not in rows and "DeepLab prediction" in rows
     labels = records.read(work / "pseudo_labels_irn")
     assert labels["complete"] == ["train"] and labels["settings"]["input.irn"] == records.read(work / "train_irn")["run"]
     assert records.read(work / "train_deeplab")["settings"]["input.labels"] == labels["run"]
-    names = [j.step.name for j in jobs_of(cfg, pipeline.plan(cfg))]
     assert run_jobs(jobs_of(cfg, names)).ran == []
-    changed = mini_config(tmp_path, **{**_IRN_MINI, "irn.beta": 4.0})
+    changed = copied_pipeline.config(**{**irn_keys, "irn.beta": 4.0})
     assert run_jobs(jobs_of(changed, names)).ran == ["irn_labels", "train_deeplab"]

@@ -95,19 +95,15 @@ def test_an_init_path_naming_a_steps_output_makes_that_step_upstream(tmp_path):
     assert [j.step.name for j in upstream_of(context[-1], context)] == ["train_cgnet", "pseudo_labels"]
 
 
-def test_a_pipeline_with_cam_out_dir_and_pseudo_labels_out_dir_set_uses_them_everywhere(tmp_path):
-    pytest.importorskip("pydensecrf")
-    cams, labels = tmp_path / "my_cams", tmp_path / "my_labels"
-    fast = {f"{s}.max_steps": 2 for s in ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")}
-    cfg = mini_config(tmp_path, **fast, **{"cam.out_dir": str(cams), "pseudo_labels.out_dir": str(labels),
-                                           "cam.crf_alphas": [4], "pipeline.control": False,
-                                           "pipeline.pictures": 0, "pseudo_labels.steps": 4})
-    result = pipeline.run(cfg)
-    work = Path(cfg.work_dir)
-    assert len(list(cams.glob("*.npz"))) == 48 and records.read(cams)["complete"] == ["train"]
+def test_a_pipeline_with_cam_out_dir_and_pseudo_labels_out_dir_set_uses_them_everywhere(mini_pipeline):
+    """conftest.py's miniature pipeline sets cam.out_dir=<work_dir>/my_cams and
+    pseudo_labels.out_dir=<work_dir>/my_labels: every step writes and reads those folders."""
+    work = mini_pipeline.work
+    cams, labels = work / "my_cams", work / "my_labels"
+    assert len(list(cams.glob("*.npz"))) == 16 and records.read(cams)["complete"] == ["train"]
     assert not (work / "cam_cgnet").exists() and records.read(work / "cam_classifier")["complete"] == ["train"]
     # AffinityNet made its la / ha CRF cell tables next to the CAM folder it read
-    assert len(list(tmp_path.glob("my_cams_cells_4_24_s*"))) == 1 and not list(work.glob("cam_cgnet_*"))
+    assert len(list(work.glob("my_cams_cells_4_24_s*"))) == 1 and not list(work.glob("cam_cgnet_*"))
     assert records.read(labels)["complete"] == ["train"] and (labels / "log.txt").is_file()
     assert not (work / "pseudo_labels").exists()
     # the records name their inputs by run id: the folders set by the keys are the ones read
@@ -115,7 +111,17 @@ def test_a_pipeline_with_cam_out_dir_and_pseudo_labels_out_dir_set_uses_them_eve
     assert records.read(work / "train_deeplab")["settings"]["input.labels"] == records.read(labels)["run"]
     hist = json.loads((work / "train_deeplab" / "label_histogram.json").read_text())
     assert hist["label_dir"] == str(labels)
-    folders = {r["output"]: r["folder"] for r in result["rows"]}
+    folders = {r["output"]: r["folder"] for r in mini_pipeline.result["rows"]}
     assert folders["CGNet CAM"] == str(cams) and folders["pseudo labels"] == str(labels)
     assert folders["CGNet CAM + CRF (alpha 4)"] == str(crf_dir(cams, 4))
     assert folders["OC CAM"] == str(work / "cam_classifier")
+
+
+def test_the_results_table_finds_folders_given_with_work_dir(copied_pipeline):
+    from caee.pipeline.results import measure
+
+    work = copied_pipeline.work
+    (work / "cams").symlink_to(work / "my_cams")
+    cfg = copied_pipeline.config(**{"cam.out_dir": "{work_dir}/cams"})
+    rows = {r["output"]: r for r in measure(cfg)}
+    assert rows["CGNet CAM"]["folder"] == str(work / "cams")

@@ -21,7 +21,9 @@ from caee.core.errors import CaeeError
 from conftest import mini_config
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"train_classifier.max_steps": 2, "train_cgnet.max_steps": 2}
+# 8 + 2 images (one batch): each variant trains, makes and evaluates its CAMs in a fraction of a second
+FAST = {"train_classifier.max_steps": 2, "train_cgnet.max_steps": 2, "data.synthetic.num_train": 8,
+        "data.synthetic.num_val": 2}
 
 
 def _tool(name: str):
@@ -241,7 +243,7 @@ def test_table1_layout_numbers_and_skip(tmp_path):
     assert rows[2][0] == f"ResNet38 [ran tinycnn] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
     assert rows[2][2] == "47.8% -> 56.0%" and rows[3][2] == "48.9% -> 52.3%"
     assert rows[2][3] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
-    assert "Note: test" in report.markdown and "(48 images)" in report.markdown
+    assert "Note: test" in report.markdown and "(8 images)" in report.markdown
 
     before = _mtimes(root)
     assert len(before) == 4

@@ -5,11 +5,10 @@ settings starts over, an unreadable record or one of another version is one Caee
 
 The first tests replace the stages by a stub that opens, fills and finishes each step's output
 folder the way a stage does (caee/stages/common.py open_output, records.finish), so they train
-nothing; the last ones share one finished miniature pipeline (module-scoped, copied per test)."""
+nothing; the last ones read conftest.py's finished miniature pipeline (built once per session, copied
+per test)."""
 import json
-import logging
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -229,50 +228,22 @@ def test_selected_steps_and_the_table_refuse_stale_upstream_outputs(tmp_path, ca
 
 
 # ---------------------------------------------------------------- a real miniature pipeline
-
-REAL = {**{f"{s}.max_steps": 2 for s in ("train_classifier", "train_cgnet", "train_affinity", "train_deeplab")},
-        "cam.crf_alphas": [], "pipeline.control": False, "pipeline.pictures": 0, "pseudo_labels.steps": 4,
-        "train_deeplab.init": "{work_dir}/train_cgnet/model.pth"}  # a path setting naming another output, as the demo
+# conftest.py's mini_pipeline: one finished pipeline (no control, CAMs in <work_dir>/my_cams, pseudo
+# labels in <work_dir>/my_labels, DeepLab started from the CGNet), copied per test (copied_pipeline)
 
 
-def _real_config(work: Path, data: Path, **overrides):
-    return mini_config(work.parent, **REAL, **{"work_dir": str(work), "data.root": str(data), **overrides})
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One finished miniature pipeline (no control, no CRF alphas): ``(work_dir, data root)``."""
-    pytest.importorskip("pydensecrf")
-    root = tmp_path_factory.mktemp("finished")
-    log = logging.getLogger("caee")
-    handlers = list(log.handlers)
-    cfg = _real_config(root / "work", root / "synthetic")
-    summary = run_jobs(jobs_of(cfg, plan(cfg)))
-    for h in list(log.handlers):
-        if h not in handlers:
-            log.removeHandler(h)
-            h.close()
-    assert summary.ran == plan(cfg) == PLAN
-    return root / "work", root / "synthetic"
-
-
-@pytest.fixture
-def copied(finished, tmp_path):
-    """A copy of the finished pipeline's work_dir in this test's folder: ``(work_dir, data root)``."""
-    work, data = finished
-    shutil.copytree(work, tmp_path / "work", symlinks=True)
-    return tmp_path / "work", data
+def test_the_shared_pipeline_ran_every_step(mini_pipeline):
+    assert mini_pipeline.ran == plan(mini_pipeline.config()) == PLAN
 
 
 def _records(work: Path) -> dict[str, dict]:
     return {str(p.parent.relative_to(work)): json.loads(p.read_text()) for p in sorted(work.rglob(records.RECORD))}
 
 
-def test_a_stage_run_alone_with_overwrite_makes_the_pipeline_redo_it_and_what_follows(copied, tmp_path):
+def test_a_stage_run_alone_with_overwrite_makes_the_pipeline_redo_it_and_what_follows(copied_pipeline, tmp_path):
     """`caee train-cgnet <cfg> train_cgnet.lr=<other> --overwrite`, then the pipeline with the config's
     lr: the CGNet and every step downstream of it run again (new run ids), the OC does not."""
-    work, data = copied
-    cfg = _real_config(work, data)
+    work, cfg = copied_pipeline.work, copied_pipeline.config()
     before = _records(work)
     path = save_config(cfg, tmp_path)
     assert cli.main(["train-cgnet", "--config", str(path), "train_cgnet.lr=0.05", "--overwrite"]) == 0
@@ -284,22 +255,21 @@ def test_a_stage_run_alone_with_overwrite_makes_the_pipeline_redo_it_and_what_fo
     downstream = ["train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels", "train_deeplab"]
     assert summary.ran == downstream and summary.skipped == ["train_classifier", "cam_classifier"]
     after = _records(work)
-    for step, folder in zip(downstream, ["train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels",
+    for step, folder in zip(downstream, ["train_cgnet", "my_cams", "train_affinity", "my_labels",
                                          "train_deeplab"]):
         assert after[folder]["run"] not in (before[folder]["run"], alone["run"]), step
         assert after[folder]["complete"] == before[folder]["complete"], step
     assert after["train_cgnet"]["settings"]["train_cgnet.lr"] == 0.01
-    assert after["cam_cgnet"]["settings"]["input.weights"] == after["train_cgnet"]["run"]
+    assert after["my_cams"]["settings"]["input.weights"] == after["train_cgnet"]["run"]
     assert after["train_classifier"] == before["train_classifier"]  # the OC: untouched record
     assert after["cam_classifier"] == before["cam_classifier"]
 
 
-def test_a_copied_work_dir_reruns_nothing_also_read_only(copied):
+def test_a_copied_work_dir_reruns_nothing_also_read_only(copied_pipeline):
     """`cp -r work other`, then the pipeline on the copy: no step runs and no record changes (paths in
     the work_dir are recorded relative to it); the same on a read-only copy (unless root, whom
     permissions do not stop: then the copy stays writable and only the 0 re-runs are checked)."""
-    work, data = copied
-    cfg = _real_config(work, data)
+    work, cfg = copied_pipeline.work, copied_pipeline.config()
     before = {p: p.read_bytes() for p in work.rglob(records.RECORD)}
     deeplab = records.read(work / "train_deeplab")["settings"]   # the init path: relative, and an input by its run id
     assert deeplab["train_deeplab.init"] == "{work_dir}/train_cgnet/model.pth"
@@ -322,16 +292,16 @@ def test_a_copied_work_dir_reruns_nothing_also_read_only(copied):
     assert {p: p.read_bytes() for p in work.rglob(records.RECORD)} == before
 
 
-def test_a_truncated_model_stops_the_step_reading_it_before_it_removes_anything(copied):
+def test_a_truncated_model_stops_the_step_reading_it_before_it_removes_anything(copied_pipeline):
     """train_cgnet/model.pth truncated to zero bytes, then a changed setting of the step that reads
     it (cam_cgnet): one CaeeError naming model.pth, and the CGNet CAM folder (its .npz files and its
     record) is untouched. train_cgnet itself is skipped: its record holds for the config."""
-    work, data = copied
+    work = copied_pipeline.work
     (work / "train_cgnet" / records.MODEL).write_bytes(b"")
-    cams = work / "cam_cgnet"
+    cams = work / "my_cams"
     before = {p.name: p.read_bytes() for p in cams.iterdir() if p.suffix in (".npz", ".json")}
-    assert sum(n.endswith(".npz") for n in before) == 48
-    cfg = _real_config(work, data, **{"cam.scales": [1.0, 0.5]})
+    assert sum(n.endswith(".npz") for n in before) == 16
+    cfg = copied_pipeline.config(**{"cam.scales": [1.0, 0.5]})
     summary = runner.Summary()
     with pytest.raises(CaeeError, match=r"train_cgnet/model\.pth: unreadable PyTorch checkpoint") as e:
         run_jobs(jobs_of(cfg, plan(cfg)), summary=summary)
@@ -340,7 +310,7 @@ def test_a_truncated_model_stops_the_step_reading_it_before_it_removes_anything(
     assert {p.name: p.read_bytes() for p in cams.iterdir() if p.suffix in (".npz", ".json")} == before
 
     # a changed CGNet setting with only the CAMs selected: refused as stale before anything runs
-    cfg = _real_config(work, data, **{"train_cgnet.lr": 0.05})
+    cfg = copied_pipeline.config(**{"train_cgnet.lr": 0.05})
     jobs = jobs_of(cfg, plan(cfg))
     with pytest.raises(CaeeError, match=r"'cam_cgnet' reads the outputs of 'train_cgnet', which do not match "
                                         r"this config \(train_cgnet.lr: 0.01 -> 0.05\)"):

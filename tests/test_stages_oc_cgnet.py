@@ -42,7 +42,8 @@ def test_oc_training_lowers_the_loss_and_exports_its_architecture(tmp_path):
 
 
 def test_cgnet_stage_trains_against_the_saved_oc_with_feature_masking(tmp_path):
-    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "train_cgnet.max_steps": 3, "masking.depth": 3})
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "train_cgnet.max_steps": 3, "train_cgnet.epochs": 2,
+                                   "masking.depth": 3})
     train_classifier.main(cfg)
     out = train_cgnet.main(cfg)
     meta = torch.load(out.model_path, weights_only=True)
@@ -151,7 +152,8 @@ def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
     from caee.engine.scoring import evaluate_cam_dir
     from caee.method.epoch_selection import FLIP, RESIZE, SCALES, THRESHOLDS, train_cam_miou
     from caee.stages import make_cam
-    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 2, "cam.source": "classifier", "cam.split": "train",
+    cfg = mini_config(tmp_path, **{"train_classifier.max_steps": 1, "cam.source": "classifier", "cam.split": "train",
+                                   "data.synthetic.num_train": 4, "train_classifier.batch_size": 4,
                                    "cam.scales": list(SCALES), "cam.flip": FLIP, "cam.resize": RESIZE,
                                    "cam.dtype": "float32", "cam.amp": False})
     model = load_classifier(train_classifier.main(cfg).model_path, cfg.train_classifier.net, 3)
@@ -160,6 +162,6 @@ def test_oracle_miou_is_measured_on_ground_truth(tmp_path):
     miou = train_cam_miou(model, OracleSelector(tmp_path, index, None).samples(), 3, torch.device("cpu"))
     make_cam.main(cfg)
     summary = evaluate_cam_dir(Path(cfg.work_dir) / "cam_classifier", index, THRESHOLDS, THRESHOLDS[0], 1)["summary"]
-    assert summary["num_evaluated"] == len(index) == 48
+    assert summary["num_evaluated"] == len(index) == 4
     assert miou == pytest.approx(summary["miou"], abs=1e-6)
     assert 0.0 < miou < 1.0

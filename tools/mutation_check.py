@@ -309,6 +309,9 @@ MUTATIONS: list[Mutation] = [
     m("a refused re-run removes the old outputs first", "caee/stages/common.py",
       "    if made and not overwrite:\n        raise records.refusal(folder, diffs, f\"{table.stage(name).section}.overwrite\")\n",
       "", "tests/test_safety.py"),
+    m("the results table measures with the unexpanded config ({work_dir}/... folders not found)",
+      "caee/pipeline/results.py", "    cfg = expand_work_dir(cfg)  # a folder given as {work_dir}/... is found\n", "",
+      "tests/test_layout.py::test_the_results_table_finds_folders_given_with_work_dir"),
     m("the pipeline ignores the records' complete parts", "caee/core/records.py",
       'return [] if part in record["complete"] else', 'return [] if True else', "tests/test_runner.py", "tests/test_pipeline.py"),
     m("the pipeline steps ignore pseudo_labels.method", "caee/stages/table.py",
@@ -398,7 +401,9 @@ KEY_READS: dict[str, tuple[str, str, str]] = {  # key: (file, the read, the read
     "cam.split": (_MC, "split = cc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
     "cam.pictures": (_MC, "range(min(cc.pictures, len(index)))", "range(min(0, len(index)))"),
     "cam.crf_alphas": (_MC, "list(cc.crf_alphas), cfg.crf", "[], cfg.crf"),
-    "cam.overwrite": (_MC, "if cc.overwrite or not", "if False or not"),
+    # (the per-file skip `if cc.overwrite or not ...` cannot matter: open_output has removed the files)
+    "cam.overwrite": (_MC, 'stage_settings(cfg, "make_cam"), cfg.cam.overwrite, "*.npz")',
+                      'stage_settings(cfg, "make_cam"), False, "*.npz")'),
     # the lead's layout.py: update these patterns when it is rewritten
     "cam.source": (_LAYOUT, 'default = self.model(f"train_{source}")', 'default = self.model("train_cgnet")'),
     "cam.weights": (_LAYOUT, 'self.at("cam.weights", default)', "default"),
@@ -413,12 +418,222 @@ PSEUDO_KEY_READS: dict[str, tuple[str, str, str]] = {  # the walk settings: "pse
     "pseudo_labels.psa_border (pair set)": (_MPL, "PairCache(params.radius, params.psa_border)",
                                             "PairCache(params.radius, False)"),
     "pseudo_labels.split": (_MPL, "split = pc.split or cfg.data.cam_split", "split = cfg.data.cam_split"),
-    "pseudo_labels.overwrite": (_MPL, "if pc.overwrite or not (out_dir", "if False or not (out_dir"),
+    # (the per-file skip `if pc.overwrite or not ...` cannot matter: the stage's start has removed the files)
+    "pseudo_labels.overwrite": (_MPL, 'start_label_stage(cfg, "make_pseudo_labels", out_dir, pc.overwrite)',
+                                'start_label_stage(cfg, "make_pseudo_labels", out_dir, False)'),
     "pseudo_labels.crf": (_MPL, "crf = cfg.crf if pc.crf else None", "crf = None"),
 }
 MUTATIONS += [m(f"stage ignores {key}", file, old, new,
                 _K + "test_every_pseudo_labels_key_reaches_the_walk_or_the_files")
               for key, (file, old, new) in PSEUDO_KEY_READS.items()]
+# ---- the trainer sections (tests/test_key_wiring.py, one run per trainer with every key changed): the
+# engine's reads (caee/engine/trainer.py) are caught by any trainer's run; a stage's own reads by its run
+_T = _K + "test_every_trainer_key_reaches_the_engine_and_the_stage_s_consumers[{}]"
+_ADAM, _SGD = _T.format("train_affinity"), _T.format("train_deeplab")   # the cheapest run of each variant
+_AFF_PSA = _K + "test_affinity_psa_rule_augments_with_the_section_s_crop_flip_and_jitter"
+_TR, _TF, _TC = "caee/engine/trainer.py", "caee/data/transforms.py", "caee/stages/train_cgnet.py"
+_TA, _TD, _TI = "caee/stages/train_affinity.py", "caee/stages/train_deeplab.py", "caee/stages/train_irn.py"
+TRAIN_KEY_READS: dict[str, tuple[str, str, str, str]] = {  # key: (file, the read, the read replaced, test)
+    "<trainer>.batch_size": (_TR, "batch_size=cfg.batch_size // world", "batch_size=16 // world", _ADAM),
+    "<trainer>.epochs": (_TR, "total = cfg.epochs * steps_per_epoch", "total = 15 * steps_per_epoch", _ADAM),
+    "<trainer>.max_steps": (_TR, "stop_at = min(total, cfg.max_steps) if cfg.max_steps > 0 else total",
+                            "stop_at = total", _ADAM),
+    "<trainer>.optimizer": (_TR, 'if cfg.optimizer == "adam":', "if False:", _ADAM),
+    "<trainer>.schedule": (_TR, 'if cfg.schedule == "poly":', "if True:", _ADAM),
+    "<trainer>.lr": (_TR, 'g["lr"] = cfg.lr * g["lr_mult"] * factor', 'g["lr"] = 0.01 * g["lr_mult"] * factor', _ADAM),
+    "<trainer>.momentum": (_TR, "momentum=cfg.momentum", "momentum=0.9", _SGD),
+    "<trainer>.weight_decay": (_TR, '"w": (1.0, cfg.weight_decay)', '"w": (1.0, 5e-4)', _ADAM),
+    "<trainer>.poly_power": (_TR, "** cfg.poly_power", "** 0.9", _SGD),
+    "<trainer>.head_lr_mult": (_TR, '"hw": (cfg.head_lr_mult, cfg.weight_decay)', '"hw": (10.0, cfg.weight_decay)',
+                               _ADAM),
+    "<trainer>.bias_lr_mult": (_TR, '"b": (cfg.bias_lr_mult, 0.0)', '"b": (2.0, 0.0)', _SGD),
+    "<trainer>.seed": (_TR, "EpochSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start_batch)",
+                       "EpochSampler(len(dataset), cfg.batch_size, 0, epoch, start_batch)", _ADAM),
+    "<trainer>.checkpoint_every": (_TR, "step % cfg.checkpoint_every == 0", "step % 500 == 0", _ADAM),
+    "<trainer>.log_every": (_TR, "step % cfg.log_every == 0", "step % 20 == 0", _ADAM),
+    "<trainer>.step_in_backward": (_TR, "if cfg.step_in_backward:", "if False:", _SGD),
+    "<trainer>.keep_epochs": ("caee/engine/monitor.py", "if not (self.keep_epochs and self.enabled):",
+                              "if not (False and self.enabled):", _ADAM),
+    "<trainer>.net.pretrained": ("caee/models/__init__.py", "if net_cfg.pretrained:", "if False:", _ADAM),
+    "<trainer>.crop_size": (_TF, "steps.append(v2.RandomCrop(train_cfg.crop_size,", "steps.append(v2.RandomCrop(448,",
+                            _T.format("train_classifier")),
+    "<trainer>.resize_long": (_TF, "steps.append(RandomLongSideResize(*train_cfg.resize_long))",
+                              "steps.append(RandomLongSideResize(256, 512))", _ADAM),
+    "<trainer>.hflip": (_TF, "    if train_cfg.hflip:\n", "    if True:\n", _ADAM),
+    "<trainer>.color_jitter": (_TF, "jitter = list(train_cfg.color_jitter)", "jitter = [0.3, 0.3, 0.3, 0.1]", _ADAM),
+    "train_classifier.net.dropout": ("caee/models/classifier.py", "num_classes, dropout=net.dropout)",
+                                     "num_classes, dropout=0.5)", _T.format("train_classifier")),
+    "train_classifier.init": ("caee/stages/train_classifier.py", "    if tc.init:\n        load_model_weights(model,",
+                              "    if False:\n        load_model_weights(model,", _T.format("train_classifier")),
+    "train_classifier.num_workers (data.num_workers)": (
+        "caee/stages/train_classifier.py", "config_to_dict(cfg), cfg.data.num_workers,", "config_to_dict(cfg), 2,",
+        _T.format("train_classifier")),
+    "train_cgnet.init": (_TC, "    if tc.init:\n        load_model_weights(cgnet,",
+                         "    if False:\n        load_model_weights(cgnet,", _T.format("train_cgnet")),
+    "train_cgnet.select_by_oracle": (_TC, "if tc.select_by_oracle else None", "if False else None",
+                                     _T.format("train_cgnet")),
+    "data.cam_split (the CGNet's oracle)": (_TC, "load_split(cfg.data, cfg.data.cam_split), env.device)",
+                                            'load_split(cfg.data, "train"), env.device)', _T.format("train_cgnet")),
+    "masking.depth": (_TC, "erased_logits(self.oc, images, mask, self.masking.depth)",
+                      "erased_logits(self.oc, images, mask, 0)", _T.format("train_cgnet")),
+    "masking.normalization": (_TC, "tuple(images.shape[-2:]), self.masking.normalization)",
+                              'tuple(images.shape[-2:]), "batch")', _T.format("train_cgnet")),
+    "masking.cse_init": (_TC, "cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)",
+                         "cse_weight(ctx.epoch, 0.3, self.masking.cse_slope)", _T.format("train_cgnet")),
+    "masking.cse_slope": (_TC, "cse_weight(ctx.epoch, self.masking.cse_init, self.masking.cse_slope)",
+                          "cse_weight(ctx.epoch, self.masking.cse_init, 0.05)", _T.format("train_cgnet")),
+    "train_affinity.label_rule": (_TA, '    if tc.label_rule == "psa":\n        table_dir',
+                                  '    if True:\n        table_dir', _ADAM),
+    "train_affinity.la_alpha": (_TA, "for a in (tc.la_alpha, tc.ha_alpha)}", "for a in (4.0, tc.ha_alpha)}", _ADAM),
+    "train_affinity.ha_alpha": (_TA, "for a in (tc.la_alpha, tc.ha_alpha)}", "for a in (tc.la_alpha, 24.0)}", _ADAM),
+    "train_affinity.radius": (_TA, "offset_affinity(feats.float(), self.cfg.radius, self.cfg.psa_border)",
+                              "offset_affinity(feats.float(), 5, self.cfg.psa_border)", _ADAM),
+    "train_affinity.psa_border": (_TA, "offset_affinity(feats.float(), self.cfg.radius, self.cfg.psa_border)",
+                                  "offset_affinity(feats.float(), self.cfg.radius, True)", _ADAM),
+    "train_affinity.head_channels": (_TA, "build_affinitynet(net, tc.head_channels, tc.embed_stride)",
+                                     "build_affinitynet(net, [64, 128, 256], tc.embed_stride)", _ADAM),
+    "train_affinity.embed_stride": (_TA, "build_affinitynet(net, tc.head_channels, tc.embed_stride)",
+                                    "build_affinitynet(net, tc.head_channels, 0)", _ADAM),
+    "train_affinity.crop_size (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                 "AffinityAugment(448, tc.hflip, tc.color_jitter)", _AFF_PSA),
+    "train_affinity.hflip (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                              "AffinityAugment(tc.crop_size, True, tc.color_jitter)", _AFF_PSA),
+    "train_affinity.color_jitter (label_rule psa)": (_TA, "AffinityAugment(tc.crop_size, tc.hflip, tc.color_jitter)",
+                                                     "AffinityAugment(tc.crop_size, tc.hflip, [0.3, 0.3, 0.3, 0.1])",
+                                                     _AFF_PSA),
+    "train_deeplab.head": (_TD, "len(names) + 1, tc.head, tc.head_channels,", 'len(names) + 1, "largefov", tc.head_channels,',
+                           _SGD),
+    "train_deeplab.head_channels": (_TD, "tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)",
+                                    "tc.head, 0, tc.head_dilations, tc.head_dropout)", _SGD),
+    "train_deeplab.head_dilations": (_TD, "tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)",
+                                     "tc.head, tc.head_channels, [], tc.head_dropout)", _SGD),
+    "train_deeplab.head_dropout": (_TD, "tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)",
+                                   "tc.head, tc.head_channels, tc.head_dilations, 0.5)", _SGD),
+    "train_deeplab.split": (_TD, "split = tc.split or cfg.pseudo_labels.split or cfg.data.cam_split",
+                            "split = cfg.pseudo_labels.split or cfg.data.cam_split", _SGD),
+    "train_deeplab.eval_split": (_TD, "eval_index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)",
+                                 "eval_index = load_split(cfg.data, cfg.data.val_split)", _SGD),
+    "train_deeplab.test_scales": (_TD, "segment.TestSettings(list(tc.test_scales), tc.test_flip,",
+                                  "segment.TestSettings([1.0], tc.test_flip,", _SGD),
+    "train_deeplab.test_flip": (_TD, "segment.TestSettings(list(tc.test_scales), tc.test_flip,",
+                                "segment.TestSettings(list(tc.test_scales), False,", _SGD),
+    "train_deeplab.test_crf": (_TD, "crf = cfg.crf if tc.test_crf else None", "crf = None", _SGD),
+    "train_deeplab.init": (_TD, "    if tc.init:\n        init_weights_from(model,",
+                           "    if False:\n        init_weights_from(model,", _SGD),
+    "train_deeplab.eval_only": (_TD, "    if tc.eval_only:\n        return evaluate_only(cfg)",
+                                "    if False:\n        return evaluate_only(cfg)",
+                                _K + "test_deeplab_eval_only_and_weights_reach_the_evaluation"),
+    "data.val_split (DeepLab's evaluation)": (
+        _TD, "    index = load_split(cfg.data, tc.eval_split or cfg.data.val_split)\n    info = {",
+        '    index = load_split(cfg.data, tc.eval_split or "val")\n    info = {',
+        _K + "test_deeplab_eval_only_and_weights_reach_the_evaluation"),
+    "irn.scale_range": (_TI, "steps.append(RandomRescale(*ic.scale_range))", "steps.append(RandomRescale(0.5, 1.5))",
+                        _T.format("irn")),
+    "irn.hflip": (_TI, "    if ic.hflip:\n", "    if True:\n", _T.format("irn")),
+    "irn.crop_size": (_TI, "v2.RandomCrop(ic.crop_size, pad_if_needed=True,", "v2.RandomCrop(512, pad_if_needed=True,",
+                      _T.format("irn")),
+    "irn.conf_fg_thres": (_TI, "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres, ic.crf, ic.crf_gt_prob)",
+                          "ir_labels(image, keys, cams, 0.30, ic.conf_bg_thres, ic.crf, ic.crf_gt_prob)", _T.format("irn")),
+    "irn.conf_bg_thres": (_TI, "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres, ic.crf, ic.crf_gt_prob)",
+                          "ir_labels(image, keys, cams, ic.conf_fg_thres, 0.05, ic.crf, ic.crf_gt_prob)", _T.format("irn")),
+    "irn.crf_gt_prob": (_TI, "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres, ic.crf, ic.crf_gt_prob)",
+                        "ir_labels(image, keys, cams, ic.conf_fg_thres, ic.conf_bg_thres, ic.crf, 0.7)", _T.format("irn")),
+    "irn.train_radius": (_TI, "boundary_affinity(edge, self.ic.train_radius, psa_border=True)",
+                         "boundary_affinity(edge, 10, psa_border=True)", _T.format("irn")),
+    "irn.edge_stride": (_TI, 'reduce_labels(ctx.to_device(batch["mask"]), self.ic.edge_stride)',
+                        'reduce_labels(ctx.to_device(batch["mask"]), 4)', _T.format("irn")),
+    "irn.edge_channels": (_TI, "build_irn(net, ic.edge_channels, ic.edge_groups, ic.edge_stride)",
+                          "build_irn(net, 32, ic.edge_groups, ic.edge_stride)", _T.format("irn")),
+    "irn.edge_groups": (_TI, "build_irn(net, ic.edge_channels, ic.edge_groups, ic.edge_stride)",
+                        "build_irn(net, ic.edge_channels, 4, ic.edge_stride)", _T.format("irn")),
+    "irn.init": (_TI, "    if ic.init:\n        how = init_weights_from(", "    if False:\n        how = init_weights_from(",
+                 _T.format("irn")),
+}
+_CRF, _SC = "caee/method/crf.py", "caee/engine/scoring.py"
+_PSEUDO = _K + "test_every_pseudo_labels_key_reaches_the_walk_or_the_files"
+_EVAL = _K + "test_every_eval_key_reaches_the_scoring"
+_DATA = _K + "test_every_data_key_reaches_the_index"
+TRAIN_KEY_READS.update({
+    "crf.iterations": (_CRF, "crf.inference(int(params.iterations))", "crf.inference(10)", _PSEUDO),
+    "crf.gaussian_sxy": (_CRF, "addPairwiseGaussian(sxy=params.gaussian_sxy,", "addPairwiseGaussian(sxy=3,", _PSEUDO),
+    "crf.gaussian_compat": (_CRF, "compat=params.gaussian_compat)", "compat=3)", _PSEUDO),
+    "crf.bilateral_sxy": (_CRF, "addPairwiseBilateral(sxy=params.bilateral_sxy,", "addPairwiseBilateral(sxy=80,", _PSEUDO),
+    "crf.bilateral_srgb": (_CRF, "srgb=params.bilateral_srgb,", "srgb=13,", _PSEUDO),
+    "crf.bilateral_compat": (_CRF, "compat=params.bilateral_compat)", "compat=10)", _PSEUDO),
+    "crf.min_prob": (_CRF, "p = np.maximum(probs, params.min_prob)", "p = np.maximum(probs, 1e-5)", _PSEUDO),
+    "crf.workers": (_MPL, "workers_for(cfg.crf.workers) if crf else 1", "workers_for(0) if crf else 1", _PSEUDO),
+    "eval.kind": ("caee/stages/eval_miou.py", "evaluate_dir(folder, index, cfg.eval, cfg.eval.kind)",
+                  "evaluate_dir(folder, index, cfg.eval)", _EVAL),
+    "eval.thresholds": (_SC, "evaluate_cam_dir(folder, index, eval_cfg.thresholds, eval_cfg.threshold, workers,",
+                        "evaluate_cam_dir(folder, index, [0.25], eval_cfg.threshold, workers,", _EVAL),
+    "eval.threshold": (_SC, "evaluate_cam_dir(folder, index, eval_cfg.thresholds, eval_cfg.threshold, workers,",
+                       "evaluate_cam_dir(folder, index, eval_cfg.thresholds, 0.25, workers,", _EVAL),
+    "eval.allow_missing": (_SC, "                                eval_cfg.allow_missing)\n",
+                           "                                False)\n", _EVAL),
+    "eval.workers": (_SC, "workers = eval_cfg.workers or None", "workers = None", _EVAL),
+    "eval.dir": (_LAYOUT, 'return self.at("eval.dir", self.cam_dir())', "return self.cam_dir()", _EVAL),
+    "eval.split": (_LAYOUT, "return self.cfg.eval.split or self.cfg.data.cam_split", "return self.cfg.data.cam_split",
+                   _EVAL),
+    "eval.out": (_LAYOUT, 'return self.at("eval.out", self.eval_file(', "return (lambda k, d: d)(\"eval.out\", self.eval_file(",
+                 _EVAL),
+    # path keys of the trainers: the stage takes the default path instead of its row's input
+    "train_cgnet.oc_weights": ("caee/stages/train_cgnet.py", 'oc_path = table.stage("train_cgnet").input(cfg, "oc")',
+                               'oc_path = Path(cfg.work_dir) / "train_classifier" / "model.pth"', _T.format("train_cgnet")),
+    "train_affinity.cam_dir": ("caee/stages/train_affinity.py", 'cam_dir = table.stage("train_affinity").input(cfg, "cams")',
+                               'cam_dir = Path(cfg.work_dir) / "cam_cgnet"', _ADAM),
+    "train_deeplab.label_dir": ("caee/stages/train_deeplab.py", 'label_dir = table.stage(STAGE).input(cfg, "labels")',
+                                'label_dir = Path(cfg.work_dir) / "pseudo_labels"', _SGD),
+    "train_deeplab.weights": ("caee/stages/train_deeplab.py",
+                              "weights = Path(tc.weights) if tc.weights else Layout(cfg).model(STAGE)",
+                              "weights = Layout(cfg).model(STAGE)",
+                              _K + "test_deeplab_eval_only_and_weights_reach_the_evaluation"),
+    "irn.cam_dir": ("caee/stages/train_irn.py", 'cam_dir = table.stage(STAGE).input(cfg, "cams")',
+                    'cam_dir = Path(cfg.work_dir) / "cam_cgnet"', _T.format("irn")),
+    "data.train_split": ("caee/stages/common.py", "load_split(cfg.data, cfg.data.train_split)", 'load_split(cfg.data, "train")',
+                         _T.format("train_classifier")),
+    "data.image_dir": ("caee/data/splits.py", "dirs = [root / data_cfg.image_dir]", 'dirs = [root / "JPEGImages"]', _DATA),
+    "data.mask_dir": ("caee/data/splits.py", "mask_dir = _existing_dir(root / data_cfg.mask_dir) if data_cfg.mask_dir",
+                      'mask_dir = _existing_dir(root / "SegmentationClassAug") if data_cfg.mask_dir', _DATA),
+    "data.eval_mask_dir": ("caee/data/splits.py",
+                           "eval_dir = _existing_dir(root / data_cfg.eval_mask_dir) if data_cfg.eval_mask_dir",
+                           'eval_dir = _existing_dir(root / "SegmentationClass") if data_cfg.eval_mask_dir', _DATA),
+    "data.labels_csv": ("caee/data/splits.py", "    path = Path(data_cfg.labels_csv)\n",
+                        '    path = Path("labels.csv.missing")\n', _DATA),
+    "data.dataset": ("caee/data/splits.py", 'if data_cfg.labels_csv or data_cfg.dataset == "custom":',
+                     "if False:", _DATA),
+    "data.root": ("caee/data/splits.py", "    root = Path(data_cfg.root)\n    if not root.is_dir():",
+                  '    root = Path("data/synthetic")\n    if not root.is_dir():', _DATA),
+})
+MUTATIONS += [m(f"stage ignores {key}", file, old, new, test) for key, (file, old, new, test) in TRAIN_KEY_READS.items()]
+
+
+def _synthetic_reads() -> list[Mutation]:
+    """data.synthetic: for every key, the first line of caee/data/synthetic.py that uses ``cfg.<key>``
+    (occurring once, not a range check) with the key's default in its place (part_size: where the
+    emblem is painted, the last such line); tests/test_key_wiring.py draws or generates with each key
+    changed."""
+    import re
+
+    from caee.core.config import SyntheticConfig
+
+    path = "caee/data/synthetic.py"
+    text = (REPO / path).read_text()
+    which = {"part_size": -1}
+    out = []
+    for f in dataclasses.fields(SyntheticConfig):
+        default = getattr(SyntheticConfig(), f.name)
+        read = re.compile(rf"(?<![\w.])cfg\.{f.name}\b")
+        lines = [line for line in text.splitlines(keepends=True) if read.search(line) and text.count(line) == 1
+                 and not line.strip().startswith(("if ", "raise "))]   # not the range checks: a use
+        old, new = (lines[which.get(f.name, 0)], read.sub(repr(default), lines[which.get(f.name, 0)])) if lines \
+            else (f"cfg.{f.name} <no line uses it once>", "")
+        out.append(m(f"stage ignores data.synthetic.{f.name}", path, old, new,
+                     _K + "test_every_synthetic_key_changes_the_images"))
+    return out
+
+
+MUTATIONS += _synthetic_reads()
+
 MUTATIONS += [
     m("AffinityNet reads the CAMs of cam.source (not the CGNet's)", "caee/stages/table.py",
       '("train_affinity.cam_dir", _cgnet_cam_dir)', '("train_affinity.cam_dir", lambda lo: lo.cam_dir())', _K + "test_later_stages_read_the_cgnet_cams_whatever_cam_source"),

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from caee.core.config import Config
+from caee.core.config import Config, expand_work_dir
 from caee.data import ensure_dataset, load_split
 from caee.engine.scoring import evaluate_cam_dir, evaluate_label_dir
 from caee.core.io import load_cam_npz, load_image, load_label_png, write_text
@@ -57,6 +57,7 @@ def _deeplab_row(cfg: Config) -> dict | None:
 
 def measure(cfg: Config) -> list[dict]:
     """Evaluate every output the pipeline wrote (missing ones are left out)."""
+    cfg = expand_work_dir(cfg)  # a folder given as {work_dir}/... is found
     layout = Layout(cfg)
     index = load_split(cfg.data, layout.eval_split())
     cams = f"scales {cfg.cam.scales}, flip {'on' if cfg.cam.flip else 'off'}; background threshold sweep"
@@ -160,6 +161,7 @@ def _json_text(obj: dict) -> str:
 def write_results(cfg: Config, jobs: list) -> dict:
     """Measure and write results.md / results.json (+ pictures); ``jobs``: the pipeline's steps,
     whose records give the stage table. Returns the JSON dict (``markdown``: the text)."""
+    cfg = expand_work_dir(cfg)
     ensure_dataset(cfg.data)
     layout = Layout(cfg)
     rows = measure(cfg)
