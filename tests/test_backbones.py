@@ -129,6 +129,40 @@ def test_tinycnn_receptive_field_is_13():
     assert support.sum().item() == 13 * 13 == net.receptive_field ** 2
 
 
+def test_tinycnn_output_stride_8():
+    """net.output_stride=8 strides the third stage too: the same weights (shapes), a H/8 feature map
+    and a 17 px receptive field (rows/cols 8i-8..8i+8, by the argument of the test above)."""
+    net = build_backbone(NetConfig(backbone="tinycnn", width=0.5, output_stride=8)).eval()
+    assert net.strides == {0: 1, 1: 1, 2: 2, 3: 4, 4: 8} and net.receptive_field == 17
+    assert {k: v.shape for k, v in net.state_dict().items()} == \
+        {k: v.shape for k, v in build_backbone(NetConfig(backbone="tinycnn", width=0.5)).state_dict().items()}
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(0.1)
+    x = torch.ones(1, 3, 64, 64, requires_grad=True)
+    out = net(x)
+    assert out.shape[-2:] == (8, 8)
+    i, j = 3, 4
+    out[0, 0, i, j].backward()
+    support = x.grad[0].abs().sum(0) > 0
+    rows = support.any(1).nonzero().flatten()
+    cols = support.any(0).nonzero().flatten()
+    assert (rows.min().item(), rows.max().item()) == (8 * i - 8, 8 * i + 8)
+    assert (cols.min().item(), cols.max().item()) == (8 * j - 8, 8 * j + 8)
+    assert support.sum().item() == 17 * 17
+
+
+def test_output_stride_option_is_checked():
+    assert build_backbone(NetConfig(backbone="tinycnn", output_stride=4)).strides[4] == 4
+    with torch.device("meta"):  # a backbone's own stride is accepted, 0 means it
+        assert build_backbone(NetConfig(backbone="resnet38", width=0.125, output_stride=8)).strides[7] == 8
+    with pytest.raises(CaeeError, match=r"net\.output_stride.*tinycnn.*4, 8"):
+        build_backbone(NetConfig(backbone="tinycnn", output_stride=16))
+    with pytest.raises(CaeeError, match=r"net\.output_stride.*resnet38.*output stride 8 only"):
+        build_backbone(NetConfig(backbone="resnet38", width=0.125, output_stride=4))
+
+
 def _small(name):
     torch.manual_seed(0)
     return {"resnet38": lambda: ResNet38(width=0.125), "resnet50": ResNet50, "resnet101": ResNet101,

@@ -244,6 +244,9 @@ def test_table1_layout_numbers_and_skip(tmp_path):
     assert rows[2][2] == "47.8% -> 56.0%" and rows[3][2] == "48.9% -> 52.3%"
     assert rows[2][3] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
     assert "Note: test" in report.markdown and "(8 images)" in report.markdown
+    with Image.open(root / "table1.png") as im:  # the chart: OC and CGNet bars per OC backbone
+        assert im.format == "PNG" and im.size[0] > 100
+    assert root / "table1.png" in report.files
 
     before = _mtimes(root)
     assert len(before) == 4

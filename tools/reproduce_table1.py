@@ -12,7 +12,8 @@ prints the table next to the paper's numbers (47.8 -> 56.0, 46.8 -> 52.4, 48.9 -
 
 Output: <work_dir>/table1/{resnet38,resnet101,vgg16}/ (each variant's stages, each output folder with
 its record.json: a second run skips finished stages, resumes interrupted ones and re-runs those whose
-settings or inputs changed) and <work_dir>/table1/table1.{md,json} (mIoU in %).
+settings or inputs changed) and <work_dir>/table1/table1.{md,json,png} (mIoU in %; the PNG
+is a bar chart of OC and CGNet CAM mIoU per OC backbone).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
 --demo: configs/demo.yaml (TinyCNN CGNet) with the OC backbone swapped to ResNet38 / ResNet101 /

@@ -112,6 +112,9 @@ class NetConfig:
     width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
     pretrained: str = ""            # ImageNet weights: MXNet .params or .pth ("{weights_dir}/<file>"); "" = random init
     dropout: float = 0.5            # Dropout2d before fc8 (PSA's classifier); CGNet official: 0
+    # output stride of the last feature map; 0 = the backbone's own (resnet38 8, vgg16 8, resnet50 /
+    # resnet101 16, tinycnn 4); tinycnn also takes 8 (its third stage strided as well)
+    output_stride: int = 0
 
 
 @dataclasses.dataclass

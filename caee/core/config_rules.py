@@ -69,6 +69,7 @@ RULES: dict[str, Range] = {
     # networks
     "width": POSITIVE,
     "dropout": FRACTION,
+    "output_stride": NON_NEGATIVE,            # 0 = the backbone's own; build_backbone checks the rest
     "head_dropout": FRACTION,
     # the four trainers
     "batch_size": AT_LEAST_ONE,               # also cam.batch_size

@@ -23,6 +23,8 @@ BACKBONES: dict[str, type[Backbone]] = {
 }
 # backbones whose constructor takes a channel multiplier
 _WIDTH_BACKBONES = ("resnet38", "tinycnn")
+# backbones whose constructor takes an output stride (net.output_stride)
+_STRIDE_BACKBONES = ("tinycnn",)
 
 
 def build_backbone(net_cfg: NetConfig) -> Backbone:
@@ -34,13 +36,23 @@ def build_backbone(net_cfg: NetConfig) -> Backbone:
                         f"{', '.join(BACKBONES)}")
     if not net_cfg.width > 0:
         raise CaeeError(f"config key 'net.width' must be > 0, got {net_cfg.width}")
+    stride = getattr(net_cfg, "output_stride", 0)
+    kwargs = {}
+    if name in _STRIDE_BACKBONES and stride:
+        if stride not in BACKBONES[name].output_strides:
+            raise CaeeError(f"config key 'net.output_stride' = {stride}: backbone {name!r} offers "
+                            f"{', '.join(map(str, BACKBONES[name].output_strides))} (or 0, its own)")
+        kwargs["output_stride"] = stride
     if name in _WIDTH_BACKBONES:
-        backbone = BACKBONES[name](width=net_cfg.width)
+        backbone = BACKBONES[name](width=net_cfg.width, **kwargs)
     elif net_cfg.width != 1.0:
         raise CaeeError(f"config key 'net.width' = {net_cfg.width}: backbone {name!r} has no width "
                         f"multiplier (only {', '.join(_WIDTH_BACKBONES)} do); set net.width=1.0")
     else:
-        backbone = BACKBONES[name]()
+        backbone = BACKBONES[name](**kwargs)
+    if stride and backbone.strides[backbone.last_depth] != stride:
+        raise CaeeError(f"config key 'net.output_stride' = {stride}: backbone {name!r} has output stride "
+                        f"{backbone.strides[backbone.last_depth]} only (0 = its own; tinycnn also takes 8)")
     if net_cfg.pretrained:
         from caee.weights.checkpoints import load_imagenet_weights
         load_imagenet_weights(backbone, net_cfg.pretrained)

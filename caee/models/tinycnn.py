@@ -17,6 +17,10 @@ columns 4j-6 .. 4j+6 (centred on pixel (4i, 4j)). Placing the strides later (1, 
 give 11 px, earlier (2, 1, 1, 2) 15 px; 13 px against 30-40 px objects is what the synthetic set needs
 (docs/METHOD.md §10) to make the ordinary CAM focus on the small discriminative part.
 
+``output_stride=8`` strides the third stage as well (strides 1, 2, 2, 2: j = 1, 1, 2, 4, so
+r = 1 + 2 * (1 + 1 + 2 + 4) = 17 px): the same weights (stride does not change a layer's shape),
+a last feature map of H/8 x W/8, and so coarser CAMs (docs/METHOD.md §10).
+
 Unlike the ImageNet backbones nothing is frozen and BatchNorm trains normally (it is trained from
 scratch); note its output stride is 4, not 8.
 """
@@ -28,7 +32,8 @@ from torch import nn
 from caee.models.backbone import Backbone
 
 _CHANNELS = (16, 32, 48, 64)
-_STRIDES = (1, 2, 1, 2)
+# output stride -> the four stages' strides
+_STRIDES = {4: (1, 2, 1, 2), 8: (1, 2, 2, 2)}
 
 
 class ConvBNReLU(nn.Module):
@@ -43,24 +48,30 @@ class ConvBNReLU(nn.Module):
 
 
 class TinyCNN(Backbone):
-    """4 conv stages (16/32/48/64 x ``width`` channels), output stride 4, receptive field 13 px."""
+    """4 conv stages (16/32/48/64 x ``width`` channels), output stride 4 (receptive field 13 px) or 8 (17 px)."""
 
     depths = (0, 1, 2, 3, 4)
     frozen_prefixes = ()
     freeze_bn = False
     receptive_field = 13
+    output_strides = tuple(_STRIDES)
 
-    def __init__(self, width: float = 1.0):
+    def __init__(self, width: float = 1.0, output_stride: int = 4):
         super().__init__()
+        if output_stride not in _STRIDES:
+            raise ValueError(f"TinyCNN's output stride is 4 or 8, got {output_stride}")
         chans = [max(1, int(round(c * width))) for c in _CHANNELS]
-        in_ch, stride = 3, 1
+        in_ch, stride, jump, rf = 3, 1, 1, 1
         self.channels, self.strides = {0: 3}, {0: 1}
-        for d, (out_ch, s) in enumerate(zip(chans, _STRIDES), start=1):
+        for d, (out_ch, s) in enumerate(zip(chans, _STRIDES[output_stride]), start=1):
+            rf += 2 * jump
+            jump *= s
             setattr(self, f"stage{d}", ConvBNReLU(in_ch, out_ch, s))
             stride *= s
             self.channels[d], self.strides[d] = out_ch, stride
             in_ch = out_ch
         self.out_channels = chans[-1]
+        self.receptive_field = rf
 
     def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         if depth not in (1, 2, 3, 4):

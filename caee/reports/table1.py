@@ -1,9 +1,12 @@
 """Supplementary Table I: a CGNet trained against ordinary classifiers (OCs) with different backbones."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from caee.core.config import Config
+from caee.core.io import atomic_write
 from caee.core.layout import Layout
 from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
@@ -73,9 +76,38 @@ def table1_markdown(data: dict) -> str:
     return "\n".join(lines + footer(data["notes"], data["failures"]))
 
 
+def table1_chart(data: dict, path: Path) -> Path:
+    """Grouped bars per OC backbone: the OC's and its CGNet's CAM mIoU (best threshold); PNG written
+    atomically with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6), dpi=100)
+    for k, (label, key) in enumerate([("OC CAM", "oc_miou"), ("CGNet CAM (ours)", "cgnet_miou")]):
+        vals = [math.nan if r[key] is None else r[key] for r in rows]
+        bars = ax.bar([x + (k - 0.5) * 0.4 for x in xs], vals, 0.4, label=label)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in vals], fontsize=7)
+    ax.set_xticks(xs, [DISPLAY.get(r["oc_backbone"], r["oc_backbone"]) for r in rows])
+    ax.set_xlabel("backbone of the ordinary classifier")
+    ax.set_ylabel("CAM mIoU (%, best t)")
+    shown = [v for r in rows for v in (r["oc_miou"], r["cgnet_miou"]) if v is not None]
+    ax.set_ylim(max(0.0, 10 * math.floor(min(shown, default=10) / 10 - 1)), 100)  # zoomed: rows differ by points
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
 def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequence[str] = (),
                overwrite: bool = False) -> Report:
-    """Train / evaluate every OC variant and its CGNet; write ``<work_dir>/table1/table1.{md,json}``."""
+    """Train / evaluate every OC variant and its CGNet; write ``<work_dir>/table1/table1.{md,json,png}``
+    (the PNG: OC and CGNet CAM mIoU per OC backbone)."""
     variants = table1_variants(base, ocs)
     root = Layout(base).stage_dir("table1")
     setup_logging(root)
@@ -85,4 +117,5 @@ def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequen
             "notes": list(notes), "failures": failures,
             "rows": [table1_row(v, o) for v, o in zip(variants, outcomes)]}
     markdown = table1_markdown(data)
-    return Report(markdown, data, write_report(root, "table1", markdown, data), failures)
+    files = write_report(root, "table1", markdown, data) + [table1_chart(data, root / "table1.png")]
+    return Report(markdown, data, files, failures)
