@@ -354,7 +354,7 @@ VARIANTS = {  # keys that exclude each other
     # optimizer: sgd, every trainer's default
     "sgd": {"momentum": 0.6, "poly_power": 1.5, "step_in_backward": True, "init": "<init>"},
 }
-NET_VALUES = {"net.backbone": "tinycnn", "net.width": 0.25, "net.dropout": 0.3}
+NET_VALUES = {"net.backbone": "tinycnn", "net.width": 0.25, "net.dropout": 0.3, "net.output_stride": 8}
 # TrainConfig keys no CPU run can observe
 ENGINE_UNOBSERVABLE = {"amp": "bf16 autocast is CUDA only (a CPU run ignores it)",
                        "channels_last": "CUDA only (a CPU run ignores it)"}
@@ -505,6 +505,7 @@ ENGINE_CHECKS = {
     "net.backbone": lambda r, v: type(r.model().backbone).__name__ == "TinyCNN",
     "net.width": lambda r, v: r.model().backbone.channels[1] == 4,   # 16 x 0.25
     "net.dropout": lambda r, v: _dropouts(r.model()) == [v],
+    "net.output_stride": lambda r, v: max(r.model().backbone.strides.values()) == v,
 }
 
 

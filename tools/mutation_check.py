@@ -309,6 +309,8 @@ MUTATIONS: list[Mutation] = [
     m("a refused re-run removes the old outputs first", "caee/stages/common.py",
       "    if made and not overwrite:\n        raise records.refusal(folder, diffs, f\"{table.stage(name).section}.overwrite\")\n",
       "", "tests/test_safety.py"),
+    m("stage ignores net.output_stride (the backbone keeps its own stride)", "caee/models/__init__.py",
+      '        kwargs["output_stride"] = stride\n', "", "tests/test_key_wiring.py", "tests/test_backbones.py"),
     m("stage ignores <trainer>.overwrite (a trainer's folder is never started over)", "caee/stages/common.py",
       "overwrite = getattr(cfg, table.stage(stage).section).overwrite", "overwrite = False",
       "tests/test_runner.py::test_a_stage_run_alone_with_overwrite_makes_the_pipeline_redo_it_and_what_follows"),
