@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from caee.core.config import Config
-from caee.core.io import write_json, write_text
+from caee.core.io import atomic_write, write_json, write_text
 from caee.pipeline.variants import Outcome
 
 
@@ -114,3 +114,17 @@ def print_report(rc: int, report: Report | None, seconds: float) -> int:
     for failure in report.failures:
         print(f"error: {failure}", file=sys.stderr)
     return rc
+
+
+def save_chart(fig, ax, shown: Sequence[float], path: Path) -> Path:
+    """A driver's bar chart, finished and written atomically: the y axis zoomed to the values
+    ``shown`` (mIoU %; rows differ by points), the legend, then ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylim(max(0.0, 10 * math.floor(min(shown, default=10) / 10 - 1)), 100)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path

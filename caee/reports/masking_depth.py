@@ -7,11 +7,10 @@ from typing import Sequence
 
 from caee.core.config import Config
 from caee.core.errors import CaeeError
-from caee.core.io import atomic_write
 from caee.core.layout import Layout
 from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
-                                 fmt_threshold, footer, markdown_table, pct, settings_line, write_report)
+                                 fmt_threshold, footer, markdown_table, pct, save_chart, settings_line, write_report)
 from caee.pipeline.variants import Outcome, Variant, make_variant, run_variants
 
 
@@ -113,13 +112,7 @@ def depth_chart(data: dict, path: Path) -> Path:
     ax.set_xlabel("masking depth d_m (0 = image-level)")
     ax.set_ylabel("mIoU (%)")
     shown = [v for r in [data["oc"], *rows] for v in (r["cam_miou"], r.get("pseudo_label_miou")) if v is not None]
-    ax.set_ylim(max(0.0, 10 * math.floor(min(shown, default=10) / 10 - 1)), 100)  # zoomed: depths differ by points
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_chart(fig, ax, shown, path)
 
 
 def run_depth_sweep(base: Config, depths: Sequence[int] | None = None, full: bool = False,

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from caee.core.config import Config
-from caee.core.io import atomic_write
 from caee.core.layout import Layout
 from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
-                                 fmt_threshold, footer, markdown_table, settings_line, write_report)
+                                 fmt_threshold, footer, markdown_table, save_chart, settings_line, write_report)
 from caee.pipeline.variants import Outcome, Variant, make_variant, run_variants
 
 
@@ -94,14 +93,7 @@ def table1_chart(data: dict, path: Path) -> Path:
     ax.set_xticks(xs, [DISPLAY.get(r["oc_backbone"], r["oc_backbone"]) for r in rows])
     ax.set_xlabel("backbone of the ordinary classifier")
     ax.set_ylabel("CAM mIoU (%, best t)")
-    shown = [v for r in rows for v in (r["oc_miou"], r["cgnet_miou"]) if v is not None]
-    ax.set_ylim(max(0.0, 10 * math.floor(min(shown, default=10) / 10 - 1)), 100)  # zoomed: rows differ by points
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_chart(fig, ax, [v for r in rows for v in (r["oc_miou"], r["cgnet_miou"]) if v is not None], path)
 
 
 def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequence[str] = (),
