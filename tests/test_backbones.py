@@ -207,6 +207,19 @@ def test_freeze_resnet38():
     assert all(".conv_" in n for n in trainable) and all(not n.startswith(("conv1a", "b2")) for n in trainable)
 
 
+def test_freeze_of_random_weights_freezes_nothing_and_batchnorm_trains():
+    net = ResNet38(width=0.125)
+    net.freeze(trained=False)
+    assert _frozen(net) == set()
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training for m in bns)
+    before = bns[0].running_mean.clone()
+    net(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(before, bns[0].running_mean)   # the statistics are learnt
+    assert ResNet38.freeze_bn is True                       # the class (and other instances) unchanged
+
+
 def test_freeze_resnet101():
     net = ResNet101()
     net.freeze()
@@ -253,10 +266,24 @@ def test_registry_builds_every_backbone():
         assert isinstance(build_backbone(NetConfig(backbone="resnet101")), ResNet101)
 
 
-@pytest.mark.parametrize("name", ["resnet101", "vgg16"])
-def test_registry_rejects_width_for_torchvision_backbones(name):
+@pytest.mark.parametrize("name", ["resnet101", "resnet50"])
+def test_registry_rejects_width_for_torchvision_resnets(name):
     with pytest.raises(CaeeError, match=r"net\.width.*no width multiplier"):
         build_backbone(NetConfig(backbone=name, width=0.5))
+
+
+def test_vgg16_width_scales_every_layer_and_keeps_the_layout():
+    narrow = build_backbone(NetConfig(backbone="vgg16", width=0.125))
+    assert narrow.channels == {0: 3, 1: 8, 2: 16, 3: 32, 4: 64, 5: 64} and narrow.out_channels == 64
+    # the same torchvision names, pools and dilations as at width 1: only the channel counts differ
+    wide = _meta(VGG16)
+    assert set(narrow.state_dict()) == set(wide.state_dict())
+    for a, b in zip(narrow.features, wide.features):
+        assert type(a) is type(b)
+        if isinstance(a, nn.Conv2d):
+            assert (a.dilation, a.padding, a.stride) == (b.dilation, b.padding, b.stride)
+            assert a.out_channels * 8 == b.out_channels
+    assert narrow(torch.zeros(1, 3, 32, 48)).shape == (1, 64, 4, 6)
 
 
 def test_registry_rejects_unknown_name_and_bad_width():

@@ -917,3 +917,36 @@ def test_affinity_psa_rule_augments_with_the_section_s_crop_flip_and_jitter(trai
                             "train_affinity": {k: ENGINE_VALUES[k] for k in ("crop_size", "hflip", "color_jitter")}})
     train_affinity.build_dataset(cfg, load_split(cfg.data, "val"), trainer_inputs["cams"], 4)
     assert seen == [(ENGINE_VALUES["crop_size"], ENGINE_VALUES["hflip"], ENGINE_VALUES["color_jitter"])]
+
+
+@pytest.mark.parametrize("section", ["train_classifier", "train_cgnet", "train_affinity", "train_deeplab"])
+def test_trainers_freeze_the_backbone_only_when_it_starts_from_trained_weights(section, trainer_inputs, tmp_path,
+                                                                              monkeypatch):
+    """``net.pretrained`` or ``init`` set: the backbone's ImageNet freezing applies; neither (random
+    weights): nothing is frozen and BatchNorm trains (``Backbone.freeze(trained=False)``)."""
+    import importlib
+
+    from caee.models.backbone import Backbone
+
+    pytest.importorskip("pydensecrf")
+    module = importlib.import_module(f"caee.stages.{TRAINERS[section][0]}")
+    seen: list[bool] = []
+    real_freeze = Backbone.freeze
+    monkeypatch.setattr(Backbone, "freeze", lambda self, trained=True: (seen.append(trained), real_freeze(self, trained))[1])
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(module, "fit", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    nested, _ = _section_values(section, trainer_inputs)
+    starts = {"random": ({"pretrained": ""}, "", False), "imagenet": ({"pretrained": str(trainer_inputs["imagenet"])}, "", True),
+              "init": ({"pretrained": ""}, str(trainer_inputs["init"]), True)}
+    for name, (net, init, trained) in starts.items():
+        section_cfg = {**nested, "net": {**nested["net"], **net}, "init": init, "max_steps": 1}
+        cfg = {"work_dir": str(tmp_path / name), "device": "cpu",
+               "data": {"dataset": "voc", "root": str(trainer_inputs["voc"]), "num_workers": 0, "cam_split": "val"},
+               "crf": {"workers": 1, "iterations": 2}, "eval": {"workers": 1}, section: section_cfg}
+        seen.clear()
+        with pytest.raises(Stop):
+            module.main(config_from_dict(cfg))
+        assert seen[-1:] == [trained], (section, name, seen)

@@ -91,10 +91,20 @@ def test_demo_configs_build_valid_variants(tmp_path):
     cfg = var.load_experiment_config(demo, [], table1.TABLE1_DEMO_CAPS)
     assert cfg.work_dir == "work_dirs/reproduce_demo"  # not the pipeline demo's folder
     cfg = var.load_experiment_config(demo, [f"work_dir={tmp_path}"], table1.TABLE1_DEMO_CAPS)
-    variants = table1.table1_variants(cfg, table1.TABLE1_DEMO_OCS)
-    assert [v.cfg.train_classifier.net.backbone for v in variants] == ["resnet38", "resnet101", "vgg16"]
-    assert all(v.cfg.train_cgnet.net.backbone == "tinycnn" and v.cfg.data.synthetic.num_train == 32 for v in variants)
-    assert [v.dir for v in variants] == [tmp_path / "table1" / n for n in ("resnet38", "resnet101", "vgg16")]
+    variants = table1.table1_variants(cfg, _tool("reproduce_table1").oc_variants("tinycnn", demo=True))
+    # three OC families (plain CNN, ResNet, VGG) from their configs, each against demo.yaml's CGNet at
+    # the main demo's budget; CAMs without CRF
+    nets = [v.cfg.train_classifier.net for v in variants]
+    assert [(n.backbone, n.width, n.output_stride, n.pretrained) for n in nets] == [
+        ("tinycnn", 0.5, 8, ""), ("resnet38", 0.0625, 8, ""), ("vgg16", 0.125, 8, "")]
+    demo_cfg = var.load_experiment_config(demo)
+    assert all(v.cfg.train_cgnet == demo_cfg.train_cgnet and v.cfg.data.synthetic == demo_cfg.data.synthetic
+               and v.cfg.train_classifier.epochs == demo_cfg.train_classifier.epochs and v.cfg.cam.crf_alphas == []
+               for v in variants)
+    assert [v.dir for v in variants] == [tmp_path / "table1" / n for n in ("tinycnn", "resnet38", "vgg16")]
+    from caee.models import build_backbone
+
+    assert [build_backbone(n).strides[build_backbone(n).last_depth] for n in nets] == [8, 8, 8]
     cfg = var.load_experiment_config(demo, [f"work_dir={tmp_path}", "train_cgnet.epochs=1"],
                                            masking_depth.DEPTH_DEMO_CAPS)
     assert cfg.train_cgnet.epochs == 1 and cfg.train_affinity.net.backbone == "tinycnn"  # overrides after caps
@@ -103,6 +113,19 @@ def test_demo_configs_build_valid_variants(tmp_path):
     assert variants[3].cfg.masking.depth == 2 and variants[3].after == ("oc",)
     assert variants[3].cfg.train_cgnet.oc_weights == str(tmp_path / "masking_depth/oc/train_classifier/model.pth")
     assert variants[3].steps == ("train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels")
+    # demo.yaml's settings on 1,000 + 200 images of their own folder
+    assert (cfg.data.synthetic.num_train, cfg.data.synthetic.num_val, cfg.data.root) == (1000, 200, "data/synthetic_1000")
+    assert cfg.train_affinity == demo_cfg.train_affinity and cfg.pseudo_labels == demo_cfg.pseudo_labels
+
+
+def test_depth_sweep_demo_makes_pseudo_labels(monkeypatch):
+    """--demo runs Fig. II's measure (pseudo labels per depth) without --full."""
+    tool = _tool("masking_depth_sweep")
+    seen = {}
+    monkeypatch.setattr(tool, "run_depth_sweep", lambda cfg, depths, full, notes, overwrite: seen.update(
+        full=full, depths=depths, n=cfg.data.synthetic.num_train, notes=notes) or common.Report("", {}, [], []))
+    assert tool.main(["--demo"]) == 0
+    assert seen["full"] is True and seen["depths"] is None and seen["n"] == 1000 and "demo:" in seen["notes"][0]
 
 
 # ---------------------------------------------------------------- masking-depth sweep
@@ -238,11 +261,13 @@ def test_table1_layout_numbers_and_skip(tmp_path):
         assert r["oc_miou_at_threshold"] == _eval_miou(root / r["variant"], "cam_classifier", "miou_at_threshold")
         assert len(_percent_values(r)) == 6 and all(0 <= v <= 100 for v in _percent_values(r))
     rows = _md_rows((root / "table1.md").read_text())
-    assert rows[0][:2] == ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)"]
-    r0 = data["rows"][0]
-    assert rows[2][0] == f"ResNet38 [ran tinycnn] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
-    assert rows[2][2] == "47.8% -> 56.0%" and rows[3][2] == "48.9% -> 52.3%"
-    assert rows[2][3] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
+    assert rows[0][:3] == ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)", "Ours - OC"]
+    r0, r1 = data["rows"]
+    assert rows[2][0] == f"ResNet38 x0.5 [ran tinycnn] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
+    assert rows[3][0].startswith("VGG16 x0.25 [ran tinycnn] (")
+    assert rows[2][2] == f"{r0['cgnet_miou'] - r0['oc_miou']:+.1f}"  # the gain in points
+    assert rows[2][3] == "47.8% -> 56.0%" and rows[3][3] == "48.9% -> 52.3%"
+    assert rows[2][4] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
     assert "Note: test" in report.markdown and "(8 images)" in report.markdown
     with Image.open(root / "table1.png") as im:  # the chart: OC and CGNet bars per OC backbone
         assert im.format == "PNG" and im.size[0] > 100
@@ -288,8 +313,8 @@ def test_table1_cli_reads_the_voc_oc_configs_and_reports_failures(tmp_path, caps
     assert "error: variant 'resnet101' failed at stage 'train_classifier'" in captured.err
     assert "resnet101-63fe2227.pth" in captured.err and "variant 'vgg16'" in captured.err
     rows = _md_rows(captured.out)
-    assert [r[0].split(" (")[0] for r in rows[2:]] == ["ResNet38 [ran tinycnn]", "ResNet101",
-                                                        "VGG16"]
+    # the config's own OC is the first row, named by its backbone
+    assert [r[0].split(" (")[0] for r in rows[2:]] == ["TinyCNN x0.5", "ResNet101", "VGG16"]
     assert [r[1] for r in rows[3:]] == ["failed", "failed"] and rows[2][1].endswith("%")
     assert os.path.isfile(tmp_path / "work" / "table1" / "table1.json")
 

@@ -8,7 +8,7 @@ AND the fixed eval.threshold). With --full also train_affinity + make_pseudo_lab
 the pseudo labels' mIoU (what Fig. II plots).
 
     python tools/masking_depth_sweep.py --config configs/voc/r38.yaml [--full] [--depths 0 3 7] [key=value ...]
-    python tools/masking_depth_sweep.py --demo [--full]
+    python tools/masking_depth_sweep.py --demo
 
 Output: <work_dir>/masking_depth/{oc,depth_<d>}/ (each variant's stages, each output folder with its
 record.json: a second run skips finished stages, resumes interrupted ones and re-runs those whose
@@ -16,12 +16,13 @@ settings or inputs changed) and <work_dir>/masking_depth/masking_depth.{md,json,
 in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
---demo: configs/demo.yaml (TinyCNN OC and CGNets, depths 0..4) with capped work
-(caee.reports.masking_depth.DEPTH_DEMO_CAPS): work_dir=work_dirs/reproduce_demo (outputs in its
-masking_depth/), data.root=data/synthetic_depth_demo with 1,000 training images (demo.yaml:
-2,000), OC as in demo.yaml (6 epochs), each CGNet 3 epochs (demo.yaml: 5); --full adds
-demo.yaml's TinyCNN AffinityNet and random walk per depth. Demo numbers are NOT comparable to the
-paper's. Key=value overrides apply after the caps.
+--demo: configs/demo.yaml (TinyCNN OC and CGNets at output stride 8, depths 0..4) on its own
+synthetic set of 1,000 + 200 images (data.root=data/synthetic_1000; demo.yaml: 2,000 + 400), CPU,
+always with --full: each depth's CGNet CAMs train demo.yaml's AffinityNet (PSA's label rule and
+pair set) and the random walk makes pseudo labels, whose mIoU is what Fig. II plots. Epochs and
+networks are demo.yaml's (caee.reports.masking_depth.DEPTH_DEMO_CAPS; work_dir=work_dirs/reproduce_demo).
+Key=value overrides apply after the caps, e.g. a second seed: data.synthetic.seed=1
+data.root=data/synthetic_1000_seed1.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", "-c", help="experiment YAML; with --demo: configs/demo.yaml unless given")
-    ap.add_argument("--demo", action="store_true", help="the synthetic CPU demo with capped work (see above)")
+    ap.add_argument("--demo", action="store_true", help="the synthetic CPU demo (see above; implies --full)")
     ap.add_argument("--full", action="store_true", help="also AffinityNet + pseudo labels per depth")
     ap.add_argument("--depths", nargs="+", help="masking depths (default: all of the OC backbone)")
     ap.add_argument("--overwrite", action="store_true", help="start every stage over (outputs removed)")
@@ -65,10 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     caps = DEPTH_DEMO_CAPS if args.demo else None
-    notes = [f"demo caps: {caps_note(caps)}. Demo numbers are NOT comparable to the paper's."] if caps else []
+    notes = ([f"demo: {caps_note(caps)}; no ImageNet weights anywhere (the synthetic set), "
+              "so the numbers are not comparable to the paper's; the direction is."] if caps else [])
     return print_report(*run_guarded(lambda: run_depth_sweep(
-        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths, args.full,
-        notes, args.overwrite)))
+        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths,
+        args.full or args.demo, notes, args.overwrite)))
 
 
 if __name__ == "__main__":

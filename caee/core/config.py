@@ -109,7 +109,7 @@ class NetConfig:
     """A network: backbone name, width and ImageNet initialisation."""
     # docs/METHOD.md §2; tinycnn: a small CPU network for the synthetic demo; resnet50: IRN's (stride 16)
     backbone: Literal["resnet38", "resnet50", "resnet101", "vgg16", "tinycnn"] = "resnet38"
-    width: float = 1.0              # channel multiplier (ResNet38 / tinycnn only); 1.0 = the paper
+    width: float = 1.0              # channel multiplier (ResNet38 / VGG16 / tinycnn); 1.0 = the paper
     pretrained: str = ""            # ImageNet weights: MXNet .params or .pth ("{weights_dir}/<file>"); "" = random init
     dropout: float = 0.5            # Dropout2d before fc8 (PSA's classifier); CGNet official: 0
     # output stride of the last feature map; 0 = the backbone's own (resnet38 8, vgg16 8, resnet50 /

@@ -22,7 +22,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "tinycnn": TinyCNN,
 }
 # backbones whose constructor takes a channel multiplier
-_WIDTH_BACKBONES = ("resnet38", "tinycnn")
+_WIDTH_BACKBONES = ("resnet38", "tinycnn", "vgg16")
 # backbones whose constructor takes an output stride (net.output_stride)
 _STRIDE_BACKBONES = ("tinycnn",)
 

@@ -71,8 +71,16 @@ class Backbone(nn.Module):
                     m.eval()
         return self
 
-    def freeze(self) -> None:
-        """Apply the backbone's training-time freezing (frozen prefixes and BatchNorm affines)."""
+    def freeze(self, trained: bool = True) -> None:
+        """Apply the backbone's training-time freezing (frozen prefixes and BatchNorm affines, and
+        BatchNorm in eval mode). ``trained`` False (random weights: no ImageNet file, no ``init``)
+        freezes nothing and lets BatchNorm train: the freezing keeps ImageNet's low-level filters and
+        statistics, and random ones are not worth keeping; frozen random statistics (mean 0, variance
+        1) would leave a deep network such as ResNet38 unnormalised, and it does not learn (the
+        synthetic Table I demo, docs/METHOD.md §10)."""
+        if not trained:
+            self.freeze_bn = False  # instance attribute: train() then leaves BatchNorm in training mode
+            return
         for name, p in self.named_parameters():
             if name.startswith(self.frozen_prefixes):
                 p.requires_grad_(False)

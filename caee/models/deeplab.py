@@ -81,13 +81,14 @@ class ASPP(nn.Module):
 def default_head_channels(backbone_name: str, width: float, out_channels: int) -> int:
     """Width of LargeFOV's fc6 / fc7 when ``train_deeplab.head_channels`` is 0.
 
-    * ResNet101, VGG16 (no width multiplier): 1024, as in DeepLab-v1.
-    * ResNet38: ``1024 * width`` (at least 16): the head shrinks with the backbone it sits on, so a
-      width-0.0625 test network gets a 64-channel head, not a 1024-channel one that dwarfs it.
+    * ResNet101 (no width multiplier): 1024, as in DeepLab-v1.
+    * ResNet38, VGG16: ``1024 * width`` (at least 16; 1024 at width 1, as in DeepLab-v1): the head
+      shrinks with the backbone it sits on, so a width-0.0625 test network gets a 64-channel head,
+      not a 1024-channel one that dwarfs it.
     * TinyCNN: ``4 * out_channels`` (256 at width 1): it is a 64-channel demo network, far narrower
       than any ImageNet backbone, and a 1024-wide head would cost 15x its FLOPs.
     """
-    if backbone_name == "resnet38":
+    if backbone_name in ("resnet38", "vgg16"):
         return max(16, int(round(1024 * width)))
     if backbone_name == "tinycnn":
         return max(16, 4 * out_channels)

@@ -14,7 +14,9 @@ once its ``classifier.*`` entries are dropped. The ReLU after conv5_3 is part of
     4  conv4_1 .. conv4_3 (pool4 removed)      17..23       512       8
     5  conv5_1 .. conv5_3 (dilation 2, pool5 removed)  24..30  512    8
 
-Every conv is followed by ReLU. There is no BatchNorm (``freeze_bn`` False). Frozen: conv1_x
+``width`` scales every channel count (1.0 = torchvision's, the only width ImageNet weights fit); the
+synthetic demo's Table I uses a narrow VGG16 trained from random weights. Every conv is followed by
+ReLU. There is no BatchNorm (``freeze_bn`` False). Frozen: conv1_x
 (``features.0``, ``features.2``), the generic low-level filters, as is usual when fine-tuning VGG.
 Pools use torchvision's 2x2 / stride 2 (floor), so inputs divisible by 8 give exactly H/8.
 """
@@ -32,15 +34,12 @@ _POOL4, _POOL5 = 23, 30
 _CONV5 = (24, 26, 28)
 
 
-def _vgg16_features() -> nn.Sequential:
-    """``torchvision.models.vgg16(weights=None).features`` without materialising the 120 M
-    parameter classifier: the network is built on the meta device, then only ``features`` is
-    allocated (on the current default device) and initialised as torchvision does (Kaiming normal,
-    fan-out, zero bias)."""
-    device = torch.empty(0).device  # honours an enclosing ``with torch.device(...)``
-    with torch.device("meta"):
-        features = torchvision.models.vgg16(weights=None).features
-    features.to_empty(device=device)
+def _vgg16_features(width: float) -> nn.Sequential:
+    """``torchvision.models.vgg16(weights=None).features`` (configuration "D"), every channel count
+    times ``width``, without the 120 M parameter classifier; initialised as torchvision does
+    (Kaiming normal, fan-out, zero bias)."""
+    cfg = [v if v == "M" else max(1, int(round(v * width))) for v in torchvision.models.vgg.cfgs["D"]]
+    features = torchvision.models.vgg.make_layers(cfg)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -49,16 +48,16 @@ def _vgg16_features() -> nn.Sequential:
 
 
 class VGG16(Backbone):
-    """torchvision VGG16 ``features``, output stride 8, conv5 dilated by 2. No width multiplier."""
+    """torchvision VGG16 ``features`` (channels times ``width``), output stride 8, conv5 dilated by 2."""
     imagenet_extra = ("classifier.",)  # torchvision's ImageNet classifier
 
     depths = (0, 1, 2, 3, 4, 5)
     frozen_prefixes = ("features.0.", "features.2.")
     freeze_bn = False
 
-    def __init__(self) -> None:
+    def __init__(self, width: float = 1.0) -> None:
         super().__init__()
-        features = _vgg16_features()
+        features = _vgg16_features(width)
         for i in (_POOL4, _POOL5):
             assert isinstance(features[i], nn.MaxPool2d)
             features[i] = nn.Identity()
@@ -68,9 +67,9 @@ class VGG16(Backbone):
             # same weights, wider sampling: the removed pool4 is compensated by dilation
             conv.dilation, conv.padding = (2, 2), (2, 2)
         self.features = features
-        self.channels = {0: 3, 1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+        self.channels = {0: 3, **{d: features[end - 3].out_channels for d, (_, end) in _STAGE_SLICES.items()}}
         self.strides = {0: 1, 1: 2, 2: 4, 3: 8, 4: 8, 5: 8}
-        self.out_channels = 512
+        self.out_channels = self.channels[5]
 
     def stage(self, depth: int, x: torch.Tensor) -> torch.Tensor:
         if depth not in _STAGE_SLICES:

@@ -116,6 +116,20 @@ def print_report(rc: int, report: Report | None, seconds: float) -> int:
     return rc
 
 
+def grouped_bars(ax, rows: Sequence[dict], series: Sequence[tuple[str, str]]) -> list[float]:
+    """One group of bars per row, one bar per ``(legend label, row key)`` of ``series``, each
+    labelled with its value (a missing value draws no bar); returns the values drawn."""
+    width = 0.8 / len(series)
+    shown = []
+    for k, (label, key) in enumerate(series):
+        vals = [math.nan if r[key] is None else r[key] for r in rows]
+        xs = [x + (k - (len(series) - 1) / 2) * width for x in range(len(rows))]
+        bars = ax.bar(xs, vals, width, label=label)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in vals], fontsize=7)
+        shown += [v for v in vals if not math.isnan(v)]
+    return shown
+
+
 def save_chart(fig, ax, shown: Sequence[float], path: Path) -> Path:
     """A driver's bar chart, finished and written atomically: the y axis zoomed to the values
     ``shown`` (mIoU %; rows differ by points), the legend, then ``path`` (PNG)."""

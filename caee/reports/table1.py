@@ -1,7 +1,6 @@
 """Supplementary Table I: a CGNet trained against ordinary classifiers (OCs) with different backbones."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -9,7 +8,8 @@ from caee.core.config import Config
 from caee.core.layout import Layout
 from caee.core.logs import setup_logging
 from caee.reports.common import (DEMO_WORK_DIR, Report, cam_scores, eval_settings, failure_lines, fmt_pct,
-                                 fmt_threshold, footer, markdown_table, save_chart, settings_line, write_report)
+                                 fmt_threshold, footer, grouped_bars, markdown_table, save_chart, settings_line,
+                                 write_report)
 from caee.pipeline.variants import Outcome, Variant, make_variant, run_variants
 
 
@@ -17,18 +17,10 @@ TABLE1_STAGES = ("train_classifier", "cam_classifier", "train_cgnet", "cam_cgnet
 # supplementary Table I, VOC 2012 train CAM mIoU (%): OC -> CGNet (CGNet always ResNet38)
 TABLE1_PAPER = {"resnet38": (47.8, 56.0), "resnet101": (46.8, 52.4), "vgg16": (48.9, 52.3)}
 DISPLAY = {"resnet38": "ResNet38", "resnet101": "ResNet101", "vgg16": "VGG16", "tinycnn": "TinyCNN"}
-# the demo OCs: the paper's three backbones from scratch (the synthetic set has no ImageNet weights)
-TABLE1_DEMO_OCS = {name: {"train_classifier.net.backbone": name, "train_classifier.net.width": 1.0,
-                          "train_classifier.net.pretrained": ""} for name in ("resnet38", "resnet101", "vgg16")}
-# demo caps: full-size ResNet38 / ResNet101 take 2-4 s per 96 x 96 training image and ResNet38 ~3 s per
-# CAM on 2 busy CPU cores (measured); no DataLoader worker, so the stages keep both cores for compute
-TABLE1_DEMO_CAPS = {
-    "work_dir": DEMO_WORK_DIR, "data.root": "data/synthetic_table1_demo", "data.num_workers": 0,
-    "data.synthetic.num_train": 32, "data.synthetic.num_val": 8,
-    "train_classifier.batch_size": 8, "train_classifier.epochs": 1,
-    "train_cgnet.batch_size": 8, "train_cgnet.epochs": 1,
-    "cam.scales": [1.0], "cam.flip": False,
-}
+# demo: configs/demo.yaml's TinyCNN OC and CGNet on its own synthetic data, the other OCs from
+# configs/demo_*_oc.yaml (tools/reproduce_table1.py); the table compares CAMs without CRF, so the
+# demo's two CRF passes of every CGNet CAM (about 50 s each variant on 2 cores) are not made
+TABLE1_DEMO_CAPS = {"work_dir": DEMO_WORK_DIR, "cam.crf_alphas": []}
 
 
 def table1_variants(base: Config, ocs: Mapping[str, Mapping[str, Any]]) -> list[Variant]:
@@ -43,7 +35,7 @@ def table1_row(variant: Variant, outcome: Outcome) -> dict:
     oc, cg = cam_scores(outcome.scores.get("cam_classifier")), cam_scores(outcome.scores.get("cam_cgnet"))
     paper = TABLE1_PAPER.get(variant.name, (None, None))
     return {"variant": variant.name, "oc_backbone": variant.cfg.train_classifier.net.backbone,
-            "cgnet_backbone": variant.cfg.train_cgnet.net.backbone,
+            "oc_width": variant.cfg.train_classifier.net.width, "cgnet_backbone": variant.cfg.train_cgnet.net.backbone,
             **{f"oc_{k}": v for k, v in oc.items()}, **{f"cgnet_{k}": v for k, v in cg.items()},
             "paper_oc_miou": paper[0], "paper_cgnet_miou": paper[1],
             "status": "failed" if outcome.error else "ok", "error": outcome.error,
@@ -53,21 +45,34 @@ def table1_row(variant: Variant, outcome: Outcome) -> dict:
 def _row_label(row: dict) -> str:
     name = DISPLAY.get(row["variant"], row["variant"])
     ran = "" if row["oc_backbone"] == row["variant"] else f" [ran {row['oc_backbone']}]"
-    return f"{name}{ran} ({fmt_pct(row['oc_miou'])})"
+    width = "" if row["oc_width"] == 1.0 else f" x{row['oc_width']:g}"
+    return f"{name}{width}{ran} ({fmt_pct(row['oc_miou'])})"
+
+
+def _chart_label(row: dict) -> str:
+    name = DISPLAY.get(row["oc_backbone"], row["oc_backbone"])
+    return name if row["oc_width"] == 1.0 else f"{name} x{row['oc_width']:g}"
+
+
+def _gain(row: dict) -> str:
+    """CGNet minus OC CAM mIoU (best threshold), in points."""
+    if row["oc_miou"] is None or row["cgnet_miou"] is None:
+        return "-"
+    return f"{row['cgnet_miou'] - row['oc_miou']:+.1f}"
 
 
 def table1_markdown(data: dict) -> str:
     """The supplementary's layout (OC (mIoU) | Ours (mIoU)) with the paper's numbers and the
     fixed-threshold values beside it."""
     t = data["eval"]["threshold"]
-    header = ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)", "Paper: OC -> Ours",
+    header = ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)", "Ours - OC", "Paper: OC -> Ours",
               f"Fixed t={t:g}: OC -> Ours", "Best t: OC / Ours"]
     rows = []
     for r in data["rows"]:
         paper = (f"{fmt_pct(r['paper_oc_miou'])} -> {fmt_pct(r['paper_cgnet_miou'])}"
                  if r["paper_oc_miou"] is not None else "-")
         best_t = " / ".join(fmt_threshold(x) for x in (r["oc_best_threshold"], r["cgnet_best_threshold"]))
-        rows.append([_row_label(r), "failed" if r["status"] == "failed" else fmt_pct(r["cgnet_miou"]), paper,
+        rows.append([_row_label(r), "failed" if r["status"] == "failed" else fmt_pct(r["cgnet_miou"]), _gain(r), paper,
                      f"{fmt_pct(r['oc_miou_at_threshold'])} -> {fmt_pct(r['cgnet_miou_at_threshold'])}", best_t])
     cgnets = sorted({DISPLAY.get(r["cgnet_backbone"], r["cgnet_backbone"]) for r in data["rows"]})
     lines = [f"Table I (supplementary): CGNet ({', '.join(cgnets)}) trained against ordinary classifiers "
@@ -84,16 +89,12 @@ def table1_chart(data: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
-    xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6), dpi=100)
-    for k, (label, key) in enumerate([("OC CAM", "oc_miou"), ("CGNet CAM (ours)", "cgnet_miou")]):
-        vals = [math.nan if r[key] is None else r[key] for r in rows]
-        bars = ax.bar([x + (k - 0.5) * 0.4 for x in xs], vals, 0.4, label=label)
-        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in vals], fontsize=7)
-    ax.set_xticks(xs, [DISPLAY.get(r["oc_backbone"], r["oc_backbone"]) for r in rows])
+    shown = grouped_bars(ax, rows, [("OC CAM", "oc_miou"), ("CGNet CAM (ours)", "cgnet_miou")])
+    ax.set_xticks(range(len(rows)), [_chart_label(r) for r in rows])
     ax.set_xlabel("backbone of the ordinary classifier")
     ax.set_ylabel("CAM mIoU (%, best t)")
-    return save_chart(fig, ax, [v for r in rows for v in (r["oc_miou"], r["cgnet_miou"]) if v is not None], path)
+    return save_chart(fig, ax, shown, path)
 
 
 def run_table1(base: Config, ocs: Mapping[str, Mapping[str, Any]], notes: Sequence[str] = (),

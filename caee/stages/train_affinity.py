@@ -100,7 +100,7 @@ def build_model(tc: AffinityTrainConfig) -> AffinityNet:
     elif not tc.net.pretrained:
         logger.warning("AffinityNet starts from random weights (neither train_affinity.net.pretrained "
                        "nor train_affinity.init is set)")
-    model.backbone.freeze()
+    model.backbone.freeze(bool(tc.net.pretrained or tc.init))
     return model
 
 

@@ -136,7 +136,7 @@ def main(cfg: Config) -> FitResult:
     cgnet = build_classifier(tc.net, len(names))
     if tc.init:
         load_model_weights(cgnet, tc.init, arch=f"classifier/{tc.net.backbone}")
-    cgnet.backbone.freeze()
+    cgnet.backbone.freeze(bool(tc.net.pretrained or tc.init))
     oracle = OracleSelector(env.out_dir, load_split(cfg.data, cfg.data.cam_split), env.device) \
         if tc.select_by_oracle else None
     logger.info("CGNet %s (width %g) vs OC %s from %s: masking depth %d (%s), w = %.2f + %.2f * epoch",

@@ -65,7 +65,7 @@ def main(cfg: Config) -> FitResult:
     model = build_classifier(tc.net, len(names))
     if tc.init:
         load_model_weights(model, tc.init, arch=f"classifier/{tc.net.backbone}")
-    model.backbone.freeze()
+    model.backbone.freeze(bool(tc.net.pretrained or tc.init))
     logger.info("OC %s (width %g): %d images of %s, %d classes, batch %d, %d epochs",
                 tc.net.backbone, tc.net.width, len(index.ids), cfg.data.train_split, len(names), tc.batch_size, tc.epochs)
     dataset = ClassificationDataset(index, build_train_transform(tc))

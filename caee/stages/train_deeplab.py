@@ -263,7 +263,7 @@ def main(cfg: Config) -> dict | None:
     model = build_deeplab(tc.net, len(names) + 1, tc.head, tc.head_channels, tc.head_dilations, tc.head_dropout)
     if tc.init:
         init_weights_from(model, tc.init, arch=f"deeplab/{tc.net.backbone} ({tc.head})", config_key="train_deeplab.init")
-    model.backbone.freeze()
+    model.backbone.freeze(bool(tc.net.pretrained or tc.init))
     meta = {"arch": "deeplab", "net": dataclasses.asdict(tc.net), "head": tc.head,
             "head_channels": model.head.fc6.out_channels if tc.head == "largefov" else 0,
             "head_dilations": list(tc.head_dilations), "head_dropout": tc.head_dropout,
