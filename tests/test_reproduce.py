@@ -113,8 +113,8 @@ def test_demo_configs_build_valid_variants(tmp_path):
     assert variants[3].cfg.masking.depth == 2 and variants[3].after == ("oc",)
     assert variants[3].cfg.train_cgnet.oc_weights == str(tmp_path / "masking_depth/oc/train_classifier/model.pth")
     assert variants[3].steps == ("train_cgnet", "cam_cgnet", "train_affinity", "pseudo_labels")
-    # demo.yaml's settings on 1,000 + 200 images of their own folder
-    assert (cfg.data.synthetic.num_train, cfg.data.synthetic.num_val, cfg.data.root) == (1000, 200, "data/synthetic_1000")
+    # demo.yaml's settings on 1,500 + 300 images of their own folder
+    assert (cfg.data.synthetic.num_train, cfg.data.synthetic.num_val, cfg.data.root) == (1500, 300, "data/synthetic_1500")
     assert cfg.train_affinity == demo_cfg.train_affinity and cfg.pseudo_labels == demo_cfg.pseudo_labels
 
 
@@ -125,7 +125,7 @@ def test_depth_sweep_demo_makes_pseudo_labels(monkeypatch):
     monkeypatch.setattr(tool, "run_depth_sweep", lambda cfg, depths, full, notes, overwrite: seen.update(
         full=full, depths=depths, n=cfg.data.synthetic.num_train, notes=notes) or common.Report("", {}, [], []))
     assert tool.main(["--demo"]) == 0
-    assert seen["full"] is True and seen["depths"] is None and seen["n"] == 1000 and "demo:" in seen["notes"][0]
+    assert seen["full"] is True and seen["depths"] == [0, 2, 3, 4] and seen["n"] == 1500 and "demo:" in seen["notes"][0]
 
 
 # ---------------------------------------------------------------- masking-depth sweep

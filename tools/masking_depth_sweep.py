@@ -16,13 +16,13 @@ settings or inputs changed) and <work_dir>/masking_depth/masking_depth.{md,json,
 in %; the PNG is a bar chart per depth with the OC's CAM mIoU as a dashed line).
 Exit status: 0, 1 when a variant failed (the others are still run and tabled), 2 for bad input.
 
---demo: configs/demo.yaml (TinyCNN OC and CGNets at output stride 8, depths 0..4) on its own
-synthetic set of 1,000 + 200 images (data.root=data/synthetic_1000; demo.yaml: 2,000 + 400), CPU,
-always with --full: each depth's CGNet CAMs train demo.yaml's AffinityNet (PSA's label rule and
-pair set) and the random walk makes pseudo labels, whose mIoU is what Fig. II plots. Epochs and
-networks are demo.yaml's (caee.reports.masking_depth.DEPTH_DEMO_CAPS; work_dir=work_dirs/reproduce_demo).
-Key=value overrides apply after the caps, e.g. a second seed: data.synthetic.seed=1
-data.root=data/synthetic_1000_seed1.
+--demo: configs/demo.yaml (TinyCNN OC and CGNets at output stride 8) at depths 0, 2, 3, 4 on its
+own synthetic set of 1,500 + 300 images (data.root=data/synthetic_1500; demo.yaml: 2,000 + 400),
+CPU, always with --full: each depth's CGNet CAMs train demo.yaml's AffinityNet (PSA's label rule
+and pair set) and the random walk makes pseudo labels, whose mIoU is what Fig. II plots. Epochs
+and networks are demo.yaml's (caee.reports.masking_depth.DEPTH_DEMO_CAPS and DEPTH_DEMO_DEPTHS;
+work_dir=work_dirs/reproduce_demo). Key=value overrides apply after the caps, e.g. a second seed:
+data.synthetic.seed=1 data.root=data/synthetic_1500_seed1.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from caee.reports.common import print_report, run_guarded
-from caee.reports.masking_depth import DEPTH_DEMO_CAPS, run_depth_sweep
+from caee.reports.masking_depth import DEPTH_DEMO_CAPS, DEPTH_DEMO_DEPTHS, run_depth_sweep
 from caee.pipeline.variants import caps_note, load_experiment_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = ([f"demo: {caps_note(caps)}; no ImageNet weights anywhere (the synthetic set), "
               "so the numbers are not comparable to the paper's; the direction is."] if caps else [])
     return print_report(*run_guarded(lambda: run_depth_sweep(
-        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps), args.depths,
-        args.full or args.demo, notes, args.overwrite)))
+        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps),
+        args.depths or (list(DEPTH_DEMO_DEPTHS) if args.demo else None), args.full or args.demo, notes,
+        args.overwrite)))
 
 
 if __name__ == "__main__":
