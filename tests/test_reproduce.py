@@ -41,7 +41,7 @@ def _md_rows(markdown: str) -> list[list[str]]:
 
 def _eval_miou(variant_dir: Path, cam_set: str, key: str = "miou") -> float:
     summary = json.loads((variant_dir / "eval" / f"{cam_set}_train.json").read_text())["summary"]
-    return round(100 * summary[key], 2)
+    return round(100 * summary[key], 4)
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -72,6 +72,8 @@ def test_overrides_sections_and_depths(tmp_path):
     with pytest.raises(CaeeError, match=r"\[9\] are not depths of the tinycnn OC; valid: 0, 1, 2, 3, 4"):
         masking_depth.check_depths([0, 9], "tinycnn")
     assert common.markdown_table(["a", "b"], [["x|y", "1"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 |"
+    # a cell rounds the fraction itself, not an earlier rounding of it (68.05 would show "68.0%")
+    assert common.fmt_pct(common.pct(0.6805121079251427)) == "68.1%" and common.pct(0.5) == 50.0
     # what a record holds: the recipe of the stage, not speed / logging settings or other stages
     from caee.stages.common import stage_settings
 
@@ -213,9 +215,9 @@ def test_depth_sweep_with_pseudo_labels(tmp_path):
     row = report.data["rows"][0]
     root = tmp_path / "work" / "masking_depth" / "depth_1"
     summary = json.loads((root / "eval" / "pseudo_labels_train.json").read_text())["summary"]
-    assert summary["kind"] == "label" and row["pseudo_label_miou"] == round(100 * summary["miou"], 2)
+    assert summary["kind"] == "label" and row["pseudo_label_miou"] == round(100 * summary["miou"], 4)
     independent = evaluate_label_dir(root / "pseudo_labels", load_split(cfg.data, "train"))["summary"]["miou"]
-    assert row["pseudo_label_miou"] == round(100 * independent, 2)
+    assert row["pseudo_label_miou"] == round(100 * independent, 4)
     assert _md_rows(report.markdown)[0][-1] == "Pseudo-label mIoU"
     assert (tmp_path / "work" / "masking_depth" / "masking_depth.png").is_file()
 

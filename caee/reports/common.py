@@ -29,8 +29,9 @@ class Report:
 
 
 def pct(x: float | None) -> float | None:
-    """A fraction as a percentage rounded to 0.01 (None stays None)."""
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(100.0 * x, 2)
+    """A fraction as a percentage rounded to 0.0001 (None stays None): precise enough that a table's
+    0.1 rounding is the fraction's own (0.680512 -> 68.0512 -> "68.1"; at 0.01 it was 68.05 -> "68.0")."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(100.0 * x, 4)
 
 
 def fmt_pct(x: float | None) -> str:
