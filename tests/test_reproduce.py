@@ -126,8 +126,10 @@ def test_depth_sweep_demo_makes_pseudo_labels(monkeypatch):
     seen = {}
     monkeypatch.setattr(tool, "run_depth_sweep", lambda cfg, depths, full, notes, overwrite: seen.update(
         full=full, depths=depths, n=cfg.data.synthetic.num_train, notes=notes) or common.Report("", {}, [], []))
-    assert tool.main(["--demo"]) == 0
-    assert seen["full"] is True and seen["depths"] == [0, 2, 3, 4] and seen["n"] == 1500 and "demo:" in seen["notes"][0]
+    assert tool.main(["--demo", "work_dir=/elsewhere"]) == 0
+    assert seen["full"] is True and seen["depths"] == [0, 2, 3, 4] and seen["n"] == 1500
+    # the note under the table gives the caps as the run used them (an override of a cap included)
+    assert seen["notes"][0].startswith("demo: work_dir=/elsewhere, data.root=data/synthetic_1500, ")
 
 
 # ---------------------------------------------------------------- masking-depth sweep

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from caee.reports.common import print_report, run_guarded
 from caee.reports.masking_depth import DEPTH_DEMO_CAPS, DEPTH_DEMO_DEPTHS, run_depth_sweep
-from caee.pipeline.variants import caps_note, load_experiment_config
+from caee.pipeline.variants import DEMO_NOTE, caps_note, load_experiment_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -66,12 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     caps = DEPTH_DEMO_CAPS if args.demo else None
-    notes = ([f"demo: {caps_note(caps)}; no ImageNet weights anywhere (the synthetic set), "
-              "so the numbers are not comparable to the paper's; the direction is."] if caps else [])
-    return print_report(*run_guarded(lambda: run_depth_sweep(
-        load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps),
-        args.depths or (list(DEPTH_DEMO_DEPTHS) if args.demo else None), args.full or args.demo, notes,
-        args.overwrite)))
+
+    def run():
+        base = load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps)
+        notes = [DEMO_NOTE.format(caps_note(caps, base))] if caps else []
+        depths = args.depths or (list(DEPTH_DEMO_DEPTHS) if args.demo else None)
+        return run_depth_sweep(base, depths, args.full or args.demo, notes, args.overwrite)
+
+    return print_report(*run_guarded(run))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from caee.reports.common import print_report, run_guarded
 from caee.reports.table1 import TABLE1_DEMO_CAPS, run_table1
-from caee.pipeline.variants import caps_note, load_experiment_config, section_overrides
+from caee.pipeline.variants import DEMO_NOTE, caps_note, load_experiment_config, section_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config and not args.demo:
         ap.error("--config is required (or use --demo)")
     caps = TABLE1_DEMO_CAPS if args.demo else None
-    notes = ([f"demo: {caps_note(caps)}; no ImageNet weights anywhere (the synthetic set), "
-              "so the numbers are not comparable to the paper's; the direction is."] if caps else [])
 
     def run():
         base = load_experiment_config(args.config or DEMO_CONFIG, args.overrides, caps)
+        notes = [DEMO_NOTE.format(caps_note(caps, base))] if caps else []
         return run_table1(base, oc_variants(base.train_classifier.net.backbone, args.demo), notes, args.overwrite)
 
     return print_report(*run_guarded(run))

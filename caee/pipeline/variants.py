@@ -20,6 +20,7 @@ Tables are measured on ``data.cam_split`` without CRF labels: each variant runs 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,15 @@ def load_experiment_config(path: str | Path, overrides: Sequence[str] = (),
     return with_overrides(cfg, parse_overrides(list(overrides)))
 
 
-def caps_note(caps: Mapping[str, Any]) -> str:
-    """``key=value, ...`` of the demo caps, for the notes under a table."""
-    return ", ".join(f"{k}={v}" for k, v in caps.items())
+# the note under a demo's table ({} = the caps as the run used them)
+DEMO_NOTE = ("demo: {}; no ImageNet weights anywhere (the synthetic set), so the numbers are not comparable "
+             "to the paper's; the direction is.")
+
+
+def caps_note(caps: Mapping[str, Any], cfg: Config | None = None) -> str:
+    """``key=value, ...`` of the demo caps, for the notes under a table; with ``cfg``, the value each
+    key has there (a command-line override of a cap shows, e.g. a second seed's work_dir)."""
+    def value(key: str) -> Any:
+        return functools.reduce(getattr, key.split("."), cfg) if cfg is not None else caps[key]
+
+    return ", ".join(f"{k}={value(k)}" for k in caps)
