@@ -114,8 +114,9 @@ def mini_config(tmp_path: Path, **overrides):
                       f"{stage}.batch_size": 8, f"{stage}.epochs": 1, f"{stage}.crop_size": 64,
                       f"{stage}.resize_long": [48, 80], f"{stage}.log_every": 1, f"{stage}.amp": False,
                       f"{stage}.color_jitter": [0, 0, 0, 0],  # colour is class evidence in the synthetic set
-                      f"{stage}.optimizer": "adam", f"{stage}.lr": 0.01, f"{stage}.head_lr_mult": 1.0,
-                      f"{stage}.net.dropout": 0.0})
+                      f"{stage}.optimizer": "adam", f"{stage}.lr": 0.01, f"{stage}.head_lr_mult": 1.0})
+        if stage in ("train_classifier", "train_cgnet"):  # AffinityNet and DeepLab have no backbone dropout
+            items[f"{stage}.net.dropout"] = 0.0
     items["train_affinity.resize_long"] = [0, 0]  # PSA's AffinityNet crops without rescaling (label_rule psa)
     items.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in items.items()])

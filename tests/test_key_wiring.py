@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from caee.core import config_rules
 from caee.core.config import CamConfig, NetConfig, load_config
 from caee.core.io import load_cam_npz, load_label_png, save_cam_npz, save_label_png
 from caee.core.layout import Layout
@@ -619,14 +620,11 @@ TRAINERS = {
     "irn": ("train_irn", "sgd", _rows_irn, ("ensure_ir_labels", "ir_labels", "boundary_affinity", "reduce_labels")),
 }
 # keys a trainer does not read at all (so nothing can observe them)
-NOT_READ = {
-    "train_affinity": {"net.dropout": "AffinityNet has no dropout (PSA)"},
-    "train_deeplab": {"net.dropout": "DeepLab's dropout is head_dropout (the backbone has none)"},
-    "irn": {"net.dropout": "IRN's network has no dropout",
-            "resize_long": "IRN rescales by irn.scale_range (official: no long-side resize)",
-            "color_jitter": "IRN's augmentation has no colour jitter (official)"},
-    "train_cgnet": {"amp": "CUDA only (bf16 autocast)"},
-}
+# (the config refuses them away from their defaults: caee/core/config_rules.py NOT_READ)
+NOT_READ: dict[str, dict[str, str]] = {"train_cgnet": {"amp": "CUDA only (bf16 autocast)"}}
+for _key, _why in config_rules.NOT_READ.items():
+    _section, _rest = _key.split(".", 1)
+    NOT_READ.setdefault(_section, {})[_rest] = _why
 SECTION_CLASSES = {"train_classifier": ClassifierTrainConfig, "train_cgnet": CGNetTrainConfig,
                    "train_affinity": AffinityTrainConfig, "train_deeplab": DeeplabTrainConfig, "irn": IrnConfig}
 

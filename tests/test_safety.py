@@ -461,6 +461,28 @@ def test_training_sizes_must_be_reachable(items, ok):
         load_config(None, overrides)
 
 
+def test_keys_a_stage_does_not_read_are_refused_away_from_their_defaults(tmp_path):
+    """A key the section inherits but its stage never reads is an error when set, not ignored."""
+    from caee.core.config_rules import NOT_READ
+
+    assert set(NOT_READ) == {"train_affinity.net.dropout", "train_deeplab.net.dropout", "irn.net.dropout",
+                             "irn.resize_long", "irn.color_jitter"}
+    load_config(None, ["irn.net.dropout=0.0", "irn.resize_long=[0,0]", "train_affinity.net.dropout=0.5"])  # defaults
+    with pytest.raises(CaeeError) as e:
+        load_config(None, ["irn.resize_long=[320,640]"])
+    assert str(e.value) == ("config key 'irn.resize_long' = [320, 640] is not read: IRN rescales by irn.scale_range "
+                            "(official: no long-side resize). Leave it at its default [0, 0]")
+    with pytest.raises(CaeeError, match=r"^config key 'train_deeplab.net.dropout' = 0.1 is not read: DeepLab's "
+                                        r"dropout is train_deeplab.head_dropout .*default 0.5$"):
+        load_config(None, ["train_deeplab.net.dropout=0.1"])
+    # a YAML net block, or one dotted key of it, keeps the section's other defaults (IRN: dropout 0.0)
+    path = tmp_path / "irn.yaml"
+    path.write_text("irn:\n  net: {backbone: tinycnn, width: 0.5}\n")
+    assert load_config(path).irn.net.dropout == 0.0
+    cfg = load_config(None, ["irn.net.width=0.5", "train_cgnet.net.width=0.25"])
+    assert (cfg.irn.net.backbone, cfg.irn.net.dropout, cfg.train_cgnet.net.dropout) == ("resnet50", 0.0, 0.0)
+
+
 def test_yaml_key_given_twice_names_both_lines(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train_cgnet:\n  lr: 0.1\n  \"lr\": 0.2\n")

@@ -421,11 +421,22 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise CaeeError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(_onto_default(fields[k], v), hints[k], prefix + k) for k, v in data.items()}
     built = cls(**kwargs)
     if cls is Config:
         config_rules.check(built)
     return built
+
+
+def _onto_default(field: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a nested settings block, completed from the block's default in this section:
+    ``train_cgnet.net.width=0.5`` or a YAML ``net:`` block keeps the CGNet's other network defaults
+    (dropout 0.0), not the plain NetConfig's (0.5)."""
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    return _deep_merge(dataclasses.asdict(default), value) if dataclasses.is_dataclass(default) else value
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -9,6 +9,7 @@ cannot slip through unchecked. Lists of numbers are checked item by item.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -132,6 +133,17 @@ RULES: dict[str, Range] = {
 }
 
 
+# keys a section inherits (from TrainConfig or NetConfig) that its stage does not read: a value other
+# than the section's default is refused, so that a setting is never accepted and silently ignored
+NOT_READ: dict[str, str] = {
+    "train_affinity.net.dropout": "AffinityNet has no dropout (PSA)",
+    "train_deeplab.net.dropout": "DeepLab's dropout is train_deeplab.head_dropout (the backbone has none)",
+    "irn.net.dropout": "IRN's network has no dropout",
+    "irn.resize_long": "IRN rescales by irn.scale_range (official: no long-side resize)",
+    "irn.color_jitter": "IRN's augmentation has no colour jitter (official)",
+}
+
+
 def rule_for(dotted: str) -> Range | None:
     """The rule of ``dotted`` (full key, then shorter suffixes down to the leaf name)."""
     parts = dotted.split(".")
@@ -176,7 +188,20 @@ def check(cfg: Any) -> None:
             if not rule.holds(float(v)):
                 where = f"{key}[{i}]" if isinstance(value, list) else key
                 raise CaeeError(f"config key '{where}' must be {rule.describe()}, got {v!r}")
+    _check_not_read(cfg)
     _check_combinations(cfg)
+
+
+def _check_not_read(cfg: Any) -> None:
+    """A key of :data:`NOT_READ` away from its section's default: the error names the key and why."""
+    for key, why in NOT_READ.items():
+        section, *path = key.split(".")
+        if not hasattr(cfg, section):
+            continue
+        value = functools.reduce(getattr, path, getattr(cfg, section))
+        default = functools.reduce(getattr, path, type(getattr(cfg, section))())
+        if value != default:
+            raise CaeeError(f"config key '{key}' = {value!r} is not read: {why}. Leave it at its default {default!r}")
 
 
 def _check_combinations(cfg: Any) -> None:
