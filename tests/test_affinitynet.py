@@ -372,7 +372,7 @@ def test_train_step_counts_pairs_and_overfits_a_batch():
     assert float(loss.detach()) == pytest.approx(metrics["loss_bg"] / 4 + metrics["loss_fg"] / 4 + metrics["loss_neg"] / 2, rel=1e-5)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
-    assert len(task._pairs) == 1  # one feature size -> pairs computed once
+    assert len(task.pairs._cache) == 1  # one feature size -> pairs computed once
 
 
 def _stage_config(tmp_path, **train_affinity) -> tuple:

@@ -550,3 +550,22 @@ def test_labels_cache_of_a_read_only_root_goes_to_the_user_cache(fake_voc, monke
     assert not (fake_voc / "cls_labels.npz").exists() and not list(fake_voc.glob(".cls_labels*"))
     assert len(list((tmp_path / "home" / ".cache" / "caee").glob("cls_labels_*.npz"))) == 1
     assert index.labels.sum() > 0
+
+
+@pytest.mark.parametrize("stage,section,radius_key,crop_key", [
+    ("train_affinity", "train_affinity", "train_affinity.radius", "train_affinity.crop_size"),
+    ("train_irn", "irn", "irn.train_radius", "irn.crop_size")])
+def test_a_crop_too_small_for_any_pair_names_the_keys(stage, section, radius_key, crop_key):
+    """A feature grid smaller than the pair radius has no pairs to learn from: the training task
+    stops with the keys to change, once per grid size (the pairs of a size are computed once)."""
+    import importlib
+
+    module = importlib.import_module(f"caee.stages.{stage}")
+    task_cls = module.AffinityTask if stage == "train_affinity" else module.IrnTask
+    cfg = load_config(None, [f"{radius_key}=5"])
+    task = task_cls(None, getattr(cfg, section), ["a"])
+    with pytest.raises(CaeeError) as e:
+        task.pairs(3, 3, torch.device("cpu"))
+    assert str(e.value) == f"a 3x3 grid has no pixel pairs within {radius_key}=5; raise {crop_key}"
+    first = task.pairs(8, 9, torch.device("cpu"))
+    assert first[0].numel() > 0 and task.pairs(8, 9, torch.device("cpu"))[0] is first[0]  # cached

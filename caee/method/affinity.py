@@ -42,6 +42,27 @@ def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:
     return offsets
 
 
+class GridPairs:
+    """:func:`pair_indices` of each grid size and device, computed once: a training task meets a few
+    sizes (crops, last batches) thousands of times. ``radius_key`` names the config key of ``radius``
+    and ``crop_key`` the one to raise, for the message when a grid is too small for any pair."""
+
+    def __init__(self, radius: int, psa_border: bool, radius_key: str, crop_key: str):
+        self.radius, self.psa_border = radius, psa_border
+        self.radius_key, self.crop_key = radius_key, crop_key
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (h, w, str(device))
+        if key not in self._cache:
+            pairs = pair_indices(h, w, self.radius, self.psa_border, device=device)
+            if pairs[0].numel() == 0:
+                raise CaeeError(f"a {h}x{w} grid has no pixel pairs within {self.radius_key}={self.radius}; "
+                                f"raise {self.crop_key}")
+            self._cache[key] = pairs
+        return self._cache[key]
+
+
 def pair_indices(h: int, w: int, radius: int = 5, psa_border: bool = True,
                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of all pixel pairs on an ``h x w`` grid: ``(from_idx, to_idx)``, each ``(P,) long``.

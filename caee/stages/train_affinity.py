@@ -22,11 +22,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from caee.method.affinity import affinity_loss, offset_affinity, pair_indices, pair_label_targets
+from caee.method.affinity import GridPairs, affinity_loss, offset_affinity, pair_label_targets
 from caee.stages.label_cache import AffinityLabelDataset, CellLabelDataset, ensure_cell_tables, ensure_crf_labels
 from caee.core.config import AffinityTrainConfig, Config, config_to_dict
 from caee.data import SplitIndex
@@ -49,20 +48,10 @@ class AffinityTask(TrainTask):
         self.model = model
         self.cfg = cfg
         self.class_names = class_names
-        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pairs = GridPairs(cfg.radius, cfg.psa_border, "train_affinity.radius", "train_affinity.crop_size")
 
     def head_modules(self) -> list[nn.Module]:
         return self.model.head_modules()
-
-    def pairs(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(from_idx, to_idx)`` of the ``h x w`` grid (cached)."""
-        key = (h, w, str(device))
-        if key not in self._pairs:
-            self._pairs[key] = pair_indices(h, w, self.cfg.radius, self.cfg.psa_border, device=device)
-            if self._pairs[key][0].numel() == 0:
-                raise CaeeError(f"a {h}x{w} feature grid has no pixel pairs within radius {self.cfg.radius}; "
-                                "raise train_affinity.crop_size")
-        return self._pairs[key]
 
     def train_step(self, model, batch, ctx: StepContext):
         images = ctx.to_device(batch["image"], image=True)

@@ -36,7 +36,7 @@ from caee.core.parallel import run_pool, workers_for
 from caee.data import SegmentationDataset, SplitIndex
 from caee.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from caee.engine.trainer import FitResult, StepContext, TrainTask, fit
-from caee.method.affinity import pair_indices, pair_label_targets
+from caee.method.affinity import GridPairs, pair_label_targets
 from caee.method.irn import boundary_affinity, boundary_loss, ir_labels, reduce_labels
 from caee.models.irn import IrnEdgeNet, arch_name, build_irn
 from caee.stages import table
@@ -133,19 +133,10 @@ class IrnTask(TrainTask):
 
     def __init__(self, model: IrnEdgeNet, ic: IrnConfig, class_names: list[str]):
         self.model, self.ic, self.class_names = model, ic, class_names
-        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pairs = GridPairs(self.ic.train_radius, True, "irn.train_radius", "irn.crop_size")
 
     def head_modules(self) -> list[nn.Module]:
         return self.model.head_modules()
-
-    def pairs(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (h, w, str(device))
-        if key not in self._pairs:
-            self._pairs[key] = pair_indices(h, w, self.ic.train_radius, psa_border=True, device=device)
-            if self._pairs[key][0].numel() == 0:
-                raise CaeeError(f"a {h}x{w} boundary grid has no pairs within irn.train_radius="
-                                f"{self.ic.train_radius}; raise irn.crop_size")
-        return self._pairs[key]
 
     def train_step(self, model, batch, ctx: StepContext):
         images = ctx.to_device(batch["image"], image=True)
