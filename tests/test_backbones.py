@@ -218,6 +218,9 @@ def test_freeze_of_random_weights_freezes_nothing_and_batchnorm_trains():
     net(torch.randn(2, 3, 32, 32))
     assert not torch.equal(before, bns[0].running_mean)   # the statistics are learnt
     assert ResNet38.freeze_bn is True                       # the class (and other instances) unchanged
+    net.freeze(trained=True)                                # no lasting effect: trained weights freeze again
+    net.train()
+    assert not any(m.training for m in bns) and "conv1a.weight" in _frozen(net)
 
 
 def test_freeze_resnet101():
@@ -270,6 +273,17 @@ def test_registry_builds_every_backbone():
 def test_registry_rejects_width_for_torchvision_resnets(name):
     with pytest.raises(CaeeError, match=r"net\.width.*no width multiplier"):
         build_backbone(NetConfig(backbone=name, width=0.5))
+
+
+def test_the_demo_s_vgg16_oc_starts_from_the_measured_weights():
+    """The Table I demo's numbers (docs/DEMO.md) hold for these starting weights: a change to how
+    VGG16 is built or initialised moves them (seed 0, configs/demo_vgg16_oc.yaml's network)."""
+    from caee.models.classifier import build_classifier
+
+    torch.manual_seed(0)
+    net = NetConfig(backbone="vgg16", width=0.125, pretrained="", dropout=0.0, output_stride=8)
+    model = build_classifier(net, 5)
+    assert sum(p.sum().item() for p in model.parameters()) == pytest.approx(-41.2283, abs=1e-3)
 
 
 def test_vgg16_width_scales_every_layer_and_keeps_the_layout():

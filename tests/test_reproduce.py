@@ -267,8 +267,8 @@ def test_table1_layout_numbers_and_skip(tmp_path):
     rows = _md_rows((root / "table1.md").read_text())
     assert rows[0][:3] == ["Backbone of Ordinary Classifier (mIoU)", "Ours (mIoU)", "Ours - OC"]
     r0, r1 = data["rows"]
-    assert rows[2][0] == f"ResNet38 x0.5 [ran tinycnn] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
-    assert rows[3][0].startswith("VGG16 x0.25 [ran tinycnn] (")
+    assert rows[2][0] == f"ResNet38 [ran tinycnn x0.5] ({r0['oc_miou']:.1f}%)" and rows[2][1] == f"{r0['cgnet_miou']:.1f}%"
+    assert rows[3][0].startswith("VGG16 [ran tinycnn x0.25] (")
     assert rows[2][2] == f"{r0['cgnet_miou'] - r0['oc_miou']:+.1f}"  # the gain in points
     assert rows[2][3] == "47.8% -> 56.0%" and rows[3][3] == "48.9% -> 52.3%"
     assert rows[2][4] == f"{r0['oc_miou_at_threshold']:.1f}% -> {r0['cgnet_miou_at_threshold']:.1f}%"
@@ -321,6 +321,17 @@ def test_table1_cli_reads_the_voc_oc_configs_and_reports_failures(tmp_path, caps
     assert [r[0].split(" (")[0] for r in rows[2:]] == ["TinyCNN x0.5", "ResNet101", "VGG16"]
     assert [r[1] for r in rows[3:]] == ["failed", "failed"] and rows[2][1].endswith("%")
     assert os.path.isfile(tmp_path / "work" / "table1" / "table1.json")
+
+
+def test_table1_refuses_a_config_oc_that_would_replace_a_row(capsys):
+    """The config's own OC is the first row; one of the same backbone as an OC file would be lost."""
+    tool = _tool("reproduce_table1")
+    assert tool.main(["--demo", "train_classifier.net.backbone=resnet38", "train_classifier.net.width=0.0625"]) == 2
+    err = capsys.readouterr().err
+    assert "train_classifier.net.backbone = resnet38: the config's own OC would be the same row as" in err
+    assert "demo_r38_oc.yaml" in err
+    with pytest.raises(CaeeError, match="vgg16_oc.yaml"):
+        tool.oc_variants("vgg16", demo=False)
 
 
 def test_a_path_key_shared_by_every_variant_is_refused(tmp_path):

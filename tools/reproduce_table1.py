@@ -31,6 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from caee.core.errors import CaeeError
 from caee.reports.common import print_report, run_guarded
 from caee.reports.table1 import TABLE1_DEMO_CAPS, run_table1
 from caee.pipeline.variants import DEMO_NOTE, caps_note, load_experiment_config, section_overrides
@@ -58,6 +59,9 @@ def oc_variants(config_oc: str, demo: bool) -> dict[str, dict]:
     train_classifier keys of each OC file (configs/voc/*_oc.yaml, or configs/demo_*_oc.yaml with
     --demo); width 1.0 unless the file sets it (ResNet101 has no width multiplier)."""
     files = DEMO_OC_CONFIGS if demo else OC_CONFIGS
+    if config_oc in files:
+        raise CaeeError(f"train_classifier.net.backbone = {config_oc}: the config's own OC would be the same row as "
+                        f"{files[config_oc]}; give a config whose OC is another backbone (the table's first row)")
     return {config_oc: {}, **{name: {"train_classifier.net.width": 1.0, **section_overrides(path, "train_classifier")}
                               for name, path in files.items()}}
 

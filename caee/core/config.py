@@ -335,7 +335,7 @@ class DeeplabTrainConfig(TrainConfig):
     color_jitter: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     split: str = ""                 # training images; "" = pseudo_labels.split, else data.cam_split (where the
                                     # pseudo labels are made); label_dir must hold <id>.png for every image of it
-    head_channels: int = 0          # LargeFOV fc6/fc7 width; 0 = 1024 (x net.width for resnet38; tinycnn: 4 x its channels)
+    head_channels: int = 0          # LargeFOV fc6/fc7 width; 0 = 1024 (x net.width for resnet38 / vgg16; tinycnn: 4 x its channels)
     head_dilations: list[int] = dataclasses.field(default_factory=list)  # [] = largefov [12], aspp [6, 12, 18, 24]
     head_dropout: float = 0.5       # LargeFOV Dropout2d after fc6 and fc7
     eval_split: str = ""            # "" = data.val_split

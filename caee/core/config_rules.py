@@ -200,8 +200,11 @@ def _check_not_read(cfg: Any) -> None:
             continue
         value = functools.reduce(getattr, path, getattr(cfg, section))
         default = functools.reduce(getattr, path, type(getattr(cfg, section))())
-        if value != default:
-            raise CaeeError(f"config key '{key}' = {value!r} is not read: {why}. Leave it at its default {default!r}")
+        # dropout 0.0 says what these networks do (none), so it is accepted beside the default
+        allowed = [default] + ([0.0] if path[-1] == "dropout" and default != 0.0 else [])
+        if value not in allowed:
+            raise CaeeError(f"config key '{key}' = {value!r} is not read: {why}. Leave it at "
+                            f"{' or '.join(map(repr, allowed))} (its default{', or none' if len(allowed) > 1 else ''})")
 
 
 def _check_combinations(cfg: Any) -> None:

@@ -78,8 +78,9 @@ class Backbone(nn.Module):
         statistics, and random ones are not worth keeping; frozen random statistics (mean 0, variance
         1) would leave a deep network such as ResNet38 unnormalised, and it does not learn (the
         synthetic Table I demo, docs/METHOD.md §10)."""
+        # instance attribute (train() reads it): False leaves BatchNorm in training mode
+        self.freeze_bn = type(self).freeze_bn and trained
         if not trained:
-            self.freeze_bn = False  # instance attribute: train() then leaves BatchNorm in training mode
             return
         for name, p in self.named_parameters():
             if name.startswith(self.frozen_prefixes):

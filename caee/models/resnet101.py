@@ -17,6 +17,7 @@ loads key for key once its ``fc.*`` classifier is dropped (dilation does not cha
 Freezing (common WSSS practice for torchvision ResNets): the stem ``conv1``/``bn1`` is never
 trained (``frozen_prefixes``), and every BatchNorm is kept in eval mode with its affine parameters
 frozen (``freeze_bn``), because classification batches are too small for reliable batch statistics.
+From random weights nothing is frozen (``Backbone.freeze``).
 """
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ class ResBlockBottleneck(_PreActBlock):
 class ResNet38(Backbone):
     """PSA's ResNet38. ``width`` scales every channel count (1.0 = the paper, ~105 M parameters).
 
-    Frozen as in PSA's classifier: conv1a, b2, b2_1, b2_2 and every BatchNorm (see ``frozen_prefixes``).
+    Frozen as in PSA's classifier: conv1a, b2, b2_1, b2_2 and every BatchNorm (see ``frozen_prefixes``),
+    when it starts from trained weights; from random weights nothing is (``Backbone.freeze``).
     """
     imagenet_format = "resnet38"  # MXNet .params or a .pth with PSA's keys (caee.weights.mxnet_params)
 

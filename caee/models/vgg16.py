@@ -39,10 +39,9 @@ def _vgg16_features(width: float) -> nn.Sequential:
     times ``width``, without the 120 M parameter classifier; initialised as torchvision does
     (Kaiming normal, fan-out, zero bias)."""
     cfg = [v if v == "M" else max(1, int(round(v * width))) for v in torchvision.models.vgg.cfgs["D"]]
-    device = torch.empty(0).device  # honours an enclosing ``with torch.device(...)``
-    with torch.device("meta"):  # built without memory, then allocated once and initialised once
-        features = torchvision.models.vgg.make_layers(cfg)
-    features.to_empty(device=device)
+    # built on the current device: the layers' own initialisation draws from the random stream before
+    # the re-initialisation below, and the demo's measured VGG16 OCs (docs/DEMO.md) started this way
+    features = torchvision.models.vgg.make_layers(cfg)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

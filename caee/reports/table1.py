@@ -44,9 +44,9 @@ def table1_row(variant: Variant, outcome: Outcome) -> dict:
 
 def _row_label(row: dict) -> str:
     name = DISPLAY.get(row["variant"], row["variant"])
-    ran = "" if row["oc_backbone"] == row["variant"] else f" [ran {row['oc_backbone']}]"
     width = "" if row["oc_width"] == 1.0 else f" x{row['oc_width']:g}"
-    return f"{name}{width}{ran} ({fmt_pct(row['oc_miou'])})"
+    ran = f"{width}" if row["oc_backbone"] == row["variant"] else f" [ran {row['oc_backbone']}{width}]"
+    return f"{name}{ran} ({fmt_pct(row['oc_miou'])})"
 
 
 def _chart_label(row: dict) -> str:
