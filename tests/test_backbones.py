@@ -108,49 +108,44 @@ def test_resnet101_last_two_stages_dilated():
     assert net.layer2[0].conv2.stride == (2, 2)
 
 
-def test_tinycnn_receptive_field_is_13():
+def _receptive_support(net, size: int, i: int, j: int) -> tuple[tuple[int, int], tuple[int, int], int]:
     """With positive weights and BN acting as identity nothing is clipped by ReLU, so the input
-    gradient of one output pixel is non-zero exactly on its receptive field: rows/cols 4i-6..4i+6."""
-    net = TinyCNN().eval()
+    gradient of output pixel (i, j) is non-zero exactly on its receptive field: its (first, last)
+    row, (first, last) column and pixel count."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.fill_(0.1)
-    x = torch.ones(1, 3, 64, 64, requires_grad=True)
-    out = net(x)
-    assert out.shape[-2:] == (16, 16)
-    i, j = 7, 5
-    out[0, 0, i, j].backward()
+    x = torch.ones(1, 3, size, size, requires_grad=True)
+    net(x)[0, 0, i, j].backward()
     support = x.grad[0].abs().sum(0) > 0
     rows = support.any(1).nonzero().flatten()
     cols = support.any(0).nonzero().flatten()
-    assert (rows.min().item(), rows.max().item()) == (4 * i - 6, 4 * i + 6)
-    assert (cols.min().item(), cols.max().item()) == (4 * j - 6, 4 * j + 6)
-    assert support.sum().item() == 13 * 13 == net.receptive_field ** 2
+    return (rows.min().item(), rows.max().item()), (cols.min().item(), cols.max().item()), support.sum().item()
+
+
+def test_tinycnn_receptive_field_is_13():
+    """Output pixel (i, j) sees rows / cols 4i-6..4i+6."""
+    net = TinyCNN().eval()
+    assert net(torch.ones(1, 3, 64, 64)).shape[-2:] == (16, 16)
+    i, j = 7, 5
+    rows, cols, count = _receptive_support(net, 64, i, j)
+    assert rows == (4 * i - 6, 4 * i + 6) and cols == (4 * j - 6, 4 * j + 6)
+    assert count == 13 * 13 == net.receptive_field ** 2
 
 
 def test_tinycnn_output_stride_8():
     """net.output_stride=8 strides the third stage too: the same weights (shapes), a H/8 feature map
-    and a 17 px receptive field (rows/cols 8i-8..8i+8, by the argument of the test above)."""
+    and a 17 px receptive field (rows/cols 8i-8..8i+8)."""
     net = build_backbone(NetConfig(backbone="tinycnn", width=0.5, output_stride=8)).eval()
     assert net.strides == {0: 1, 1: 1, 2: 2, 3: 4, 4: 8} and net.receptive_field == 17
     assert {k: v.shape for k, v in net.state_dict().items()} == \
         {k: v.shape for k, v in build_backbone(NetConfig(backbone="tinycnn", width=0.5)).state_dict().items()}
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.fill_(0.1)
-    x = torch.ones(1, 3, 64, 64, requires_grad=True)
-    out = net(x)
-    assert out.shape[-2:] == (8, 8)
+    assert net(torch.ones(1, 3, 64, 64)).shape[-2:] == (8, 8)
     i, j = 3, 4
-    out[0, 0, i, j].backward()
-    support = x.grad[0].abs().sum(0) > 0
-    rows = support.any(1).nonzero().flatten()
-    cols = support.any(0).nonzero().flatten()
-    assert (rows.min().item(), rows.max().item()) == (8 * i - 8, 8 * i + 8)
-    assert (cols.min().item(), cols.max().item()) == (8 * j - 8, 8 * j + 8)
-    assert support.sum().item() == 17 * 17
+    rows, cols, count = _receptive_support(net, 64, i, j)
+    assert rows == (8 * i - 8, 8 * i + 8) and cols == (8 * j - 8, 8 * j + 8)
+    assert count == 17 * 17
 
 
 def test_output_stride_option_is_checked():

@@ -42,16 +42,17 @@ def table1_row(variant: Variant, outcome: Outcome) -> dict:
             "ran": outcome.ran, "skipped": outcome.skipped, "seconds": outcome.seconds}
 
 
-def _row_label(row: dict) -> str:
-    name = DISPLAY.get(row["variant"], row["variant"])
-    width = "" if row["oc_width"] == 1.0 else f" x{row['oc_width']:g}"
-    ran = f"{width}" if row["oc_backbone"] == row["variant"] else f" [ran {row['oc_backbone']}{width}]"
-    return f"{name}{ran} ({fmt_pct(row['oc_miou'])})"
-
-
-def _chart_label(row: dict) -> str:
-    name = DISPLAY.get(row["oc_backbone"], row["oc_backbone"])
+def _with_width(row: dict, name: str) -> str:
+    """``name`` with the OC's width when it is not 1: ``ResNet38 x0.0625``."""
     return name if row["oc_width"] == 1.0 else f"{name} x{row['oc_width']:g}"
+
+
+def _row_label(row: dict) -> str:
+    """The row's OC and its mIoU; a variant that ran another backbone than its name says which."""
+    name = DISPLAY.get(row["variant"], row["variant"])
+    net = (_with_width(row, name) if row["oc_backbone"] == row["variant"]
+           else f"{name} [ran {_with_width(row, row['oc_backbone'])}]")
+    return f"{net} ({fmt_pct(row['oc_miou'])})"
 
 
 def _gain(row: dict) -> str:
@@ -91,7 +92,7 @@ def table1_chart(data: dict, path: Path) -> Path:
     rows = data["rows"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6), dpi=100)
     shown = grouped_bars(ax, rows, [("OC CAM", "oc_miou"), ("CGNet CAM (ours)", "cgnet_miou")])
-    ax.set_xticks(range(len(rows)), [_chart_label(r) for r in rows])
+    ax.set_xticks(range(len(rows)), [_with_width(r, DISPLAY.get(r["oc_backbone"], r["oc_backbone"])) for r in rows])
     ax.set_xlabel("backbone of the ordinary classifier")
     ax.set_ylabel("CAM mIoU (%, best t)")
     return save_chart(fig, ax, shown, path)
